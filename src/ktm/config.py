@@ -1,0 +1,151 @@
+"""Typed options shared by the Python API, the CLI and the saved ``ktm_config.json``.
+
+Each field has one name everywhere: ``ModelConfig.lora_r`` is ``--lora-r`` on the command
+line and ``"lora_r"`` in the JSON file. Configs validate themselves on construction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .blocks import check_k
+from .encoder import INITS
+
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _help(text: str, **kw):
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class ModelConfig:
+    """How the merged model is built around a base causal LM."""
+
+    k: int = _help("block size K: tokens merged into one embedding (1 = uncompressed)", default=4)
+    encoder_hidden: int | None = _help(
+        "encoder MLP width h (default: the paper's int(a*K)*d)", default=None
+    )
+    encoder_init: str = _help(f"encoder initialisation, one of {INITS}", default="mean")
+    lora_r: int = _help("LoRA rank", default=4)
+    lora_alpha: float = _help("LoRA alpha", default=16.0)
+    lora_dropout: float = _help("LoRA dropout", default=0.05)
+    lora_targets: tuple[str, ...] = _help(
+        "module names that get LoRA adapters", default=DEFAULT_LORA_TARGETS
+    )
+    lora_lm_head: bool = _help(
+        "also adapt lm_head (only where it is not tied to the input embeddings)", default=True
+    )
+
+    def __post_init__(self):
+        check_k(self.k)
+        if self.encoder_init not in INITS:
+            raise ValueError(f"encoder_init must be one of {INITS}, got {self.encoder_init!r}")
+        if self.encoder_hidden is not None and self.encoder_hidden < 1:
+            raise ValueError(f"encoder_hidden must be >= 1, got {self.encoder_hidden}")
+        if self.lora_r < 1:
+            raise ValueError(f"lora_r must be >= 1, got {self.lora_r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        self.lora_targets = tuple(self.lora_targets)
+
+
+@dataclass
+class TrainConfig:
+    """One training run (a recipe fills the learning-rate fields)."""
+
+    steps: int = _help("optimiser steps", default=200)
+    batch_size: int = _help("examples per optimiser step (per process)", default=16)
+    grad_accum: int = _help("micro-batches per step (batch_size must divide evenly)", default=1)
+    lr: float = _help("AdamW learning rate for LoRA", default=1e-4)
+    encoder_lr: float | None = _help("learning rate for the encoder (default: lr)", default=None)
+    weight_decay: float = _help("AdamW weight decay", default=0.0)
+    warmup_steps: int = _help("linear warm-up steps", default=0)
+    decay: str = _help("learning-rate schedule after warm-up: constant or cosine", default="constant")
+    max_grad_norm: float | None = _help("gradient clipping norm (none: off)", default=1.0)
+    eval_every: int = _help("evaluate every N steps (0: only at the end)", default=0)
+    eval_examples: int = _help("held-out examples per evaluation (0: all)", default=400)
+    save_every: int = _help("checkpoint every N steps (0: only at the end)", default=0)
+    seed: int = _help("random seed (data order, dropout, init)", default=0)
+    balance: bool = _help("sample classes equally (classification tasks)", default=False)
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})"
+            )
+        if self.lr <= 0 or (self.encoder_lr is not None and self.encoder_lr <= 0):
+            raise ValueError("learning rates must be > 0")
+        if self.decay not in ("constant", "cosine"):
+            raise ValueError(f"decay must be 'constant' or 'cosine', got {self.decay!r}")
+        for name in ("eval_every", "eval_examples", "save_every", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+
+
+def to_dict(cfg) -> dict:
+    d = dataclasses.asdict(cfg)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def from_dict(cls, data: dict):
+    """Build a config from a dict, rejecting unknown keys with a clear message."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+    return cls(**data)
+
+
+def save_json(path: str | Path, data: dict) -> None:
+    Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+# ---------------------------------------------------------------- argparse bridge
+def _base_type(tp):
+    """(python type, is_optional, is_tuple) of a dataclass field annotation."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        t, _, tup = _base_type(args[0])
+        return t, True, tup
+    if origin is tuple:
+        return typing.get_args(tp)[0], False, True
+    return tp, False, False
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+    """Add one ``--field-name`` option per dataclass field; defaults stay None (= unset)."""
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(cls.__name__)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        t, optional, tup = _base_type(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_ = f"{f.metadata.get('help', '')} (default: {default})"
+        if t is bool:
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        elif tup:
+            group.add_argument(flag, dest=f.name, nargs="+", type=t, default=None, help=help_)
+        else:
+            group.add_argument(flag, dest=f.name, type=t, default=None, help=help_)
+
+
+def overrides(args: argparse.Namespace, cls) -> dict:
+    """The fields of ``cls`` that were given on the command line."""
+    return {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(cls)
+        if getattr(args, f.name, None) is not None
+    }

@@ -1,0 +1,453 @@
+"""KTokenMerging: one object that owns the tokenizer, the LoRA-adapted base LM and the encoder.
+
+What the LLM reads for a prompt of n tokens is ``ceil(n / K)`` merged embeddings (see
+:mod:`ktm.blocks` for the block and fill rules), followed, in training, by the answer's
+ordinary token embeddings and the end token. ``forward(prompts, answers)`` returns the loss
+over the answer and end tokens (vocabulary logits only at those positions);
+``generate(prompts)`` prefills the merged prompts and decodes with a KV cache.
+
+Example::
+
+    m = KTokenMerging.from_base("default", k=4)        # embedded SmolLM2-135M-Instruct
+    out = m(["Review: great shoes, Label:"], ["positive"])
+    out.loss.backward()
+    m.generate(["Review: great shoes, Label:"], max_new_tokens=4)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import __version__
+from .blocks import (
+    answer_targets,
+    block_slots,
+    concat_right_padded,
+    fill_blocks,
+    num_blocks,
+    pad_sequences,
+    position_ids,
+)
+from .config import ModelConfig, from_dict, save_json, to_dict
+from .encoder import MergeEncoder
+from .loading import embedding_fingerprint, load_base
+
+CONFIG_NAME = "ktm_config.json"
+ENCODER_NAME = "encoder.safetensors"
+ADAPTER_DIR = "adapter"
+TOKENIZER_DIR = "tokenizer"
+
+
+class CheckpointError(ValueError):
+    """A saved ktm folder that cannot be used as asked (missing, corrupt or mismatched)."""
+
+
+@dataclass
+class LossOutput:
+    """``loss``: mean cross-entropy over all target tokens of the batch; ``logits``: (N, V)
+    float32 logits at the N target positions; ``targets``: (N,) token ids; ``rows``: (N,)
+    batch row of each target (to sum per example)."""
+
+    loss: torch.Tensor
+    logits: torch.Tensor
+    targets: torch.Tensor
+    rows: torch.Tensor
+
+
+class KTokenMerging(nn.Module):
+    """A causal LM that reads prompts merged K tokens at a time.
+
+    Build with :meth:`from_base` or :meth:`from_pretrained`. Trainable parameters are the
+    LoRA adapters and the encoder; the base weights and embedding table stay frozen.
+    """
+
+    def __init__(self, lm, tokenizer, encoder: MergeEncoder, config: ModelConfig,
+                 base_reference: str, base_fingerprint: str):
+        super().__init__()
+        self.lm = lm  # peft PeftModel around the base causal LM
+        self.encoder = encoder
+        self.tokenizer = tokenizer
+        self.config = config
+        self.base_reference = base_reference
+        self.base_fingerprint = base_fingerprint
+        causal = lm.get_base_model()
+        self._decoder = getattr(causal, causal.base_model_prefix)
+        self._lm_head = causal.get_output_embeddings()
+        self.max_length = getattr(causal.config, "max_position_embeddings", None)
+        eos = {tokenizer.eos_token_id}
+        gen_eos = getattr(getattr(causal, "generation_config", None), "eos_token_id", None)
+        eos |= set(gen_eos) if isinstance(gen_eos, (list, tuple)) else {gen_eos}
+        eos.discard(None)
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no end-of-sequence token; set tokenizer.eos_token")
+        self.eos_ids = sorted(eos)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_base(cls, model=None, k: int = 4, tokenizer=None, *, dtype=None, device=None,
+                  seed: int | None = None, **options) -> "KTokenMerging":
+        """Wrap a base causal LM: LoRA adapters + a fresh merge encoder.
+
+        Args:
+            model: hub id, local folder, ``.gguf`` path, ``PreTrainedModel`` or ``None`` /
+                ``"default"`` (the embedded SmolLM2-135M-Instruct); see :mod:`ktm.loading`.
+            k: block size (1 = uncompressed baseline, same code path).
+            tokenizer: the model's tokenizer (loaded alongside the model when omitted).
+            dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` or ``"auto"`` (bf16 on GPU).
+            device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
+            seed: seeds the encoder and LoRA initialisation.
+            **options: any :class:`ktm.config.ModelConfig` field (``lora_r=16``, ...).
+        """
+        config = ModelConfig(k=k, **options)
+        base, tokenizer, ref = load_base(model, tokenizer, dtype=dtype, device=device)
+        if seed is not None:
+            torch.manual_seed(seed)
+        return cls._assemble(base, tokenizer, config, ref)
+
+    @classmethod
+    def _assemble(cls, base, tokenizer, config: ModelConfig, ref: str) -> "KTokenMerging":
+        from peft import LoraConfig, get_peft_model
+
+        fingerprint = embedding_fingerprint(base)
+        targets = list(config.lora_targets)
+        if config.lora_lm_head and not _tied(base):
+            targets.append("lm_head")
+        for p in base.parameters():
+            p.requires_grad_(False)
+        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
+                          lora_dropout=config.lora_dropout, target_modules=targets,
+                          bias="none", task_type="CAUSAL_LM")
+        lm = get_peft_model(base, lora)
+        dim = base.get_input_embeddings().weight.shape[1]
+        encoder = MergeEncoder(config.k, dim, config.encoder_hidden, config.encoder_init)
+        encoder.to(base.get_input_embeddings().weight.device)
+        return cls(lm, tokenizer, encoder, config, ref, fingerprint)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def k(self) -> int:
+        return self.config.k
+
+    @property
+    def device(self) -> torch.device:
+        return self._embedding.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._embedding.weight.dtype
+
+    @property
+    def _embedding(self) -> nn.Embedding:
+        return self.lm.get_input_embeddings()
+
+    def trainable_parameters(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters by group: ``{"lora": [...], "encoder": [...]}``."""
+        return {
+            "lora": [p for p in self.lm.parameters() if p.requires_grad],
+            "encoder": [p for p in self.encoder.parameters() if p.requires_grad],
+        }
+
+    # ------------------------------------------------------------------ prompts
+    def tokenize(self, texts: list[str], what: str = "prompt") -> list[list[int]]:
+        """Token ids of each text, without special tokens; rejects empty texts."""
+        if isinstance(texts, str):
+            raise TypeError(f"expected a list of {what}s, got a single string")
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise TypeError(f"{what} {i} is a {type(t).__name__}, not a string")
+        ids = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []
+        if what == "prompt":
+            for i, x in enumerate(ids):
+                if len(x) == 0:
+                    raise ValueError(f"prompt {i} is empty: nothing to merge")
+        return ids
+
+    def merge_ids(self, ids: list[list[int]]) -> list[torch.Tensor]:
+        """Merged embeddings of each prompt: list of (ceil(n_i / K), d) tensors.
+
+        All prompts' blocks go through the encoder as one flat batch; each prompt's blocks
+        start at its own first token (no batch padding is ever merged).
+        """
+        lengths = [len(x) for x in ids]
+        index, valid, per = block_slots(lengths, self.k)
+        flat = torch.tensor([t for x in ids for t in x], dtype=torch.long, device=self.device)
+        emb = self._embedding(flat)
+        blocks = fill_blocks(emb[index.to(self.device)], valid.to(self.device))
+        enc_dtype = self.encoder.mlp[0].weight.dtype
+        merged = self.encoder(blocks.to(enc_dtype)).to(emb.dtype)
+        return list(merged.split(per))
+
+    def merge_prompts(self, prompts: list[str], side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+        """Exactly what the LLM reads for these prompts.
+
+        Returns ``(inputs_embeds (B, M, d), attention_mask (B, M))`` padded on ``side``
+        (left by default, as for generation), M = the longest merged prompt.
+        """
+        ids = self.tokenize(prompts)
+        self._check_length(ids, extra=0)
+        return pad_sequences(self.merge_ids(ids), side=side)
+
+    def compressed_length(self, prompt: str) -> int:
+        """How many embeddings the LLM reads for one prompt: ceil(tokens / K)."""
+        return num_blocks(len(self.tokenize([prompt])[0]), self.k)
+
+    def _check_length(self, ids, extra) -> None:
+        if self.max_length is None:
+            return
+        for i, x in enumerate(ids):
+            extra_i = extra[i] if isinstance(extra, (list, tuple)) else extra
+            need = num_blocks(len(x), self.k) + extra_i
+            if need > self.max_length:
+                raise ValueError(
+                    f"prompt {i} is too long for the model: {len(x)} tokens merge to "
+                    f"{num_blocks(len(x), self.k)} embeddings, + {extra_i} answer/new tokens = "
+                    f"{need} > {self.max_length} positions the model allows"
+                )
+
+    # ------------------------------------------------------------------ training
+    def forward(self, prompts: list[str], answers: list[str]) -> LossOutput:
+        """Next-token cross-entropy over each answer's tokens and the end token.
+
+        The LLM reads [merged prompt][answer tokens][end token] per row (right-padded,
+        padding masked); vocabulary logits are computed only where a target exists.
+        """
+        if len(prompts) != len(answers):
+            raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+        p_ids = self.tokenize(prompts)
+        eos = self.tokenizer.eos_token_id
+        a_ids = [x + [eos] for x in self.tokenize(answers, what="answer")]
+        self._check_length(p_ids, extra=[len(a) - 1 for a in a_ids])
+        merged = self.merge_ids(p_ids)
+        # the last answer token (the end token) is a target but never an input
+        a_flat = torch.tensor([t for a in a_ids for t in a], dtype=torch.long, device=self.device)
+        a_emb = self._embedding(a_flat).split([len(a) for a in a_ids])
+        embeds, mask = concat_right_padded(merged, [e[:-1] for e in a_emb])
+        hidden = self._decoder(inputs_embeds=embeds, attention_mask=mask,
+                               position_ids=position_ids(mask), use_cache=False).last_hidden_state
+        rows, cols, _ = answer_targets([m.shape[0] for m in merged], [len(a) for a in a_ids])
+        rows, cols = rows.to(self.device), cols.to(self.device)
+        logits = self._lm_head(hidden[rows, cols]).float()
+        loss = F.cross_entropy(logits, a_flat)
+        return LossOutput(loss, logits, a_flat, rows)
+
+    # ------------------------------------------------------------------ generation
+    @torch.inference_mode()
+    def generate(self, prompts: list[str], max_new_tokens: int = 16, *, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 generator: torch.Generator | None = None, use_cache: bool = True,
+                 return_tokens: bool = False) -> list[str] | list[list[int]]:
+        """Answer each prompt: prefill the merged prompt, then decode token by token.
+
+        Greedy by default; ``do_sample=True`` samples with ``temperature``, ``top_k`` and
+        ``top_p``. Each row stops at an end token. ``use_cache=False`` re-runs the whole
+        sequence for every new token (the authors' release; for checks and benchmarks).
+        Returns decoded texts (special tokens dropped), or token ids with ``return_tokens``.
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        ids = self.tokenize(prompts)
+        self._check_length(ids, extra=max_new_tokens)
+        embeds, mask = pad_sequences(self.merge_ids(ids), side="left")
+        pick = _Picker(do_sample, temperature, top_k, top_p, generator)
+        eos = torch.tensor(self.eos_ids, device=self.device)
+        done = torch.zeros(len(ids), dtype=torch.bool, device=self.device)
+        out: list[torch.Tensor] = []
+        cache = None
+        if use_cache:
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=self._decoder.config)
+        step_in, step_mask = embeds, mask
+        for _ in range(max_new_tokens):
+            pos = position_ids(step_mask)[:, -step_in.shape[1]:]
+            h = self._decoder(inputs_embeds=step_in, attention_mask=step_mask, position_ids=pos,
+                              past_key_values=cache, use_cache=use_cache).last_hidden_state
+            logits = self._lm_head(h[:, -1]).float()
+            nxt = pick(logits, torch.cat(out, 1) if out else None)
+            nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
+            out.append(nxt[:, None])
+            done |= torch.isin(nxt, eos)
+            if bool(done.all()):
+                break
+            new_emb = self._embedding(nxt[:, None])
+            step_mask = torch.cat([step_mask, torch.ones_like(step_mask[:, :1])], 1)
+            step_in = new_emb if use_cache else torch.cat([step_in, new_emb], 1)
+        tokens = torch.cat(out, 1).tolist()
+        result = []
+        for row in tokens:
+            cut = next((i for i, t in enumerate(row) if t in self.eos_ids), len(row))
+            result.append(row[:cut])
+        if return_tokens:
+            return result
+        return [self.tokenizer.decode(r, skip_special_tokens=True) for r in result]
+
+    # ------------------------------------------------------------------ save / load
+    def save_pretrained(self, path: str | os.PathLike) -> Path:
+        """Write adapter (peft, safetensors), encoder, tokenizer and ``ktm_config.json``.
+
+        The folder is written beside its destination and renamed into place, so an
+        interrupted save never leaves a half-written checkpoint.
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            self.lm.save_pretrained(tmp / ADAPTER_DIR, safe_serialization=True)
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.encoder.state_dict().items()},
+                      str(tmp / ENCODER_NAME))
+            self.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
+            save_json(tmp / CONFIG_NAME, self.describe())
+            _replace_dir(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+    def describe(self) -> dict:
+        """The content of ``ktm_config.json``."""
+        return {
+            "ktm_version": __version__,
+            "model": to_dict(self.config),
+            "encoder": {"k": self.encoder.k, "dim": self.encoder.dim,
+                        "hidden": self.encoder.hidden, "init": self.encoder.init},
+            "base": {"reference": self.base_reference, "embedding_fingerprint": self.base_fingerprint,
+                     "model_type": getattr(self.lm.get_base_model().config, "model_type", None)},
+        }
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, base=None, tokenizer=None, *, dtype=None,
+                        device=None, k: int | None = None) -> "KTokenMerging":
+        """Load a folder written by :meth:`save_pretrained`.
+
+        Args:
+            base: base model reference or object; default: the reference saved in the folder.
+            tokenizer: default: the tokenizer saved in the folder.
+            k: if given, the checkpoint must have been trained for this K.
+        Raises :class:`CheckpointError` for a missing or corrupt folder, another K, or a
+        base model whose embedding table differs from the one the checkpoint was trained on.
+        """
+        from peft import set_peft_model_state_dict
+
+        path = Path(path)
+        meta = read_checkpoint_config(path)
+        config = from_dict(ModelConfig, meta["model"])
+        if k is not None and k != config.k:
+            raise CheckpointError(f"{path} was trained for K = {config.k}, not K = {k}")
+        if tokenizer is None and (path / TOKENIZER_DIR).is_dir():
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(path / TOKENIZER_DIR))
+        ref = base if base is not None else meta["base"]["reference"]
+        base_model, tokenizer, ref_str = load_base(ref, tokenizer, dtype=dtype, device=device)
+        saved_fp = meta["base"]["embedding_fingerprint"]
+        got_fp = embedding_fingerprint(base_model)
+        if got_fp != saved_fp:
+            raise CheckpointError(
+                f"{path} was trained on base model {meta['base']['reference']!r} (embedding "
+                f"fingerprint {saved_fp}), but the base model given ({ref_str!r}) has fingerprint "
+                f"{got_fp}: a different model or different weights"
+            )
+        model = cls._assemble(base_model, tokenizer, config, meta["base"]["reference"])
+        enc_state = _load_safetensors(path / ENCODER_NAME)
+        want = {k: tuple(v.shape) for k, v in model.encoder.state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in enc_state.items()}
+        if want != got:
+            raise CheckpointError(
+                f"{path / ENCODER_NAME} does not fit an encoder for K = {config.k}, "
+                f"d = {model.encoder.dim}: expected {want}, found {got}"
+            )
+        model.encoder.load_state_dict(enc_state)
+        adapter = _load_safetensors(path / ADAPTER_DIR / "adapter_model.safetensors")
+        result = set_peft_model_state_dict(model.lm, adapter)
+        if getattr(result, "unexpected_keys", None):
+            raise CheckpointError(f"adapter weights do not fit this base model: {result.unexpected_keys[:3]}")
+        model.to(model.device)
+        return model
+
+
+def read_checkpoint_config(path: Path) -> dict:
+    """Read and check ``ktm_config.json`` of a saved folder."""
+    cfg = Path(path) / CONFIG_NAME
+    if not Path(path).is_dir():
+        raise CheckpointError(f"no ktm checkpoint folder at {path}")
+    if not cfg.is_file():
+        raise CheckpointError(f"{path} is not a ktm checkpoint: {CONFIG_NAME} is missing")
+    import json
+
+    try:
+        meta = json.loads(cfg.read_text())
+        meta["model"], meta["base"]["embedding_fingerprint"], meta["base"]["reference"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{cfg} is corrupt or not a ktm config ({e})") from e
+    return meta
+
+
+def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    if not file.is_file():
+        raise CheckpointError(f"{file} is missing")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{file} is corrupt ({e})") from e
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move folder ``src`` to ``dst``, replacing an existing ``dst`` with minimal exposure."""
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+def _tied(model) -> bool:
+    out = model.get_output_embeddings()
+    return out is None or out.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+
+
+class _Picker:
+    """Chooses the next token: argmax, or sampling through transformers' logits warpers."""
+
+    def __init__(self, do_sample, temperature, top_k, top_p, generator):
+        self.do_sample, self.generator = do_sample, generator
+        self.warpers = []
+        if do_sample:
+            from transformers.generation.logits_process import (
+                TemperatureLogitsWarper,
+                TopKLogitsWarper,
+                TopPLogitsWarper,
+            )
+
+            if temperature <= 0:
+                raise ValueError(f"temperature must be > 0, got {temperature}")
+            if temperature != 1.0:
+                self.warpers.append(TemperatureLogitsWarper(temperature))
+            if top_k:
+                self.warpers.append(TopKLogitsWarper(top_k))
+            if top_p is not None and top_p < 1.0:
+                self.warpers.append(TopPLogitsWarper(top_p))
+
+    def __call__(self, logits: torch.Tensor, so_far: torch.Tensor | None) -> torch.Tensor:
+        if not self.do_sample:
+            return logits.argmax(-1)
+        ids = so_far if so_far is not None else logits.new_zeros((logits.shape[0], 0), dtype=torch.long)
+        for w in self.warpers:
+            logits = w(ids, logits)
+        probs = logits.softmax(-1)
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)

@@ -1,0 +1,61 @@
+"""Shared fixtures: a character-level tokenizer and tiny random Llama models, all offline."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import string  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+SPECIALS = ["<unk>", "<pad>", "<eos>"]
+
+
+def char_tokenizer():
+    """A tokenizer with one token per printable character (plus <unk>, <pad>, <eos>)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = sorted(set(string.printable) - set("\x0b\x0c\r"))
+    vocab = {t: i for i, t in enumerate(SPECIALS + chars)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
+                                   eos_token="<eos>")
+
+
+def tiny_llama(vocab_size, seed=0, tie=True, **kw):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=kw.pop("max_position_embeddings", 256),
+                      tie_word_embeddings=tie, eos_token_id=2, pad_token_id=1, bos_token_id=None,
+                      attn_implementation="sdpa", **kw)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return char_tokenizer()
+
+
+@pytest.fixture
+def make_model(tokenizer):
+    """make_model(k=4, **options) -> KTokenMerging on a tiny random Llama, float32, CPU."""
+    from ktm import KTokenMerging
+
+    def make(k=4, seed=0, tie=True, init="mean", **options):
+        base = tiny_llama(len(tokenizer), seed=seed, tie=tie)
+        m = KTokenMerging.from_base(base, k=k, tokenizer=tokenizer, seed=seed,
+                                    encoder_init=init, lora_dropout=0.0, **options)
+        return m.eval()
+
+    return make
