@@ -38,7 +38,7 @@ def tiny_llama(vocab_size, seed=0, tie=True, **kw):
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                       max_position_embeddings=kw.pop("max_position_embeddings", 256),
                       tie_word_embeddings=tie, eos_token_id=2, pad_token_id=1, bos_token_id=None,
-                      attn_implementation="sdpa", **kw)
+                      attn_implementation="sdpa", initializer_range=kw.pop("initializer_range", 0.2), **kw)
     return LlamaForCausalLM(cfg).eval()
 
 

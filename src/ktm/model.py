@@ -310,7 +310,7 @@ class KTokenMerging(nn.Module):
                       str(tmp / ENCODER_NAME))
             self.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
             save_json(tmp / CONFIG_NAME, self.describe())
-            _replace_dir(tmp, path)
+            replace_dir(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -339,8 +339,6 @@ class KTokenMerging(nn.Module):
         Raises :class:`CheckpointError` for a missing or corrupt folder, another K, or a
         base model whose embedding table differs from the one the checkpoint was trained on.
         """
-        from peft import set_peft_model_state_dict
-
         path = Path(path)
         meta = read_checkpoint_config(path)
         config = from_dict(ModelConfig, meta["model"])
@@ -361,21 +359,46 @@ class KTokenMerging(nn.Module):
                 f"{got_fp}: a different model or different weights"
             )
         model = cls._assemble(base_model, tokenizer, config, meta["base"]["reference"])
+        model.load_trained(path)
+        return model
+
+    def load_trained(self, path: str | os.PathLike) -> None:
+        """Load the encoder and LoRA weights of a saved folder into this model.
+
+        The folder must be for the same K, encoder shape and base model (checked against
+        the embedding fingerprint); raises :class:`CheckpointError` otherwise.
+        """
+        from peft import set_peft_model_state_dict
+
+        path = Path(path)
+        meta = read_checkpoint_config(path)
+        saved = from_dict(ModelConfig, meta["model"])
+        if saved.k != self.k:
+            raise CheckpointError(f"{path} was trained for K = {saved.k}, this model has K = {self.k}")
+        if meta["base"]["embedding_fingerprint"] != self.base_fingerprint:
+            raise CheckpointError(
+                f"{path} was trained on another base model ({meta['base']['reference']!r}, "
+                f"fingerprint {meta['base']['embedding_fingerprint']}; this model's base has "
+                f"fingerprint {self.base_fingerprint})"
+            )
+        if (saved.lora_r, saved.lora_targets) != (self.config.lora_r, self.config.lora_targets):
+            raise CheckpointError(
+                f"{path} has LoRA rank {saved.lora_r} on {list(saved.lora_targets)}, this model "
+                f"rank {self.config.lora_r} on {list(self.config.lora_targets)}"
+            )
         enc_state = _load_safetensors(path / ENCODER_NAME)
-        want = {k: tuple(v.shape) for k, v in model.encoder.state_dict().items()}
+        want = {k: tuple(v.shape) for k, v in self.encoder.state_dict().items()}
         got = {k: tuple(v.shape) for k, v in enc_state.items()}
         if want != got:
             raise CheckpointError(
-                f"{path / ENCODER_NAME} does not fit an encoder for K = {config.k}, "
-                f"d = {model.encoder.dim}: expected {want}, found {got}"
+                f"{path / ENCODER_NAME} does not fit an encoder for K = {self.k}, "
+                f"d = {self.encoder.dim}: expected {want}, found {got}"
             )
-        model.encoder.load_state_dict(enc_state)
+        self.encoder.load_state_dict(enc_state)
         adapter = _load_safetensors(path / ADAPTER_DIR / "adapter_model.safetensors")
-        result = set_peft_model_state_dict(model.lm, adapter)
+        result = set_peft_model_state_dict(self.lm, adapter)
         if getattr(result, "unexpected_keys", None):
             raise CheckpointError(f"adapter weights do not fit this base model: {result.unexpected_keys[:3]}")
-        model.to(model.device)
-        return model
 
 
 def read_checkpoint_config(path: Path) -> dict:
@@ -404,7 +427,7 @@ def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{file} is corrupt ({e})") from e
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
+def replace_dir(src: Path, dst: Path) -> None:
     """Move folder ``src`` to ``dst``, replacing an existing ``dst`` with minimal exposure."""
     if dst.exists():
         old = dst.with_name(f".{dst.name}.old")

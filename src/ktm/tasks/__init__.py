@@ -1,0 +1,13 @@
+"""Tasks: each says how its examples load and how they are scored (see ``base.Task``).
+
+``TASKS`` maps a name to its class; ``ktm train --task NAME`` and ``ktm eval`` use it.
+"""
+
+from .base import Example, Task, majority_rate, read_jsonl, write_jsonl
+from .jsonl import JsonlTask
+from .tree import STAGE_ORDER, STAGES, TreeTask
+
+TASKS = {"tree": TreeTask, "jsonl": JsonlTask}
+
+__all__ = ["Example", "Task", "TASKS", "TreeTask", "JsonlTask", "STAGES", "STAGE_ORDER",
+           "majority_rate", "read_jsonl", "write_jsonl"]

@@ -1,0 +1,95 @@
+"""What a task is: examples, and how predictions are scored.
+
+A task plugs into the one trainer and the one evaluator. It says how its examples load
+(``examples(split)``) and which metric scores them:
+
+* ``metric = "accuracy"``: the model generates an answer that is compared, normalised,
+  with the reference; ``labels`` (the label words) give the majority-class baseline.
+  Fits the Textualized Tree task and label-word classification (Amazon Reviews).
+* ``metric = "perplexity"``: the reference answer's per-token perplexity under the model
+  (no generation). Fits long generated answers (CommitPackFT).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+METRICS = ("accuracy", "perplexity")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One prompt and its reference answer; ``meta`` carries task fields (e.g. tree_id)."""
+
+    prompt: str
+    answer: str
+    meta: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def to_json(self) -> dict:
+        return {"prompt": self.prompt, "answer": self.answer, **self.meta}
+
+
+class Task:
+    """Base class: subclasses set ``name``/``metric`` and implement ``examples``."""
+
+    name: str = "task"
+    metric: str = "accuracy"
+    #: how many new tokens evaluation generates (accuracy tasks)
+    max_new_tokens: int = 8
+
+    def examples(self, split: str) -> list[Example]:
+        """Examples of ``split`` (``"train"`` or ``"test"``)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def normalise(text: str) -> str:
+        """How a generated answer is compared with the reference (accuracy tasks)."""
+        return text.strip().lower()
+
+    def labels(self, examples: Sequence[Example]) -> list[str]:
+        """The label words present in ``examples`` (accuracy tasks)."""
+        return sorted({self.normalise(e.answer) for e in examples})
+
+
+def majority_rate(examples: Sequence[Example], normalise=Task.normalise) -> tuple[str, float]:
+    """The most frequent answer and its share of ``examples``."""
+    if not examples:
+        raise ValueError("no examples")
+    label, n = Counter(normalise(e.answer) for e in examples).most_common(1)[0]
+    return label, n / len(examples)
+
+
+def read_jsonl(path: str | Path) -> list[Example]:
+    """Read ``{"prompt": ..., "answer": ..., ...}`` lines; other fields go to ``meta``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such JSONL file: {path}")
+    out = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                prompt, answer = row.pop("prompt"), row.pop("answer")
+            except (json.JSONDecodeError, KeyError, AttributeError) as e:
+                raise ValueError(f"{path}:{n}: expected a JSON object with 'prompt' and 'answer' ({e})") from e
+            if not isinstance(prompt, str) or not isinstance(answer, str):
+                raise ValueError(f"{path}:{n}: 'prompt' and 'answer' must be strings")
+            out.append(Example(prompt, answer, row))
+    return out
+
+
+def write_jsonl(path: str | Path, examples: Sequence[Example]) -> None:
+    """Write examples atomically (temporary file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for e in examples:
+            f.write(json.dumps(e.to_json(), ensure_ascii=False) + "\n")
+    tmp.replace(path)

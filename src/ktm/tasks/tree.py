@@ -1,0 +1,424 @@
+"""The Textualized Tree benchmark: is node P the direct parent of node C?
+
+A random tree is written one node per line, depth-first (pre-order, children in the
+order they were created); a line is ``"+"`` repeated ``depth`` times and then the
+node's name, the root having depth 0 (no ``"+"``). Node names are distinct two-letter
+upper-case strings (``"AA"`` .. ``"ZZ"``, 676 possible), drawn at random without
+replacement for each tree. For example::
+
+    KQ
+    +BD
+    ++XA
+    +MM
+
+Every ordered pair ``(p, c)`` of distinct nodes becomes one question, with the answer
+``"true"`` when ``p`` is the direct parent of ``c`` (an edge of the tree) and
+``"false"`` otherwise, so a tree of ``n`` nodes gives ``n * (n - 1)`` questions of which
+exactly ``n - 1`` are ``"true"``. The prompt is::
+
+    Tree: {rendered}, Task: Parent/Child Relationship, Parent: {p}, Child: {c}, Answer: 
+
+(with a trailing space) and the answer is ``"true"`` or ``"false"``.
+
+Generation algorithm (``generate_tree``), for a :class:`Stage` with ``max_depth``,
+``max_nodes``, ``min_children`` and ``max_children``:
+
+1. Start with the root alone, at depth 0.
+2. Expand nodes breadth-first (a FIFO queue, starting with the root). A node at depth
+   ``< max_depth`` gets a number of children drawn uniformly from
+   ``[min_children, max_children]``, cut so that the total number of nodes never
+   exceeds ``max_nodes`` (once the budget is spent, later nodes get fewer children or
+   none). Nodes at depth ``max_depth`` get no children.
+3. Root rule: the root always gets at least one child, so every tree has at least two
+   nodes and at least one question. Its count is drawn uniformly from
+   ``[max(1, min_children), max_children]`` (then cut to the budget as above).
+4. Names are drawn at once for the finished shape, ``rng.sample`` of the 676 names, and
+   given to the nodes in rendering order.
+
+Everything is drawn from the one ``random.Random`` passed in, so a seed fixes the trees.
+
+Curriculum stages (``STAGES``, in ``STAGE_ORDER``)::
+
+    name      max_depth  max_nodes  min_children  max_children
+    small         2          3           0             2
+    xsmall        3          5           0             2
+    medium        3         10           0             3
+    xmedium       4         15           1             3
+    large         4         30           1             3
+    x3large       4        150           3             5
+
+Splits are made by tree, never by question (``make_split``): all questions about one
+tree land in the same split.
+
+Example:
+    >>> import random
+    >>> tree = generate_tree("small", random.Random(0))
+    >>> len(tree_questions(tree, tree_id=0)) == len(tree) * (len(tree) - 1)
+    True
+    >>> task = TreeTask("small", num_trees=100, seed=0)
+    >>> sorted({e.answer for e in task.examples("train")})
+    ['false', 'true']
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import string
+from collections import deque
+from dataclasses import dataclass
+from functools import cached_property
+from itertools import product
+from pathlib import Path
+
+from .base import Example, Task, write_jsonl
+
+__all__ = [
+    "NAMES", "STAGES", "STAGE_ORDER", "SPLITS", "Stage", "Tree", "TreeTask", "get_stage",
+    "generate_tree", "parse_tree", "tree_questions", "question_prompt", "make_split",
+    "write_stage",
+]
+
+#: every possible node name, "AA" .. "ZZ" (676)
+NAMES: tuple[str, ...] = tuple(a + b for a, b in product(string.ascii_uppercase, repeat=2))
+_NAME_RE = re.compile(r"[A-Z]{2}")
+SPLITS = ("train", "test")
+TRUE, FALSE = "true", "false"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One curriculum stage: the bounds trees are generated within.
+
+    Example:
+        >>> Stage("tiny", max_depth=1, max_nodes=3, min_children=1, max_children=2).max_nodes
+        3
+    """
+
+    name: str
+    max_depth: int
+    max_nodes: int
+    min_children: int
+    max_children: int
+
+    def __post_init__(self):
+        if self.max_depth < 1:
+            raise ValueError(f"stage {self.name!r}: max_depth must be >= 1, got {self.max_depth}")
+        if not 2 <= self.max_nodes <= len(NAMES):
+            raise ValueError(f"stage {self.name!r}: max_nodes must be in [2, {len(NAMES)}], "
+                             f"got {self.max_nodes}")
+        if not 0 <= self.min_children <= self.max_children or self.max_children < 1:
+            raise ValueError(f"stage {self.name!r}: need 0 <= min_children <= max_children and "
+                             f"max_children >= 1, got {self.min_children}, {self.max_children}")
+
+
+STAGES: dict[str, Stage] = {s.name: s for s in (
+    Stage("small", 2, 3, 0, 2),
+    Stage("xsmall", 3, 5, 0, 2),
+    Stage("medium", 3, 10, 0, 3),
+    Stage("xmedium", 4, 15, 1, 3),
+    Stage("large", 4, 30, 1, 3),
+    Stage("x3large", 4, 150, 3, 5),
+)}
+STAGE_ORDER: list[str] = list(STAGES)
+
+
+def get_stage(stage: str | Stage) -> Stage:
+    """The :class:`Stage` named ``stage`` (a ``Stage`` is returned as is).
+
+    Example:
+        >>> get_stage("medium").max_nodes
+        10
+    """
+    if isinstance(stage, Stage):
+        return stage
+    try:
+        return STAGES[stage]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown tree stage {stage!r}; valid stages: {', '.join(STAGE_ORDER)}") \
+            from None
+
+
+@dataclass(frozen=True)
+class Tree:
+    """A tree in rendering (pre-order) order.
+
+    ``names[i]`` is the i-th rendered node and ``parents[i]`` the index of its parent
+    (``-1`` for the root, which is node 0). Construction checks that the names are
+    distinct two-letter upper-case strings and that the order is a valid pre-order.
+
+    Example:
+        >>> t = Tree(("AB", "CD", "EF", "GH"), (-1, 0, 1, 0))
+        >>> print(t.rendered)
+        AB
+        +CD
+        ++EF
+        +GH
+        >>> sorted(t.edges)
+        [('AB', 'CD'), ('AB', 'GH'), ('CD', 'EF')]
+    """
+
+    names: tuple[str, ...]
+    parents: tuple[int, ...]
+    stage: str = "custom"
+
+    def __post_init__(self):
+        names, parents = tuple(self.names), tuple(self.parents)
+        object.__setattr__(self, "names", names)
+        object.__setattr__(self, "parents", parents)
+        if not names or len(names) != len(parents):
+            raise ValueError("a tree needs at least one node and one parent entry per node")
+        bad = [n for n in names if not isinstance(n, str) or not _NAME_RE.fullmatch(n)]
+        if bad:
+            raise ValueError(f"node names must be two upper-case letters, got {bad[:5]}")
+        if len(set(names)) != len(names):
+            raise ValueError("node names must be distinct")
+        if parents[0] != -1:
+            raise ValueError("node 0 must be the root (parent -1)")
+        path = [0]  # the root-to-previous-node path; a pre-order parent must lie on it
+        for i, p in enumerate(parents[1:], 1):
+            while path and path[-1] != p:
+                path.pop()
+            if not path:
+                raise ValueError(f"parents are not a pre-order: node {i} ({names[i]}) has parent "
+                                 f"{p}, which is not an ancestor of (or) the previous node")
+            path.append(i)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @cached_property
+    def depths(self) -> tuple[int, ...]:
+        """Depth of each node (root 0)."""
+        depths: list[int] = []
+        for p in self.parents:
+            depths.append(0 if p < 0 else depths[p] + 1)
+        return tuple(depths)
+
+    @cached_property
+    def children(self) -> tuple[tuple[int, ...], ...]:
+        """Indices of each node's children, in rendering order."""
+        kids: list[list[int]] = [[] for _ in self.names]
+        for i, p in enumerate(self.parents):
+            if p >= 0:
+                kids[p].append(i)
+        return tuple(tuple(k) for k in kids)
+
+    @cached_property
+    def edges(self) -> frozenset[tuple[str, str]]:
+        """The ``(parent_name, child_name)`` pairs."""
+        names = self.names
+        return frozenset((names[p], names[i]) for i, p in enumerate(self.parents) if p >= 0)
+
+    def render(self) -> str:
+        """One line per node, ``"+" * depth + name``, joined with newlines."""
+        return "\n".join("+" * d + n for d, n in zip(self.depths, self.names))
+
+    @cached_property
+    def rendered(self) -> str:
+        """``render()``, computed once."""
+        return self.render()
+
+
+def parse_tree(text: str, stage: str = "custom") -> Tree:
+    """The :class:`Tree` a rendering describes (the inverse of ``Tree.render``).
+
+    A line's depth is its number of leading ``"+"``; its parent is the nearest preceding
+    line one level shallower.
+
+    Example:
+        >>> parse_tree("AA\\n+BB\\n+CC").parents
+        (-1, 0, 0)
+    """
+    names: list[str] = []
+    parents: list[int] = []
+    path: list[int] = []  # path[d] = index of the latest node at depth d
+    for n, line in enumerate(text.split("\n"), 1):
+        name = line.lstrip("+")
+        depth = len(line) - len(name)
+        if depth > len(path) or (n == 1) != (depth == 0):
+            raise ValueError(f"line {n} ({line!r}): depth {depth} does not follow the lines above")
+        del path[depth:]
+        parents.append(path[-1] if path else -1)
+        path.append(len(names))
+        names.append(name)
+    return Tree(tuple(names), tuple(parents), stage)
+
+
+def _shape(stage: Stage, rng: random.Random) -> list[list[int]]:
+    """The shape: for each node in creation (breadth-first) order, its children's indices."""
+    children: list[list[int]] = [[]]
+    depth = [0]
+    queue = deque([0])
+    while queue:
+        node = queue.popleft()
+        if depth[node] >= stage.max_depth:
+            continue
+        low = max(1, stage.min_children) if node == 0 else stage.min_children
+        k = min(rng.randint(low, stage.max_children), stage.max_nodes - len(depth))
+        for _ in range(k):
+            child = len(depth)
+            depth.append(depth[node] + 1)
+            children.append([])
+            children[node].append(child)
+            queue.append(child)
+    return children
+
+
+def _preorder(children: list[list[int]]) -> tuple[list[int], list[int]]:
+    """Pre-order of a shape given as children lists: (order, parent of each, in that order)."""
+    order: list[int] = []
+    parents: list[int] = []
+    position: dict[int, int] = {}
+    stack = [(0, -1)]
+    while stack:
+        node, parent_pos = stack.pop()
+        position[node] = len(order)
+        order.append(node)
+        parents.append(parent_pos)
+        stack.extend((c, position[node]) for c in reversed(children[node]))
+    return order, parents
+
+
+def generate_tree(stage: str | Stage, rng: random.Random) -> Tree:
+    """A random tree within ``stage``'s bounds (see the module docstring).
+
+    Example:
+        >>> t = generate_tree("xsmall", random.Random(1))
+        >>> 2 <= len(t) <= 5 and max(t.depths) <= 3
+        True
+    """
+    stage = get_stage(stage)
+    _, parents = _preorder(_shape(stage, rng))
+    names = rng.sample(NAMES, len(parents))
+    return Tree(tuple(names), tuple(parents), stage.name)
+
+
+def question_prompt(rendered: str, parent: str, child: str) -> str:
+    """The prompt asking whether ``parent`` is the direct parent of ``child``.
+
+    Example:
+        >>> question_prompt("AA\\n+BB", "AA", "BB")
+        'Tree: AA\\n+BB, Task: Parent/Child Relationship, Parent: AA, Child: BB, Answer: '
+    """
+    return (f"Tree: {rendered}, Task: Parent/Child Relationship, "
+            f"Parent: {parent}, Child: {child}, Answer: ")
+
+
+def tree_questions(tree: Tree, tree_id: int) -> list[Example]:
+    """All ``n * (n - 1)`` questions about ``tree``: parents in rendering order, then children.
+
+    Example:
+        >>> qs = tree_questions(parse_tree("AA\\n+BB"), tree_id=7)
+        >>> [(q.answer, q.meta["tree_id"]) for q in qs]
+        [('true', 7), ('false', 7)]
+    """
+    rendered, edges = tree.rendered, tree.edges
+    meta = {"tree_id": tree_id, "stage": tree.stage}
+    return [Example(question_prompt(rendered, p, c), TRUE if (p, c) in edges else FALSE, dict(meta))
+            for p in tree.names for c in tree.names if p != c]
+
+
+def _unique_trees(stage: Stage, num_trees: int, seed: int) -> dict[int, Tree]:
+    """``num_trees`` trees from ``random.Random(seed)``, keyed by generation index, with
+    repeated renderings dropped (the first kept)."""
+    rng = random.Random(seed)
+    trees: dict[int, Tree] = {}
+    seen: set[str] = set()
+    for i in range(num_trees):
+        tree = generate_tree(stage, rng)
+        if tree.rendered not in seen:
+            seen.add(tree.rendered)
+            trees[i] = tree
+    return trees
+
+
+def _check_split_args(num_trees, test_fraction) -> None:
+    if isinstance(num_trees, bool) or not isinstance(num_trees, int) or num_trees < 2:
+        raise ValueError(f"num_trees must be an integer >= 2 (one tree for each split), "
+                         f"got {num_trees!r}")
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+
+
+def make_split(stage: str | Stage, num_trees: int, seed: int,
+               test_fraction: float = 0.02) -> dict[str, list[Example]]:
+    """Train and test questions, split by tree.
+
+    ``num_trees`` trees are generated with ``random.Random(seed)``; duplicates (same
+    rendering) are dropped, keeping the first. The remaining tree ids (generation indices)
+    are shuffled with a ``Random`` derived from ``seed``; the first
+    ``max(1, round(test_fraction * n))`` go to test, the rest to train. Within a split,
+    questions are ordered by tree id.
+
+    Example:
+        >>> s = make_split("small", num_trees=50, seed=0)
+        >>> len({e.meta["tree_id"] for e in s["test"]})
+        1
+    """
+    stage = get_stage(stage)
+    _check_split_args(num_trees, test_fraction)
+    trees = _unique_trees(stage, num_trees, seed)
+    if len(trees) < 2:
+        raise ValueError(f"only {len(trees)} distinct tree(s) generated; need >= 2 to split")
+    ids = list(trees)
+    random.Random(f"ktm-tree-split:{seed}").shuffle(ids)
+    n_test = min(len(ids) - 1, max(1, round(test_fraction * len(ids))))
+    parts = {"test": sorted(ids[:n_test]), "train": sorted(ids[n_test:])}
+    return {split: [q for i in parts[split] for q in tree_questions(trees[i], i)]
+            for split in SPLITS}
+
+
+class TreeTask(Task):
+    """The Textualized Tree task at one curriculum stage (accuracy on "true"/"false").
+
+    Args:
+        stage: a name in ``STAGE_ORDER``.
+        num_trees: trees generated (before dropping duplicates); at least 2.
+        seed: fixes the trees and the split.
+        test_fraction: share of trees held out for test.
+
+    Example:
+        >>> task = TreeTask("small", num_trees=200, seed=0)
+        >>> task.stage.max_nodes, task.metric
+        (3, 'accuracy')
+    """
+
+    name = "tree"
+    metric = "accuracy"
+    max_new_tokens = 3
+
+    def __init__(self, stage: str = "small", num_trees: int = 2000, seed: int = 0,
+                 test_fraction: float = 0.02):
+        if isinstance(stage, Stage):
+            stage = stage.name
+        self.stage = get_stage(stage)
+        _check_split_args(num_trees, test_fraction)
+        self.num_trees, self.seed, self.test_fraction = num_trees, seed, test_fraction
+        self._splits: dict[str, list[Example]] | None = None
+
+    def examples(self, split: str) -> list[Example]:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if self._splits is None:
+            self._splits = make_split(self.stage, self.num_trees, self.seed, self.test_fraction)
+        return self._splits[split]
+
+
+def write_stage(folder: str | Path, stage: str | Stage, num_trees: int, seed: int,
+                test_fraction: float = 0.02) -> dict[str, int]:
+    """Write ``folder/train.jsonl`` and ``folder/test.jsonl``; return examples per split.
+
+    Each line holds ``prompt``, ``answer``, ``tree_id`` and ``stage``.
+
+    Example:
+        >>> import tempfile
+        >>> counts = write_stage(tempfile.mkdtemp(), "small", num_trees=100, seed=0)
+        >>> sorted(counts)
+        ['test', 'train']
+    """
+    folder = Path(folder)
+    splits = make_split(stage, num_trees, seed, test_fraction)
+    for split, examples in splits.items():
+        write_jsonl(folder / f"{split}.jsonl", examples)
+    return {split: len(examples) for split, examples in splits.items()}

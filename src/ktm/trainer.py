@@ -1,0 +1,273 @@
+"""The one trainer: any task, any K, one process or many (``accelerate launch``).
+
+Phases: ``setup`` (optimiser, accelerator, resume), ``fit`` (steps with periodic evaluation
+and checkpoints), ``save``. Data order is a pure function of (seed, step), so a run resumed
+from a checkpoint continues exactly as the uninterrupted run would.
+
+Checkpoint folder ``OUTPUT/checkpoint`` (replaced atomically each time) holds the model
+(:meth:`KTokenMerging.save_pretrained`), ``optimizer.safetensors`` (AdamW moments, RNG
+state) and ``trainer_state.json`` (step, history, configs). No pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .config import TrainConfig, save_json, to_dict
+from .evaluate import evaluate
+from .model import CheckpointError, KTokenMerging, replace_dir
+from .tasks.base import Example, Task
+
+CHECKPOINT_DIR = "checkpoint"
+FINAL_DIR = "model"
+STATE_NAME = "trainer_state.json"
+OPTIM_NAME = "optimizer.safetensors"
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of the base learning rate at 0-based ``step``: linear warm-up, then
+    constant or cosine decay to 10% over the remaining steps."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.decay == "cosine":
+        span = max(1, cfg.steps - cfg.warmup_steps)
+        t = min(1.0, (step - cfg.warmup_steps) / span)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+    return 1.0
+
+
+def batch_indices(examples: list[Example], step: int, cfg: TrainConfig, labels: list[str] | None,
+                  normalise=Task.normalise) -> list[int]:
+    """The example indices of global ``step``'s batch: a pure function of (seed, step).
+
+    With ``cfg.balance`` and ``labels``, each example's class is drawn uniformly first.
+    """
+    rng = random.Random(cfg.seed * 1_000_003 + step)
+    if cfg.balance and labels:
+        by_label = defaultdict(list)
+        for i, e in enumerate(examples):
+            by_label[normalise(e.answer)].append(i)
+        pools = [by_label[label] for label in labels if by_label[label]]
+        return [rng.choice(rng.choice(pools)) for _ in range(cfg.batch_size)]
+    if cfg.batch_size <= len(examples):
+        return rng.sample(range(len(examples)), cfg.batch_size)
+    return [rng.randrange(len(examples)) for _ in range(cfg.batch_size)]
+
+
+@dataclass
+class Trainer:
+    """Trains a :class:`KTokenMerging` on a task.
+
+    Args:
+        model: the model to train (its LoRA adapters and encoder).
+        cfg: :class:`TrainConfig`.
+        output_dir: where checkpoints, the final model and ``history.json`` go (None: nowhere).
+        progress: show a progress bar.
+        log: a function taking one line of text.
+    """
+
+    model: KTokenMerging
+    cfg: TrainConfig
+    output_dir: str | Path | None = None
+    progress: bool = True
+    log: callable = print
+    step: int = 0
+    history: list = field(default_factory=list)
+    extra_state: dict = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ setup
+    def __post_init__(self):
+        from accelerate import Accelerator
+
+        self.output_dir = Path(self.output_dir) if self.output_dir else None
+        cuda = torch.cuda.is_available() and self.model.device.type == "cuda"
+        mp = "bf16" if cuda and self.model.dtype == torch.float32 else "no"
+        self.accelerator = Accelerator(mixed_precision=mp, gradient_accumulation_steps=self.cfg.grad_accum)
+        groups = self.model.trainable_parameters()
+        enc_lr = self.cfg.encoder_lr or self.cfg.lr
+        self.optimizer = torch.optim.AdamW(
+            [{"params": groups["lora"], "lr": self.cfg.lr, "base_lr": self.cfg.lr, "name": "lora"},
+             {"params": groups["encoder"], "lr": enc_lr, "base_lr": enc_lr, "name": "encoder"}],
+            weight_decay=self.cfg.weight_decay,
+        )
+        self.wrapped, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        torch.manual_seed(self.cfg.seed)
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, task: Task, steps: int | None = None, eval_task: Task | None = None) -> list[dict]:
+        """Train until global step ``self.step + steps`` (default: until ``cfg.steps``).
+
+        Evaluates every ``cfg.eval_every`` steps and at the end (on ``eval_task`` or
+        ``task``'s test split), checkpoints every ``cfg.save_every`` steps and at the end.
+        Returns the evaluation history.
+        """
+        cfg, acc = self.cfg, self.accelerator
+        end = self.step + steps if steps is not None else cfg.steps
+        train = task.examples("train")
+        labels = task.labels(train) if task.metric == "accuracy" else None
+        world, rank = acc.num_processes, acc.process_index
+        micro = cfg.batch_size // cfg.grad_accum
+        self.model.train()
+        bar = tqdm(total=end - self.step, desc=f"train {task.name} K={self.model.k}",
+                   disable=not (self.progress and self.is_main), dynamic_ncols=True)
+        seen, t0, loss_ema = 0, time.perf_counter(), None
+        while self.step < end:
+            for g in self.optimizer.param_groups:
+                g["lr"] = g["base_lr"] * lr_factor(self.step, cfg)
+            # every process draws the same global batch and takes its own share
+            idx = batch_indices(train, self.step * world + rank, cfg, labels)
+            batch = [train[i] for i in idx]
+            step_loss = 0.0
+            for j in range(0, len(batch), micro):
+                chunk = batch[j:j + micro]
+                with acc.accumulate(self.wrapped), acc.autocast():
+                    out = self.wrapped([e.prompt for e in chunk], [e.answer for e in chunk])
+                    acc.backward(out.loss)
+                    if acc.sync_gradients and cfg.max_grad_norm:
+                        acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                step_loss += out.loss.item() / cfg.grad_accum
+            self.step += 1
+            seen += len(batch) * world
+            loss_ema = step_loss if loss_ema is None else 0.9 * loss_ema + 0.1 * step_loss
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_ema:.4f}", ex_s=f"{seen / (time.perf_counter() - t0):.1f}")
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < end:
+                self._evaluate(eval_task or task, loss_ema)
+            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < end:
+                self.save_checkpoint()
+        bar.close()
+        if not self.history or self.history[-1]["step"] != self.step:
+            self._evaluate(eval_task or task, loss_ema)
+        self.save_checkpoint()
+        return self.history
+
+    def _evaluate(self, task: Task, train_loss: float | None) -> dict:
+        res = evaluate(self.model, task, max_examples=self.cfg.eval_examples, seed=self.cfg.seed,
+                       progress=False)
+        res.pop("predictions", None)
+        row = {"step": self.step, "task": task.name, "train_loss": train_loss,
+               "time": time.time(), **res}
+        self.history.append(row)
+        if self.is_main:
+            extra = (f" (majority {res['majority_rate']:.3f})" if "majority_rate" in res else "")
+            self.log(f"step {self.step}: {res['metric']} {res['value']:.4f}{extra}, "
+                     f"train loss {train_loss if train_loss is None else round(train_loss, 4)}")
+        self.model.train()
+        return row
+
+    # ------------------------------------------------------------------ save / resume
+    def save_checkpoint(self) -> Path | None:
+        """Write ``OUTPUT/checkpoint`` atomically (main process only)."""
+        if self.output_dir is None:
+            return None
+        self.accelerator.wait_for_everyone()
+        if not self.is_main:
+            return None
+        ckpt = self.output_dir / CHECKPOINT_DIR
+        tmp = self.output_dir / f".{CHECKPOINT_DIR}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.model.save_pretrained(tmp)
+        tensors, groups = _optimizer_tensors(self.optimizer)
+        tensors["rng.cpu"] = torch.get_rng_state()
+        save_file(tensors, str(tmp / OPTIM_NAME))
+        save_json(tmp / STATE_NAME, {"step": self.step, "history": self.history, "param_groups": groups,
+                                     "train_config": to_dict(self.cfg), "extra": self.extra_state})
+        replace_dir(tmp, ckpt)  # the whole folder appears at once: never half a checkpoint
+        save_json(self.output_dir / "history.json", {"history": self.history})
+        return ckpt
+
+    def resume(self) -> bool:
+        """Continue from ``OUTPUT/checkpoint`` if there is one; returns whether it did."""
+        if self.output_dir is None:
+            return False
+        ckpt = self.output_dir / CHECKPOINT_DIR
+        if not (ckpt / STATE_NAME).is_file():
+            return False
+        try:
+            state = json.loads((ckpt / STATE_NAME).read_text())
+            tensors = load_file(str(ckpt / OPTIM_NAME))
+        except Exception as e:  # noqa: BLE001 - any unreadable file is a corrupt checkpoint
+            raise CheckpointError(f"checkpoint {ckpt} is unreadable ({e}); move it away to start over") from e
+        self.model.load_trained(ckpt)
+        _load_optimizer(self.optimizer, tensors, state["param_groups"])
+        torch.set_rng_state(tensors["rng.cpu"])
+        self.step, self.history = state["step"], state["history"]
+        self.extra_state = state.get("extra", {})
+        if self.is_main:
+            self.log(f"resumed from {ckpt} at step {self.step}")
+        return True
+
+    def save_final(self) -> Path | None:
+        """Write the trained model to ``OUTPUT/model`` (loadable with from_pretrained)."""
+        if self.output_dir is None or not self.is_main:
+            return None
+        return self.model.save_pretrained(self.output_dir / FINAL_DIR)
+
+
+def _optimizer_tensors(opt) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    sd = opt.state_dict()
+    tensors = {}
+    for pid, st in sd["state"].items():
+        for name, value in st.items():
+            t = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"state.{pid}.{name}"] = t.detach().cpu().contiguous()
+    return tensors, sd["param_groups"]
+
+
+def _load_optimizer(opt, tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
+    state: dict[int, dict] = defaultdict(dict)
+    for key, value in tensors.items():
+        if key.startswith("state."):
+            _, pid, name = key.split(".", 2)
+            state[int(pid)][name] = value
+    current = opt.state_dict()["param_groups"]
+    if [len(g["params"]) for g in groups] != [len(g["params"]) for g in current]:
+        raise CheckpointError("the checkpoint's optimiser state does not fit this model's parameters")
+    opt.load_state_dict({"state": dict(state), "param_groups": groups})
+
+
+def train_curriculum(trainer: Trainer, stages: list[tuple[Task, float]], steps_per_round: int,
+                     max_rounds: int = 3) -> list[dict]:
+    """Train stage after stage; a stage is repeated (``steps_per_round`` more steps) until
+    its held-out metric reaches its threshold or ``max_rounds`` rounds were run.
+
+    ``stages``: list of (task, threshold). The state (stage and round reached) is kept in
+    the checkpoint, so a resumed curriculum continues where it stopped.
+    """
+    pos = trainer.extra_state.setdefault("curriculum", {"stage": 0, "round": 0})
+    while pos["stage"] < len(stages):
+        task, threshold = stages[pos["stage"]]
+        trainer.fit(task, steps=steps_per_round)
+        pos["round"] += 1
+        value = trainer.history[-1]["value"]
+        passed = value >= threshold
+        if trainer.is_main:
+            trainer.log(f"stage {task.name}#{pos['stage']} round {pos['round']}: {value:.4f} "
+                        f"({'>=' if passed else '<'} {threshold})")
+        if passed or pos["round"] >= max_rounds:
+            pos["stage"], pos["round"] = pos["stage"] + 1, 0
+        trainer.save_checkpoint()
+    return trainer.history
+
+
+def clear_output(output_dir: str | Path) -> None:
+    """Remove a previous run's checkpoint (``ktm train`` without ``--resume``)."""
+    shutil.rmtree(Path(output_dir) / CHECKPOINT_DIR, ignore_errors=True)
