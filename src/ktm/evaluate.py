@@ -57,8 +57,11 @@ def evaluate(model, task: Task, examples: Sequence[Example] | None = None, *, sp
     try:
         if task.metric == "accuracy":
             preds: dict[int, str] = {}
+            # enough new tokens for the longest reference answer and its end token
+            answer_tokens = max(len(a) for a in model.tokenize([e.answer for e in examples], what="answer"))
+            new_tokens = max(task.max_new_tokens, answer_tokens + 1)
             for idx in _batches(order, batch_size):
-                outs = model.generate([examples[i].prompt for i in idx], max_new_tokens=task.max_new_tokens)
+                outs = model.generate([examples[i].prompt for i in idx], max_new_tokens=new_tokens)
                 preds.update(zip(idx, outs))
                 bar.update(len(idx))
             correct = [task.normalise(preds[i]) == task.normalise(e.answer) for i, e in enumerate(examples)]

@@ -38,7 +38,8 @@ class Task:
 
     name: str = "task"
     metric: str = "accuracy"
-    #: how many new tokens evaluation generates (accuracy tasks)
+    #: at least this many new tokens are generated when scoring accuracy (the evaluator
+    #: raises it to fit the longest reference answer and its end token)
     max_new_tokens: int = 8
 
     def examples(self, split: str) -> list[Example]:

@@ -1,0 +1,55 @@
+"""Named training recipes: documented settings for the model and the optimiser.
+
+A recipe is a pair of overrides, one for :class:`ktm.config.ModelConfig` and one for
+:class:`ktm.config.TrainConfig`. Options given explicitly (CLI flags, keyword arguments)
+win over the recipe. ``docs/RECIPES.md`` records the measurements behind each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .config import ModelConfig, TrainConfig
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str
+    model: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)
+
+    def model_config(self, **overrides) -> ModelConfig:
+        return ModelConfig(**{**self.model, **overrides})
+
+    def train_config(self, **overrides) -> TrainConfig:
+        return TrainConfig(**{**self.train, **overrides})
+
+
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in [
+        Recipe(
+            "paper",
+            "The authors' release: LoRA r 4 / alpha 16 / dropout 0.05, encoder = block mean + "
+            "randomly initialised MLP, AdamW lr 1e-4 for everything, no warm-up.",
+            model=dict(lora_r=4, lora_alpha=16, lora_dropout=0.05, encoder_init="paper"),
+            train=dict(lr=1e-4, warmup_steps=0, decay="constant"),
+        ),
+        Recipe(
+            "fast",
+            "ktm's default: exact-mean encoder init, LoRA r 8 / alpha 16, lr 1e-3 for LoRA and "
+            "encoder with 20 warm-up steps, class-balanced batches.",
+            model=dict(lora_r=8, lora_alpha=16, lora_dropout=0.05, encoder_init="mean"),
+            train=dict(lr=1e-3, encoder_lr=1e-3, warmup_steps=20, decay="constant", balance=True),
+        ),
+    ]
+}
+DEFAULT_RECIPE = "fast"
+
+
+def get_recipe(name: str | None) -> Recipe:
+    name = name or DEFAULT_RECIPE
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; choose one of {sorted(RECIPES)}")
+    return RECIPES[name]

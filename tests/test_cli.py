@@ -1,0 +1,97 @@
+"""CLI smoke tests on a tiny model folder (offline)."""
+
+import json
+
+import pytest
+
+from conftest import tiny_llama
+from ktm.cli import build_parser, main
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    from conftest import char_tokenizer
+
+    tok = char_tokenizer()
+    d = tmp_path_factory.mktemp("base")
+    tiny_llama(len(tok), max_position_embeddings=512).save_pretrained(d)
+    tok.save_pretrained(d)
+    return str(d)
+
+
+@pytest.mark.parametrize("cmd", [[], ["data", "tree"], ["train"], ["eval"], ["generate"], ["demo"],
+                                 ["bench", "speed"]])
+def test_help(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*cmd, "--help"])
+    assert e.value.code == 0
+    assert "usage: ktm" in capsys.readouterr().out
+
+
+def test_train_flags_mirror_the_config_fields():
+    h = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    for flag in ["--k", "--lora-r", "--encoder-init", "--lr", "--encoder-lr", "--grad-accum",
+                 "--eval-every", "--save-every", "--balance", "--recipe", "--resume"]:
+        assert flag in h
+
+
+def test_data_tree_writes_jsonl(tmp_path, capsys):
+    assert main(["data", "tree", "--stage", "small", "--num-trees", "100", "--seed", "1",
+                 "--out", str(tmp_path)]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    test = [json.loads(line) for line in (tmp_path / "test.jsonl").read_text().splitlines()]
+    assert {"prompt", "answer", "tree_id"} <= rows[0].keys()
+    assert not {r["tree_id"] for r in rows} & {r["tree_id"] for r in test}
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_train_eval_generate_resume(tmp_path, base_dir, capsys):
+    data = tmp_path / "data"
+    main(["data", "tree", "--num-trees", "60", "--out", str(data)])
+    run = tmp_path / "run"
+    common = ["--task", "jsonl", "--data", str(data), "--model", base_dir, "--device", "cpu",
+              "--dtype", "float32"]
+    assert main(["train", *common, "--k", "4", "--steps", "3", "--batch-size", "4",
+                 "--eval-examples", "8", "--out", str(run)]) == 0
+    hist = json.loads((run / "history.json").read_text())["history"]
+    assert hist[-1]["step"] == 3 and hist[-1]["k"] == 4
+    assert main(["train", *common, "--k", "4", "--steps", "5", "--batch-size", "4",
+                 "--eval-examples", "8", "--out", str(run), "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "at step 3" in out
+    assert json.loads((run / "history.json").read_text())["history"][-1]["step"] == 5
+
+    res = tmp_path / "res.json"
+    assert main(["eval", "--checkpoint", str(run / "model"), *common, "--max-examples", "5",
+                 "--json", str(res)]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy" in out and "majority class" in out and "merged embeddings (K = 4" in out
+    r = json.loads(res.read_text())["results"][0]
+    assert r["n"] == 5 and 0 <= r["value"] <= 1 and r["merged_length"] < r["prompt_tokens"]
+
+    assert main(["generate", "--checkpoint", str(run / "model"), "--max-new-tokens", "3", "--json",
+                 "abc", "defgh"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [x["merged_length"] for x in lines] == [1, 2]
+
+
+def test_perplexity_task_from_jsonl(tmp_path, base_dir, capsys):
+    (tmp_path / "d").mkdir()
+    rows = [{"prompt": f"copy {w}", "answer": w} for w in ["alpha", "beta", "gamma", "delta"]]
+    for split in ("train", "test"):
+        (tmp_path / "d" / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    common = ["--task", "jsonl", "--data", str(tmp_path / "d"), "--metric", "perplexity",
+              "--model", base_dir, "--device", "cpu"]
+    assert main(["train", *common, "--k", "2", "--steps", "2", "--batch-size", "2",
+                 "--out", str(tmp_path / "run")]) == 0
+    assert main(["eval", "--checkpoint", str(tmp_path / "run" / "model"), *common]) == 0
+    assert "perplexity" in capsys.readouterr().out
+
+
+def test_errors_are_reported_not_raised(tmp_path, base_dir, capsys):
+    assert main(["data", "tree", "--stage", "huge", "--out", str(tmp_path)]) == 2
+    assert "stage" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--task", "jsonl", "--out", str(tmp_path / "r"), "--model", base_dir])
+    assert main(["train", "--k", "0", "--out", str(tmp_path / "r"), "--model", base_dir]) == 2
+    assert "K must be >= 1" in capsys.readouterr().err

@@ -1,0 +1,106 @@
+"""The trainer: schedule and data order arithmetic, resume == uninterrupted, learning."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from ktm.config import TrainConfig
+from ktm.evaluate import evaluate
+from ktm.model import CheckpointError
+from ktm.tasks.base import Example, Task
+from ktm.trainer import Trainer, batch_indices, lr_factor
+
+
+class LastChar(Task):
+    """Answer the last letter of a random string: learnable by a tiny model in seconds."""
+
+    name = "lastchar"
+    max_new_tokens = 1
+
+    def examples(self, split):
+        r = random.Random(0 if split == "train" else 1)
+        out = []
+        for _ in range(200):
+            s = "".join(r.choice("abcd") for _ in range(r.randint(3, 9)))
+            out.append(Example(f"seq {s} ends with", s[-1]))
+        return out
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(steps=100, warmup_steps=10, decay="cosine")
+    assert lr_factor(0, cfg) == pytest.approx(0.1)
+    assert lr_factor(9, cfg) == pytest.approx(1.0)
+    assert lr_factor(10, cfg) == pytest.approx(1.0)
+    assert lr_factor(100, cfg) == pytest.approx(0.1)
+    assert lr_factor(55, TrainConfig(steps=100)) == 1.0
+
+
+def test_batches_are_a_pure_function_of_seed_and_step():
+    ex = [Example(str(i), "true" if i % 4 == 0 else "false") for i in range(100)]
+    cfg = TrainConfig(batch_size=8, seed=3)
+    assert batch_indices(ex, 5, cfg, None) == batch_indices(ex, 5, cfg, None)
+    assert batch_indices(ex, 5, cfg, None) != batch_indices(ex, 6, cfg, None)
+    assert len(set(batch_indices(ex, 5, cfg, None))) == 8
+    bal = TrainConfig(batch_size=400, seed=0, balance=True)
+    picked = [ex[i].answer for i in batch_indices(ex, 0, bal, ["false", "true"])]
+    assert 0.4 < picked.count("true") / len(picked) < 0.6  # 25% in the data
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="multiple of grad_accum"):
+        TrainConfig(batch_size=6, grad_accum=4)
+    with pytest.raises(ValueError, match="steps"):
+        TrainConfig(steps=0)
+    with pytest.raises(ValueError, match="decay"):
+        TrainConfig(decay="linear")
+
+
+def test_training_learns_a_tiny_task(make_model):
+    m = make_model(k=2, lora_r=8)
+    before = evaluate(m, LastChar(), progress=False)["value"]
+    Trainer(m, TrainConfig(steps=150, batch_size=16, lr=3e-3), progress=False).fit(LastChar())
+    after = evaluate(m, LastChar(), progress=False)
+    assert after["value"] >= 0.95 > before
+    assert after["majority_rate"] < 0.4
+
+
+def _weights(m):
+    return {k: v.clone() for k, v in m.state_dict().items() if "lora_" in k or k.startswith("encoder.")}
+
+
+def test_resume_equals_uninterrupted(make_model, tmp_path):
+    cfg = TrainConfig(steps=6, batch_size=4, grad_accum=2, lr=2e-3, warmup_steps=2, decay="cosine",
+                      eval_examples=8)
+    straight = make_model(k=3, lora_r=4)
+    Trainer(straight, cfg, output_dir=tmp_path / "a", progress=False).fit(LastChar())
+
+    first = make_model(k=3, lora_r=4)
+    Trainer(first, cfg, output_dir=tmp_path / "b", progress=False).fit(LastChar(), steps=3)
+    assert json.loads((tmp_path / "b" / "checkpoint" / "trainer_state.json").read_text())["step"] == 3
+    resumed = make_model(k=3, lora_r=4)  # a fresh process would build the model anew
+    t = Trainer(resumed, cfg, output_dir=tmp_path / "b", progress=False)
+    assert t.resume() and t.step == 3
+    t.fit(LastChar())
+    a, b = _weights(straight), _weights(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7, msg=k)
+
+
+def test_resume_rejects_a_checkpoint_for_another_k(make_model, tmp_path):
+    cfg = TrainConfig(steps=2, batch_size=2, eval_examples=4)
+    Trainer(make_model(k=2), cfg, output_dir=tmp_path, progress=False).fit(LastChar())
+    with pytest.raises(CheckpointError, match="K = 2"):
+        Trainer(make_model(k=4), cfg, output_dir=tmp_path, progress=False).resume()
+
+
+def test_checkpoint_is_whole_or_absent(make_model, tmp_path):
+    cfg = TrainConfig(steps=2, batch_size=2, eval_examples=4, save_every=1)
+    Trainer(make_model(k=2), cfg, output_dir=tmp_path, progress=False).fit(LastChar())
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["checkpoint", "history.json"]  # no temporary folders left behind
+    ck = sorted(p.name for p in (tmp_path / "checkpoint").iterdir())
+    assert ck == ["adapter", "encoder.safetensors", "ktm_config.json", "optimizer.safetensors",
+                  "tokenizer", "trainer_state.json"]
