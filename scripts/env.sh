@@ -12,7 +12,7 @@ stamp=.venv/.ktm-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
   echo "[ktm] installing ktm and pinned dependencies into .venv (first run takes a few minutes)" >&2
   python -m pip install -q --upgrade pip >/dev/null
-  python -m pip install -q -c constraints.txt -e ".[test,datasets]"
+  python -m pip install -q -c constraints.txt -e ".[test]"
   touch "$stamp"
 fi
 set +e

@@ -87,13 +87,16 @@ def build_model(args, model_cfg: ModelConfig):
 
 def cmd_train(args) -> int:
     from .recipes import get_recipe
-    from .trainer import Trainer, clear_output, train_curriculum
+    from .trainer import CHECKPOINT_DIR, Trainer, clear_output, train_curriculum
 
     recipe = get_recipe(args.recipe)
     model_cfg = recipe.model_config(**overrides(args, ModelConfig))
     train_cfg = recipe.train_config(**overrides(args, TrainConfig))
     out = Path(args.out)
-    if not args.resume:
+    if not args.resume and (out / CHECKPOINT_DIR).exists():
+        if not args.overwrite:
+            raise SystemExit(f"ktm: {out} already holds a checkpoint: pass --resume to continue it, "
+                             f"or --overwrite to start over")
         clear_output(out)
     out.mkdir(parents=True, exist_ok=True)
     save_json(out / "run_config.json", {"recipe": recipe.name, "model": vars(model_cfg) | {"lora_targets": list(model_cfg.lora_targets)},
@@ -190,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="named settings; explicit options override them (docs/RECIPES.md)")
     tr.add_argument("--out", required=True, help="run folder: checkpoint/, model/, history.json")
     tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    tr.add_argument("--overwrite", action="store_true", help="discard a checkpoint already in OUT")
     tr.add_argument("--init-from", help="start from a saved ktm model folder")
     tr.add_argument("--threshold", type=float, default=0.85, help="curriculum: pass mark of each stage")
     tr.add_argument("--final-threshold", type=float, default=0.95, help="curriculum: pass mark of the last stage")

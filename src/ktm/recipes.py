@@ -38,10 +38,11 @@ RECIPES: dict[str, Recipe] = {
         ),
         Recipe(
             "fast",
-            "ktm's default: exact-mean encoder init, LoRA r 8 / alpha 16, lr 1e-3 for LoRA and "
-            "encoder with 20 warm-up steps, class-balanced batches.",
+            "ktm's default: exact-mean encoder init, LoRA r 8 / alpha 16, AdamW lr 1e-3 for LoRA "
+            "and encoder with 20 warm-up steps (the setting with which K = 1 learns the tree task "
+            "in ~200 CPU steps).",
             model=dict(lora_r=8, lora_alpha=16, lora_dropout=0.05, encoder_init="mean"),
-            train=dict(lr=1e-3, encoder_lr=1e-3, warmup_steps=20, decay="constant", balance=True),
+            train=dict(lr=1e-3, encoder_lr=1e-3, warmup_steps=20, decay="constant"),
         ),
     ]
 }

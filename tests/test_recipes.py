@@ -1,0 +1,51 @@
+import argparse
+
+import pytest
+
+from ktm.config import ModelConfig, TrainConfig, add_arguments, from_dict, overrides, to_dict
+from ktm.recipes import DEFAULT_RECIPE, RECIPES, get_recipe
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_every_recipe_builds_valid_configs(name):
+    r = get_recipe(name)
+    assert isinstance(r.model_config(k=4), ModelConfig)
+    assert isinstance(r.train_config(), TrainConfig)
+    assert r.description
+
+
+def test_paper_recipe_is_the_release():
+    m, t = get_recipe("paper").model_config(), get_recipe("paper").train_config()
+    assert (m.lora_r, m.lora_alpha, m.lora_dropout, m.encoder_init) == (4, 16, 0.05, "paper")
+    assert m.lora_targets == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    assert t.lr == 1e-4 and t.warmup_steps == 0
+
+
+def test_explicit_options_override_the_recipe():
+    r = get_recipe(None)
+    assert r.name == DEFAULT_RECIPE
+    assert r.train_config(lr=5e-5).lr == 5e-5
+    assert r.model_config(k=2, lora_r=32).lora_r == 32
+
+
+def test_unknown_recipe():
+    with pytest.raises(ValueError, match="unknown recipe"):
+        get_recipe("magic")
+
+
+def test_cli_bridge_uses_the_field_names():
+    p = argparse.ArgumentParser()
+    add_arguments(p, ModelConfig)
+    add_arguments(p, TrainConfig)
+    args = p.parse_args(["--k", "8", "--lora-targets", "q_proj", "v_proj", "--no-balance", "--lr", "3e-4"])
+    assert overrides(args, ModelConfig) == {"k": 8, "lora_targets": ["q_proj", "v_proj"]}
+    assert overrides(args, TrainConfig) == {"lr": 3e-4, "balance": False}
+
+
+def test_config_round_trips_through_json_dicts():
+    cfg = ModelConfig(k=3, lora_r=2)
+    assert from_dict(ModelConfig, to_dict(cfg)) == cfg
+    with pytest.raises(ValueError, match="unknown ModelConfig fields"):
+        from_dict(ModelConfig, {"k": 2, "colour": "red"})
+    with pytest.raises(ValueError, match="K must be >= 1"):
+        ModelConfig(k=0)
