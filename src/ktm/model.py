@@ -305,7 +305,7 @@ class KTokenMerging(nn.Module):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         try:
-            self.lm.save_pretrained(tmp / ADAPTER_DIR, safe_serialization=True)
+            self.lm.save_pretrained(tmp / ADAPTER_DIR, safe_serialization=True, save_embedding_layers=False)
             save_file({k: v.detach().cpu().contiguous() for k, v in self.encoder.state_dict().items()},
                       str(tmp / ENCODER_NAME))
             self.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))

@@ -82,7 +82,7 @@ class Trainer:
     cfg: TrainConfig
     output_dir: str | Path | None = None
     progress: bool = True
-    log: callable = print
+    log: callable = tqdm.write  # prints above a running progress bar
     step: int = 0
     history: list = field(default_factory=list)
     extra_state: dict = field(default_factory=dict)
