@@ -73,9 +73,9 @@ def run_demo(steps: int | None = None, k: int = 4, out: str = "runs/demo", num_t
         f"{timing['unmerged_s'] * 1e3:.1f} ms -> {timing['unmerged_s'] / timing['merged_s']:.2f}x faster")
     log("a few held-out questions:")
     for e, a in zip(shown, answers):
-        q = e.prompt.split("Parent: ")[-1].replace(", Answer: ", "")
-        tree = e.prompt.split(", Task:")[0].removeprefix("Tree: ").replace("\n", " ")
-        log(f"  tree [{tree}] {q}: model {a.strip()!r}, reference {e.answer!r}")
+        parent, child = e.prompt.split("Parent: ")[-1].removesuffix(", Answer: ").split(", Child: ")
+        tree = e.prompt.split(", Task:")[0].removeprefix("Tree: ").replace("\n", " | ")
+        log(f"  tree [{tree}]  is {parent} the parent of {child}?  model {a.strip()!r}, reference {e.answer!r}")
     log(f"training {train_s / 60:.1f} min, total {(time.perf_counter() - t_start) / 60:.1f} min; "
         f"model saved in {Path(out) / 'model'}")
     summary = {"k": k, "steps": steps, "recipe": rec.name, "accuracy": acc, "majority_rate": maj,
@@ -86,32 +86,15 @@ def run_demo(steps: int | None = None, k: int = 4, out: str = "runs/demo", num_t
     return summary
 
 
-@torch.inference_mode()
+
 def prefill_comparison(model, prompts: list[str], repeats: int = 5) -> dict:
-    """Median wall time of the prefill of ``prompts``: merged (encoder included) against the
-    same LLM reading every token embedding (no merging), after one warm-up each."""
-    from .blocks import pad_sequences, position_ids
+    """Median wall time of the prefill of ``prompts`` (time to first token from token ids):
+    merged, encoder included, against the same LLM reading every token embedding."""
+    from .bench import measure, median, plain_prefill, prefill
 
-    model.eval()
     ids = model.tokenize(prompts)
-
-    def forward(embeds):
-        padded, mask = pad_sequences(embeds, side="left")
-        h = model._decoder(inputs_embeds=padded, attention_mask=mask, position_ids=position_ids(mask),
-                           use_cache=True).last_hidden_state
-        return model._lm_head(h[:, -1])
-
-    def unmerged():
-        return forward([model._embedding(torch.tensor(x, device=model.device)) for x in ids])
-
-    def timed(fn):
-        fn()
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return sorted(times)[len(times) // 2]
-
-    return {"merged_s": timed(lambda: forward(model.merge_ids(ids))), "encoder_s": timed(lambda: model.merge_ids(ids)),
-            "unmerged_s": timed(unmerged), "repeats": repeats, "batch": len(ids)}
+    model.eval()
+    times = measure({"merged_s": lambda: prefill(model, ids), "encoder_s": lambda: model.merge_ids(ids),
+                     "unmerged_s": lambda: plain_prefill(model, ids)}, warmup=1, repeats=repeats,
+                    device=model.device)
+    return {**{name: median(ts) for name, ts in times.items()}, "repeats": repeats, "batch": len(ids)}
