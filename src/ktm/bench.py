@@ -791,8 +791,20 @@ def plot(results: dict, path: str | os.PathLike) -> Path:
               if results.get("prefill" if m == "speedup" else m)]
     if not panels:
         raise ValueError("nothing to plot: no results")
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.0), squeeze=False)
-    for ax, panel in zip(axes[0], panels):
+    from matplotlib.ticker import NullFormatter
+
+    cols = min(3, len(panels))
+    rows_n = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(5.0 * cols, 4.2 * rows_n), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+
+    def log_ticks(ax, values):
+        values = sorted(set(values))
+        ax.set_xticks(values, [str(v) for v in values])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+
+    for ax, panel in zip(axes.flat, panels):
         if panel == "prefill":
             rows = [r for r in results["prefill"] if r["batch_size"] == min(x["batch_size"] for x in results["prefill"])]
             for k in sorted({r["k"] for r in rows}):
@@ -800,6 +812,7 @@ def plot(results: dict, path: str | os.PathLike) -> Path:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"K={k}")
             ax.set(xscale="log", yscale="log", xlabel="prompt tokens L", ylabel="time to first token (s)",
                    title=f"Prefill, B={rows[0]['batch_size']}")
+            log_ticks(ax, [r["length"] for r in rows])
             ax.legend()
         elif panel == "speedup":
             rows = results["prefill"]
@@ -811,7 +824,7 @@ def plot(results: dict, path: str | os.PathLike) -> Path:
             ax.plot(ks, [r["speedup"] for r in sel], "o-", label="ktm end to end")
             ax.set(xscale="log", yscale="log", xlabel="K", ylabel="speedup over K=1",
                    title=f"Prefill speedup, L={L}, B={B}")
-            ax.set_xticks(ks, [str(k) for k in ks])
+            log_ticks(ax, ks)
             ax.legend()
         elif panel == "decode":
             rows = results["decode"]
@@ -823,7 +836,8 @@ def plot(results: dict, path: str | os.PathLike) -> Path:
             ax.set_xticks(list(xs), [f"K={r['k']}" for r in rows])
             ax.set(yscale="log", ylabel="new tokens/s (end to end)",
                    title=f"Decoding {rows[0]['new_tokens']} tokens, {rows[0]['length']}-token prompt")
-            ax.legend()
+            ax.set_ylim(top=ax.get_ylim()[1] * 4)  # room for the legend above the bars
+            ax.legend(loc="upper left", ncols=3, fontsize="small")
         elif panel == "train":
             rows = results["train"]
             kinds = list(dict.fromkeys(r["kind"] for r in rows))
@@ -833,7 +847,7 @@ def plot(results: dict, path: str | os.PathLike) -> Path:
                         label=f"{kind} (~{next(r['prompt_tokens'] for r in rows if r['kind'] == kind)} tokens)")
             ks = sorted({r["k"] for r in rows})
             ax.set(xscale="log", yscale="log", xlabel="K", ylabel="examples/s", title="Training step")
-            ax.set_xticks(ks, [str(k) for k in ks])
+            log_ticks(ax, ks)
             ax.legend()
         elif panel == "memory":
             rows = results["memory"]
@@ -845,6 +859,7 @@ def plot(results: dict, path: str | os.PathLike) -> Path:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], "x:", color=line.get_color())
             ax.set(xscale="log", yscale="log", xlabel="prompt tokens L", ylabel="MiB",
                    title=f"Prefill memory, B={B} (dotted: KV cache)")
+            log_ticks(ax, [r["length"] for r in rows if r["batch_size"] == B])
             ax.legend(fontsize="small")
     fig.tight_layout()
     path = Path(path)
@@ -967,13 +982,23 @@ def run_speed(model=None, *, device: str = "auto", dtype: str | None = None,
 
 
 # ====================================================================== command line
+class _Defaults(argparse.HelpFormatter):
+    """Append ``(default: X)`` to options whose help does not state its default already."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "(default" in text or action.default in (None, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def _add_speed_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("speed", help="prefill, decoding, training and memory at several K",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              formatter_class=_Defaults)
     p.add_argument("--model", default=None, help="base model reference (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="what to measure")
     p.add_argument("--lengths", nargs="+", type=int, default=None,
                    help=f"prompt lengths (default: {list(CPU_LENGTHS)} on CPU, {list(CUDA_LENGTHS)} on CUDA)")
     p.add_argument("--ks", nargs="+", type=int, default=list(DEFAULT_KS), help="block sizes (1 is always added)")
