@@ -104,3 +104,18 @@ def test_checkpoint_is_whole_or_absent(make_model, tmp_path):
     ck = sorted(p.name for p in (tmp_path / "checkpoint").iterdir())
     assert ck == ["adapter", "encoder.safetensors", "ktm_config.json", "optimizer.safetensors",
                   "tokenizer", "trainer_state.json"]
+
+
+def test_curriculum_repeats_a_stage_until_its_threshold_and_resumes(make_model, tmp_path):
+    from ktm.trainer import train_curriculum
+
+    cfg = TrainConfig(steps=2, batch_size=4, eval_examples=8, lr=1e-4)
+    t = Trainer(make_model(k=2), cfg, output_dir=tmp_path, progress=False, log=lambda s: None)
+    # an unreachable threshold: the first stage runs its 2 rounds, the second its 1 round
+    train_curriculum(t, [(LastChar(), 1.01), (LastChar(), 0.0)], steps_per_round=2, max_rounds=2)
+    assert [h["step"] for h in t.history] == [2, 4, 6]
+    assert t.extra_state["curriculum"] == {"stage": 2, "round": 0}
+    again = Trainer(make_model(k=2), cfg, output_dir=tmp_path, progress=False, log=lambda s: None)
+    assert again.resume() and again.extra_state["curriculum"]["stage"] == 2
+    train_curriculum(again, [(LastChar(), 1.01), (LastChar(), 0.0)], steps_per_round=2)
+    assert again.step == 6  # nothing left to do
