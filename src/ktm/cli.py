@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from .config import ModelConfig, TrainConfig, add_arguments, overrides, save_json
+from .config import ModelConfig, TrainConfig, add_arguments, overrides, save_json, to_dict
 
 
 # ---------------------------------------------------------------- shared options
@@ -99,8 +99,8 @@ def cmd_train(args) -> int:
                              f"or --overwrite to start over")
         clear_output(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_json(out / "run_config.json", {"recipe": recipe.name, "model": vars(model_cfg) | {"lora_targets": list(model_cfg.lora_targets)},
-                                        "train": vars(train_cfg), "argv": sys.argv[1:]})
+    save_json(out / "run_config.json", {"recipe": recipe.name, "model": to_dict(model_cfg),
+                                        "train": to_dict(train_cfg), "argv": sys.argv[1:]})
     tasks = _tasks(args)
     model = build_model(args, model_cfg)
     trainer = Trainer(model, train_cfg, output_dir=out)

@@ -116,10 +116,11 @@ class KTokenMerging(nn.Module):
         return cls._assemble(base, tokenizer, config, ref)
 
     @classmethod
-    def _assemble(cls, base, tokenizer, config: ModelConfig, ref: str) -> "KTokenMerging":
+    def _assemble(cls, base, tokenizer, config: ModelConfig, ref: str,
+                  fingerprint: str | None = None) -> "KTokenMerging":
         from peft import LoraConfig, get_peft_model
 
-        fingerprint = embedding_fingerprint(base)
+        fingerprint = fingerprint or embedding_fingerprint(base)
         targets = list(config.lora_targets)
         if config.lora_lm_head and not _tied(base):
             targets.append("lm_head")
@@ -358,7 +359,7 @@ class KTokenMerging(nn.Module):
                 f"fingerprint {saved_fp}), but the base model given ({ref_str!r}) has fingerprint "
                 f"{got_fp}: a different model or different weights"
             )
-        model = cls._assemble(base_model, tokenizer, config, meta["base"]["reference"])
+        model = cls._assemble(base_model, tokenizer, config, meta["base"]["reference"], got_fp)
         model.load_trained(path)
         return model
 
