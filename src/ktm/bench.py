@@ -364,7 +364,8 @@ def with_k(model, k: int):
         return model
     config = dataclasses.replace(model.config, k=k)
     enc_dtype = model.encoder.mlp[0].weight.dtype
-    encoder = MergeEncoder(k, model.encoder.dim, config.encoder_hidden, config.encoder_init)
+    encoder = MergeEncoder(k, model.encoder.dim, config.encoder_hidden, config.encoder_init,
+                           config.encoder_norm)
     encoder.to(device=model.device, dtype=enc_dtype)
     m = KTokenMerging(model.lm, model.tokenizer, encoder, config, model.base_reference, model.base_fingerprint)
     return m.train(model.training)

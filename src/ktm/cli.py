@@ -18,6 +18,15 @@ from pathlib import Path
 from .config import ModelConfig, TrainConfig, add_arguments, overrides, save_json, to_dict
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default once: skipped where the help already names it or it is unset."""
+
+    def _get_help_string(self, action):
+        if "(default" in (action.help or "") or action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
 # ---------------------------------------------------------------- shared options
 def _add_task_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("task")
@@ -188,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_data)
 
     tr = sub.add_parser("train", help="train LoRA + encoder on a task (accelerate launch for multi-GPU)",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                        formatter_class=HelpFormatter)
     tr.add_argument("--recipe", default=DEFAULT_RECIPE, choices=sorted(RECIPES),
                     help="named settings; explicit options override them (docs/RECIPES.md)")
     tr.add_argument("--out", required=True, help="run folder: checkpoint/, model/, history.json")
@@ -230,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     dm = sub.add_parser("demo", help="end to end on the embedded model: data, train K=4, eval, timing",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                        formatter_class=HelpFormatter)
     dm.add_argument("--k", type=int, default=4)
     dm.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's budget)")
     dm.add_argument("--num-trees", type=int, default=2000)

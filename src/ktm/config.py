@@ -33,6 +33,9 @@ class ModelConfig:
         "encoder MLP width h (default: the paper's int(a*K)*d)", default=None
     )
     encoder_init: str = _help(f"encoder initialisation, one of {INITS}", default="mean")
+    encoder_norm: bool = _help(
+        "rescale each merged embedding to the mean norm of its block's token embeddings",
+        default=False)
     lora_r: int = _help("LoRA rank", default=4)
     lora_alpha: float = _help("LoRA alpha", default=16.0)
     lora_dropout: float = _help("LoRA dropout", default=0.05)
@@ -74,6 +77,21 @@ class TrainConfig:
     save_every: int = _help("checkpoint every N steps (0: only at the end)", default=0)
     seed: int = _help("random seed (data order, dropout, init)", default=0)
     balance: bool = _help("sample classes equally (classification tasks)", default=False)
+    reconstruct: float = _help(
+        "weight of the auxiliary loss of recovering the prompt's tokens from its merged "
+        "embeddings (0: off; ktm.objectives)", default=0.0)
+    reconstruct_rows: int = _help(
+        "rows of each batch that also get the reconstruction loss (0: all)", default=0)
+    distill: float = _help(
+        "weight of dense self-distillation from the base model reading the plain prompt "
+        "(0: off; ktm.objectives)", default=0.0)
+
+    align: float = _help(
+        "weight of hidden-state alignment with the teacher at every block end and layer "
+        "(0: off; ktm.objectives)", default=0.0)
+    teacher: str | None = _help(
+        "a saved K = 1 ktm model to distil/align from (default: the base model itself)",
+        default=None)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum"):
@@ -87,7 +105,8 @@ class TrainConfig:
             raise ValueError("learning rates must be > 0")
         if self.decay not in ("constant", "cosine"):
             raise ValueError(f"decay must be 'constant' or 'cosine', got {self.decay!r}")
-        for name in ("eval_every", "eval_examples", "save_every", "warmup_steps"):
+        for name in ("eval_every", "eval_examples", "save_every", "warmup_steps", "reconstruct", "distill",
+                     "reconstruct_rows", "align"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
 

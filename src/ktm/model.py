@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import __version__
+from . import __version__, objectives
 from .blocks import (
     answer_targets,
     block_slots,
@@ -56,12 +56,14 @@ class CheckpointError(ValueError):
 class LossOutput:
     """``loss``: mean cross-entropy over all target tokens of the batch; ``logits``: (N, V)
     float32 logits at the N target positions; ``targets``: (N,) token ids; ``rows``: (N,)
-    batch row of each target (to sum per example)."""
+    batch row of each target (to sum per example); ``parts``: each loss term, detached
+    (``{"task": ...}`` plus any auxiliary term)."""
 
     loss: torch.Tensor
     logits: torch.Tensor
     targets: torch.Tensor
     rows: torch.Tensor
+    parts: dict = field(default_factory=dict)
 
 
 class KTokenMerging(nn.Module):
@@ -131,7 +133,8 @@ class KTokenMerging(nn.Module):
                           bias="none", task_type="CAUSAL_LM")
         lm = get_peft_model(base, lora)
         dim = base.get_input_embeddings().weight.shape[1]
-        encoder = MergeEncoder(config.k, dim, config.encoder_hidden, config.encoder_init)
+        encoder = MergeEncoder(config.k, dim, config.encoder_hidden, config.encoder_init,
+                           config.encoder_norm)
         encoder.to(base.get_input_embeddings().weight.device)
         return cls(lm, tokenizer, encoder, config, ref, fingerprint)
 
@@ -217,11 +220,18 @@ class KTokenMerging(nn.Module):
                 )
 
     # ------------------------------------------------------------------ training
-    def forward(self, prompts: list[str], answers: list[str]) -> LossOutput:
+    def forward(self, prompts: list[str], answers: list[str], *, reconstruct: float = 0.0,
+                distill: float = 0.0, reconstruct_rows: int | None = None, align: float = 0.0,
+                teacher: "KTokenMerging | None" = None) -> LossOutput:
         """Next-token cross-entropy over each answer's tokens and the end token.
 
         The LLM reads [merged prompt][answer tokens][end token] per row (right-padded,
         padding masked); vocabulary logits are computed only where a target exists.
+        ``reconstruct`` and ``distill`` add the auxiliary losses of :mod:`ktm.objectives`
+        with these weights (reconstruction on the first ``reconstruct_rows`` rows only, when
+        given); ``align`` adds the hidden-state alignment. Distillation and alignment learn
+        from ``teacher`` (a K = 1 model reading the plain prompts; default: the base model).
+        ``loss`` is then the weighted sum and ``parts`` has each term.
         """
         if len(prompts) != len(answers):
             raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
@@ -234,13 +244,27 @@ class KTokenMerging(nn.Module):
         a_flat = torch.tensor([t for a in a_ids for t in a], dtype=torch.long, device=self.device)
         a_emb = self._embedding(a_flat).split([len(a) for a in a_ids])
         embeds, mask = concat_right_padded(merged, [e[:-1] for e in a_emb])
-        hidden = self._decoder(inputs_embeds=embeds, attention_mask=mask,
-                               position_ids=position_ids(mask), use_cache=False).last_hidden_state
+        dec = self._decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids(mask),
+                            use_cache=False, output_hidden_states=bool(align))
+        hidden = dec.last_hidden_state
         rows, cols, _ = answer_targets([m.shape[0] for m in merged], [len(a) for a in a_ids])
         rows, cols = rows.to(self.device), cols.to(self.device)
         logits = self._lm_head(hidden[rows, cols]).float()
         loss = F.cross_entropy(logits, a_flat)
-        return LossOutput(loss, logits, a_flat, rows)
+        parts = {"task": loss.detach()}
+        if distill:
+            term = objectives.distillation_loss(self, p_ids, hidden, teacher)
+            parts["distill"] = term.detach()
+            loss = loss + distill * term
+        if align:
+            term = objectives.alignment_loss(self, p_ids, dec.hidden_states, teacher)
+            parts["align"] = term.detach()
+            loss = loss + align * term
+        if reconstruct:
+            term = objectives.reconstruction_loss(self, p_ids, merged, reconstruct_rows)
+            parts["reconstruct"] = term.detach()
+            loss = loss + reconstruct * term
+        return LossOutput(loss, logits, a_flat, rows, parts)
 
     # ------------------------------------------------------------------ generation
     @torch.inference_mode()

@@ -86,12 +86,17 @@ class Trainer:
     step: int = 0
     history: list = field(default_factory=list)
     extra_state: dict = field(default_factory=dict)
+    teacher: object = None  # K = 1 KTokenMerging for distillation/alignment (default: cfg.teacher)
 
     # ------------------------------------------------------------------ setup
     def __post_init__(self):
         from accelerate import Accelerator
 
         self.output_dir = Path(self.output_dir) if self.output_dir else None
+        if self.teacher is None and self.cfg.teacher:
+            from .objectives import load_teacher
+
+            self.teacher = load_teacher(self.cfg.teacher, self.model)
         cuda = torch.cuda.is_available() and self.model.device.type == "cuda"
         mp = "bf16" if cuda and self.model.dtype == torch.float32 else "no"
         self.accelerator = Accelerator(mixed_precision=mp, gradient_accumulation_steps=self.cfg.grad_accum)
@@ -126,45 +131,59 @@ class Trainer:
         self.model.train()
         bar = tqdm(total=end - self.step, desc=f"train {task.name} K={self.model.k}",
                    disable=not (self.progress and self.is_main), dynamic_ncols=True)
-        seen, t0, loss_ema = 0, time.perf_counter(), None
+        seen, t0, ema = 0, time.perf_counter(), {}
+        self._fit_start = t0
         while self.step < end:
             for g in self.optimizer.param_groups:
                 g["lr"] = g["base_lr"] * lr_factor(self.step, cfg)
             # every process draws the same global batch and takes its own share
             idx = batch_indices(train, self.step * world + rank, cfg, labels)
             batch = [train[i] for i in idx]
-            step_loss = 0.0
+            step_parts: dict[str, float] = {}
             for j in range(0, len(batch), micro):
                 chunk = batch[j:j + micro]
                 with acc.accumulate(self.wrapped), acc.autocast():
-                    out = self.wrapped([e.prompt for e in chunk], [e.answer for e in chunk])
+                    out = self.wrapped([e.prompt for e in chunk], [e.answer for e in chunk],
+                                       reconstruct=cfg.reconstruct, distill=cfg.distill,
+                                       reconstruct_rows=cfg.reconstruct_rows, align=cfg.align,
+                                       teacher=self.teacher)
                     acc.backward(out.loss)
                     if acc.sync_gradients and cfg.max_grad_norm:
                         acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
-                step_loss += out.loss.item() / cfg.grad_accum
+                for name, value in out.parts.items():
+                    step_parts[name] = step_parts.get(name, 0.0) + value.item() / cfg.grad_accum
             self.step += 1
             seen += len(batch) * world
-            loss_ema = step_loss if loss_ema is None else 0.9 * loss_ema + 0.1 * step_loss
+            # "loss" is the task loss alone, comparable across runs with and without aux terms
+            for name, value in step_parts.items():
+                ema[name] = value if name not in ema else 0.9 * ema[name] + 0.1 * value
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_ema:.4f}", ex_s=f"{seen / (time.perf_counter() - t0):.1f}")
+            bar.set_postfix(loss=f"{ema['task']:.4f}",
+                            **{n: f"{v:.3f}" for n, v in ema.items() if n != "task"},
+                            ex_s=f"{seen / (time.perf_counter() - t0):.1f}")
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < end:
-                self._evaluate(eval_task or task, loss_ema)
+                self._evaluate(eval_task or task, ema)
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < end:
                 self.save_checkpoint()
         bar.close()
         if not self.history or self.history[-1]["step"] != self.step:
-            self._evaluate(eval_task or task, loss_ema)
+            self._evaluate(eval_task or task, ema)
         self.save_checkpoint()
         return self.history
 
-    def _evaluate(self, task: Task, train_loss: float | None) -> dict:
+    def _evaluate(self, task: Task, losses: dict | None = None) -> dict:
         res = evaluate(self.model, task, max_examples=self.cfg.eval_examples, seed=self.cfg.seed,
                        progress=False)
         res.pop("predictions", None)
+        losses = losses or {}
+        train_loss = losses.get("task")
         row = {"step": self.step, "task": task.name, "train_loss": train_loss,
-               "time": time.time(), **res}
+               **{f"train_{n}_loss": v for n, v in losses.items() if n != "task"},
+               "time": time.time(),
+               "elapsed_s": round(time.perf_counter() - getattr(self, "_fit_start", time.perf_counter()), 1),
+               **res}
         self.history.append(row)
         if self.is_main:
             extra = (f" (majority {res['majority_rate']:.3f})" if "majority_rate" in res else "")

@@ -1,0 +1,87 @@
+"""Plot and tabulate the accuracy curves of `ktm train` runs (docs/RECIPES.md).
+
+    python benchmarks/recipe_curves.py RUN_DIR[=LABEL] ... --out docs/recipes/NAME
+
+Reads each run's history.json and run_config.json and writes NAME.png (held-out accuracy
+against training step, with the majority-class rate), NAME.md (a table: accuracy at each
+evaluation, final task loss, wall time) and NAME.json (the numbers). Prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def load_run(spec: str) -> dict:
+    path, _, label = spec.partition("=")
+    run = Path(path)
+    history = json.loads((run / "history.json").read_text())["history"]
+    config = json.loads((run / "run_config.json").read_text())
+    if not history:
+        raise SystemExit(f"{run}: empty history")
+    return {"run": str(run), "label": label or run.name, "history": history,
+            "argv": config.get("argv", []), "recipe": config.get("recipe")}
+
+
+def table(runs: list[dict]) -> str:
+    steps = sorted({r["step"] for run in runs for r in run["history"]})
+    head = ["run", *(f"step {s}" for s in steps), "final task loss", "wall (min)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for run in runs:
+        by_step = {r["step"]: r for r in run["history"]}
+        cells = [f"{100 * by_step[s]['value']:.1f}" if s in by_step else "" for s in steps]
+        last = run["history"][-1]
+        loss = last.get("train_loss")
+        wall = last.get("elapsed_s")
+        lines.append("| " + " | ".join([run["label"], *cells, f"{loss:.3f}" if loss is not None else "",
+                                        f"{wall / 60:.1f}" if wall else ""]) + " |")
+    majority = runs[0]["history"][-1].get("majority_rate")
+    if majority is not None:
+        lines.append(f"\nMajority class: {100 * majority:.1f}%. Accuracy in % on the held-out questions.")
+    return "\n".join(lines)
+
+
+def plot(runs: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for run in runs:
+        h = run["history"]
+        ax.plot([r["step"] for r in h], [100 * r["value"] for r in h], marker="o", label=run["label"])
+    majority = runs[0]["history"][-1].get("majority_rate")
+    if majority is not None:
+        ax.axhline(100 * majority, color="grey", linestyle="--", linewidth=1, label="majority class")
+    ax.set_xlabel("training step (batch 16)")
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", help="run folder (from ktm train --out), optionally =LABEL")
+    ap.add_argument("--out", required=True, help="output path without extension")
+    ap.add_argument("--title", default="Textualized Tree, held-out accuracy")
+    args = ap.parse_args(argv)
+    runs = [load_run(s) for s in args.runs]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    md = table(runs)
+    out.with_suffix(".md").write_text(md + "\n\nCommands:\n\n" + "\n".join(
+        f"- {r['label']}: `ktm {' '.join(r['argv'])}`" for r in runs) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(runs, indent=1))
+    plot(runs, out.with_suffix(".png"), args.title)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

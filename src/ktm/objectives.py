@@ -1,0 +1,190 @@
+"""Auxiliary training objectives that give merged prompts a dense learning signal.
+
+A classification answer carries about one bit per example, which is enough for the
+uncompressed model (it already reads the prompt) but not for teaching the LLM to *read*
+merged embeddings. Two auxiliary losses add a signal at every block:
+
+* **Reconstruction** (``reconstruct``): after the merged prompt, a short plain cue
+  (:data:`RECON_CUE`) and then the prompt's own tokens, teacher-forced: the LLM must
+  recover every token of the prompt, in order, from the merged embeddings. This forces
+  the encoder + LoRA to keep token identity and order rather than a bag of words.
+* **Dense self-distillation** (``distill``): the frozen base model reading the *plain*
+  prompt is the teacher. After merged block ``j`` the student has seen exactly the
+  tokens up to the end of that block, ``(j + 1) K - 1``; there the teacher's next-token
+  distribution is the target (KL(teacher || student)) for the student's output at merged
+  position ``j``. No labels are needed, so this works on any text; at K = 1 with LoRA
+  switched off the student *is* the teacher and the loss is zero.
+
+The position arithmetic is in small pure functions (:func:`distill_positions`,
+:func:`reconstruction_targets`); the losses take a :class:`ktm.model.KTokenMerging`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .blocks import answer_targets, check_k, concat_right_padded, num_blocks, pad_sequences, position_ids
+
+RECON_CUE = "\nRepeat:\n"
+
+
+def distill_positions(lengths: Sequence[int], k: int, include_last: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Student/teacher position pairs for dense distillation.
+
+    For a prompt of ``n`` tokens (``M = ceil(n / K)`` blocks), merged position ``j`` for
+    ``j = 0 .. M - 2`` is paired with plain position ``(j + 1) K - 1``, the last token of
+    block ``j``: both have read the same tokens and predict token ``(j + 1) K``. The last
+    block (paired with position ``n - 1``) is left out unless ``include_last``: what
+    follows it is the answer, which the task loss handles.
+
+    Returns ``(rows, student_cols, teacher_cols)`` long tensors.
+
+    >>> r, s, t = distill_positions([9, 4], 4)
+    >>> r.tolist(), s.tolist(), t.tolist()
+    ([0, 0], [0, 1], [3, 7])
+    >>> distill_positions([3], 1)[2].tolist()
+    [0, 1]
+    >>> distill_positions([9], 4, include_last=True)[2].tolist()
+    [3, 7, 8]
+    """
+    check_k(k)
+    rows, s_cols, t_cols = [], [], []
+    for i, n in enumerate(lengths):
+        m = num_blocks(n, k) - (0 if include_last else 1)
+        rows += [i] * m
+        s_cols += list(range(m))
+        t_cols += [min((j + 1) * k, n) - 1 for j in range(m)]
+    as_long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+    return as_long(rows), as_long(s_cols), as_long(t_cols)
+
+
+def reconstruction_targets(
+    merged_lengths: Sequence[int], cue_length: int, prompt_lengths: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where a ``[merged prompt][cue][prompt tokens][end]`` row predicts its prompt tokens.
+
+    The LLM reads ``m_i`` merged embeddings, then the cue and the prompt (inputs end one
+    token before the end token). Prompt token ``t`` and then the end token are targets;
+    the cue is read but never predicted.
+
+    Returns ``(rows, cols)``: for each of the ``sum(n_i + 1)`` targets, in order.
+
+    >>> r, c = reconstruction_targets([1, 2], 2, [2, 1])
+    >>> r.tolist(), c.tolist()
+    ([0, 0, 0, 1, 1], [2, 3, 4, 3, 4])
+    """
+    plain = [cue_length + n + 1 for n in prompt_lengths]
+    rows, cols, _ = answer_targets(merged_lengths, plain)
+    first = torch.tensor([0, *plain], dtype=torch.long).cumsum(0)[:-1]
+    j = torch.arange(rows.numel()) - first[rows]
+    keep = j >= cue_length
+    return rows[keep], cols[keep]
+
+
+def teacher_hidden(model, prompt_ids: list[list[int]], teacher=None, all_layers: bool = False):
+    """The teacher's hidden states for the plain prompts (right-padded), without gradients.
+
+    ``teacher`` None: the base model itself (``model``'s adapters disabled). Otherwise a
+    K = 1 :class:`~ktm.model.KTokenMerging` (e.g. one trained on the task). Returns the
+    last hidden state (B, T, d), or the tuple of every layer's with ``all_layers``.
+    """
+    dev = model.device
+    plain = [torch.tensor(x, dtype=torch.long, device=dev)[:, None] for x in prompt_ids]
+    ids, mask = pad_sequences(plain, side="right")
+    owner = model if teacher is None else teacher
+    ctx = model.lm.disable_adapter() if teacher is None else contextlib.nullcontext()
+    with torch.no_grad(), ctx:
+        out = owner._decoder(input_ids=ids[..., 0], attention_mask=mask, position_ids=position_ids(mask),
+                             use_cache=False, output_hidden_states=all_layers)
+    return out.hidden_states if all_layers else out.last_hidden_state
+
+
+def distillation_loss(model, prompt_ids: list[list[int]], student_hidden: torch.Tensor,
+                      teacher=None) -> torch.Tensor:
+    """KL(teacher || student) per position, averaged over all block-end positions.
+
+    ``student_hidden``: the decoder's last hidden state for the right-padded batch whose
+    rows start with the merged prompts (as in :meth:`KTokenMerging.forward`). The teacher
+    (see :func:`teacher_hidden`) reads the plain prompts.
+    """
+    rows, s_cols, t_cols = distill_positions([len(x) for x in prompt_ids], model.k)
+    if rows.numel() == 0:  # every prompt fits in one block
+        return student_hidden.new_zeros(())
+    dev = model.device
+    rows, s_cols, t_cols = rows.to(dev), s_cols.to(dev), t_cols.to(dev)
+    hidden = teacher_hidden(model, prompt_ids, teacher)
+    owner = model if teacher is None else teacher
+    ctx = model.lm.disable_adapter() if teacher is None else contextlib.nullcontext()
+    with torch.no_grad(), ctx:
+        target = F.log_softmax(owner._lm_head(hidden[rows, t_cols]).float(), -1)
+    student = F.log_softmax(model._lm_head(student_hidden[rows, s_cols]).float(), -1)
+    return F.kl_div(student, target, log_target=True, reduction="batchmean")
+
+
+def alignment_loss(model, prompt_ids: list[list[int]], student_states: Sequence[torch.Tensor],
+                   teacher=None) -> torch.Tensor:
+    """Mean cosine distance between the student's and the teacher's hidden states, over every
+    layer and every block end, the last block included.
+
+    After merged block ``j`` the student should carry what the teacher carries after the
+    last token of that block (``min((j + 1) K, n) - 1``), layer by layer: with a teacher
+    trained on the task this hands over its intermediate computation, not just its answer.
+    Cosine, not squared error, so a few massive activations do not dominate.
+    """
+    rows, s_cols, t_cols = distill_positions([len(x) for x in prompt_ids], model.k, include_last=True)
+    dev = model.device
+    rows, s_cols, t_cols = rows.to(dev), s_cols.to(dev), t_cols.to(dev)
+    teacher_states = teacher_hidden(model, prompt_ids, teacher, all_layers=True)
+    if len(teacher_states) != len(student_states):
+        raise ValueError(f"teacher has {len(teacher_states) - 1} layers, student {len(student_states) - 1}")
+    terms = [1 - F.cosine_similarity(s[rows, s_cols].float(), t[rows, t_cols].float(), dim=-1).mean()
+             for s, t in zip(student_states[1:], teacher_states[1:])]
+    return torch.stack(terms).mean()
+
+
+def reconstruction_loss(model, prompt_ids: list[list[int]], merged: list[torch.Tensor],
+                        max_rows: int | None = None) -> torch.Tensor:
+    """Cross-entropy of recovering each prompt's tokens (and an end token) after its merged
+    embeddings and :data:`RECON_CUE`; only the first ``max_rows`` prompts when given (a
+    reconstruction row is ~4x the cost of a task row at K = 4)."""
+    if max_rows:
+        prompt_ids, merged = prompt_ids[:max_rows], merged[:max_rows]
+    cue = model.tokenizer(RECON_CUE, add_special_tokens=False)["input_ids"]
+    eos = model.tokenizer.eos_token_id
+    plain = [cue + x + [eos] for x in prompt_ids]
+    flat = torch.tensor([t for x in plain for t in x[:-1]], dtype=torch.long, device=model.device)
+    emb = model._embedding(flat).split([len(x) - 1 for x in plain])
+    embeds, mask = concat_right_padded(merged, emb)
+    hidden = model._decoder(inputs_embeds=embeds, attention_mask=mask,
+                            position_ids=position_ids(mask), use_cache=False).last_hidden_state
+    rows, cols = reconstruction_targets([m.shape[0] for m in merged], len(cue), [len(x) for x in prompt_ids])
+    targets = torch.tensor([t for x in prompt_ids for t in x + [eos]], dtype=torch.long, device=model.device)
+    logits = model._lm_head(hidden[rows.to(model.device), cols.to(model.device)]).float()
+    return F.cross_entropy(logits, targets)
+
+
+def load_teacher(path, student, base=None):
+    """Load a saved K = 1 ktm model as the teacher of ``student`` (frozen, eval mode).
+
+    The teacher must read plain prompts (K = 1) and sit on the same base model (same
+    embedding fingerprint), or positions and vocabularies would not line up. ``base``: as in
+    :meth:`KTokenMerging.from_pretrained` (default: the reference saved with the teacher).
+    """
+    from .model import CheckpointError, KTokenMerging, read_checkpoint_config
+
+    cfg = read_checkpoint_config(Path(path))
+    k = cfg.get("model", {}).get("k")
+    if k != 1:
+        raise CheckpointError(f"{path}: a teacher must read plain prompts (K = 1), this model has K = {k}")
+    if cfg.get("base", {}).get("embedding_fingerprint") != student.base_fingerprint:
+        raise CheckpointError(f"{path}: the teacher was trained on another base model than the student")
+    teacher = KTokenMerging.from_pretrained(path, base=base, device=student.device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher

@@ -1,0 +1,36 @@
+"""benchmarks/recipe_curves.py on fake run folders: table cells, files written."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("recipe_curves", ROOT / "benchmarks" / "recipe_curves.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _fake_run(folder: Path, values, loss):
+    folder.mkdir()
+    hist = [{"step": 50 * (i + 1), "value": v, "majority_rate": 0.648, "train_loss": loss,
+             "elapsed_s": 60.0 * (i + 1)} for i, v in enumerate(values)]
+    (folder / "history.json").write_text(json.dumps({"history": hist}))
+    (folder / "run_config.json").write_text(json.dumps({"argv": ["train", "--k", "4"], "recipe": "fast"}))
+
+
+def test_table_and_files(tmp_path, capsys):
+    mod = _module()
+    _fake_run(tmp_path / "a", [0.648, 0.75], 0.25)
+    _fake_run(tmp_path / "b", [0.5], 0.3)
+    mod.main([f"{tmp_path / 'a'}=K4 distill", str(tmp_path / "b"), "--out", str(tmp_path / "out" / "curves")])
+    md = (tmp_path / "out" / "curves.md").read_text()
+    assert "| K4 distill | 64.8 | 75.0 | 0.250 | 2.0 |" in md
+    assert "| b | 50.0 |  | 0.300 | 1.0 |" in md
+    assert "Majority class: 64.8%" in md and "`ktm train --k 4`" in md
+    assert (tmp_path / "out" / "curves.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "out" / "curves.json").read_text())[0]["label"] == "K4 distill"
+    assert "K4 distill" in capsys.readouterr().out
