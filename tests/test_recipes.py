@@ -49,3 +49,11 @@ def test_config_round_trips_through_json_dicts():
         from_dict(ModelConfig, {"k": 2, "colour": "red"})
     with pytest.raises(ValueError, match="K must be >= 1"):
         ModelConfig(k=0)
+
+
+def test_dense_recipe_turns_on_the_auxiliary_losses_and_fast_stays_plain():
+    m, t = get_recipe("dense").model_config(), get_recipe("dense").train_config()
+    assert m.encoder_norm and t.distill == 0.5 and t.reconstruct == 0.5 and t.reconstruct_rows == 4
+    f = get_recipe("fast").train_config()
+    assert (f.distill, f.reconstruct, f.align, f.teacher) == (0.0, 0.0, 0.0, None)
+    assert not get_recipe("fast").model_config().encoder_norm

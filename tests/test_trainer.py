@@ -119,3 +119,17 @@ def test_curriculum_repeats_a_stage_until_its_threshold_and_resumes(make_model, 
     assert again.resume() and again.extra_state["curriculum"]["stage"] == 2
     train_curriculum(again, [(LastChar(), 1.01), (LastChar(), 0.0)], steps_per_round=2)
     assert again.step == 6  # nothing left to do
+
+
+def test_auxiliary_losses_train_and_are_logged(make_model):
+    teacher = make_model(k=1, seed=1)
+    m = make_model(k=2)
+    before = [p.detach().clone() for p in m.encoder.parameters()]
+    cfg = TrainConfig(steps=3, batch_size=4, lr=1e-3, reconstruct=0.5, reconstruct_rows=2,
+                      distill=0.5, align=1.0, eval_examples=8)
+    hist = Trainer(m, cfg, progress=False, teacher=teacher).fit(LastChar())
+    row = hist[-1]
+    for name in ("train_reconstruct_loss", "train_distill_loss", "train_align_loss"):
+        assert row[name] > 0
+    assert row["train_loss"] > 0 and row["elapsed_s"] >= 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, m.encoder.parameters()))

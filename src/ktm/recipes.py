@@ -44,6 +44,17 @@ RECIPES: dict[str, Recipe] = {
             model=dict(lora_r=8, lora_alpha=16, lora_dropout=0.05, encoder_init="mean"),
             train=dict(lr=1e-3, encoder_lr=1e-3, warmup_steps=20, decay="constant"),
         ),
+        Recipe(
+            "dense",
+            "An experiment, not yet better than 'fast' on the tree task (docs/RECIPES.md): 'fast' "
+            "plus norm-matched merged embeddings and two label-free auxiliary losses with the base "
+            "model as teacher: dense self-distillation at every block end (weight 0.5) and "
+            "reconstruction of the prompt from its merged embeddings on 4 rows per batch (weight "
+            "0.5). About 3-4x the step time of 'fast' on CPU.",
+            model=dict(lora_r=8, lora_alpha=16, lora_dropout=0.05, encoder_init="mean", encoder_norm=True),
+            train=dict(lr=1e-3, encoder_lr=1e-3, warmup_steps=20, decay="constant", distill=0.5,
+                       reconstruct=0.5, reconstruct_rows=4),
+        ),
     ]
 }
 DEFAULT_RECIPE = "fast"
