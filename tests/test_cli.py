@@ -97,3 +97,23 @@ def test_errors_are_reported_not_raised(tmp_path, base_dir, capsys):
         main(["train", "--task", "jsonl", "--out", str(tmp_path / "r"), "--model", base_dir])
     assert main(["train", "--k", "0", "--out", str(tmp_path / "r"), "--model", base_dir]) == 2
     assert "K must be >= 1" in capsys.readouterr().err
+
+
+def test_train_with_a_teacher_and_an_adapter_from_another_k(tmp_path, base_dir, capsys):
+    data = tmp_path / "data"
+    main(["data", "tree", "--num-trees", "40", "--out", str(data)])
+    common = ["--task", "jsonl", "--data", str(data), "--model", base_dir, "--device", "cpu",
+              "--dtype", "float32", "--steps", "2", "--batch-size", "4", "--eval-examples", "4"]
+    assert main(["train", *common, "--k", "1", "--out", str(tmp_path / "k1")]) == 0
+    teacher = str(tmp_path / "k1" / "model")
+    assert main(["train", *common, "--k", "2", "--teacher", teacher, "--init-adapter-from", teacher,
+                 "--align", "1", "--distill", "0.5", "--reconstruct", "0.5", "--recipe", "dense",
+                 "--out", str(tmp_path / "k2")]) == 0
+    row = json.loads((tmp_path / "k2" / "history.json").read_text())["history"][-1]
+    assert row["k"] == 2 and row["train_align_loss"] > 0 and row["train_distill_loss"] > 0
+    cfg = json.loads((tmp_path / "k2" / "run_config.json").read_text())
+    assert cfg["train"]["teacher"] == teacher and cfg["model"]["encoder_norm"] is True
+    capsys.readouterr()
+    assert main(["train", *common, "--k", "2", "--teacher", str(tmp_path / "k2" / "model"), "--align", "1",
+                 "--overwrite", "--out", str(tmp_path / "k2b")]) != 0
+    assert "a teacher must read plain prompts (K = 1)" in capsys.readouterr().err

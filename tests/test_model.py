@@ -187,3 +187,24 @@ def test_from_base_loads_a_local_model_folder(tmp_path, tokenizer):
     m.save_pretrained(tmp_path / "ck")
     again = KTokenMerging.from_pretrained(tmp_path / "ck")  # base found from the saved reference
     assert again.k == 3 and again.base_fingerprint == m.base_fingerprint
+
+
+def test_adapter_only_loading_moves_lora_across_k(make_model, tmp_path):
+    src = make_model(k=1)
+    with torch.no_grad():
+        for name, p in src.lm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    src.save_pretrained(tmp_path / "k1")
+    dst = make_model(k=4, seed=0)
+    enc_before = {k: v.clone() for k, v in dst.encoder.state_dict().items()}
+    with pytest.raises(CheckpointError, match="K = 1"):
+        dst.load_trained(tmp_path / "k1")
+    dst.load_trained(tmp_path / "k1", adapter_only=True)
+    want = {n: p for n, p in src.lm.named_parameters() if "lora_" in n}
+    got = {n: p for n, p in dst.lm.named_parameters() if "lora_" in n}
+    assert want.keys() == got.keys()
+    for n in want:
+        torch.testing.assert_close(got[n], want[n])
+    for k, v in dst.encoder.state_dict().items():
+        torch.testing.assert_close(v, enc_before[k])

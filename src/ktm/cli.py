@@ -90,8 +90,11 @@ def build_model(args, model_cfg: ModelConfig):
         if m.k != model_cfg.k:
             raise SystemExit(f"ktm: --init-from {args.init_from} is for K = {m.k}, not K = {model_cfg.k}")
         return m
-    return KTokenMerging.from_base(args.model, device=args.device, dtype=args.dtype,
-                                   seed=args.seed if args.seed is not None else 0, **vars(model_cfg))
+    m = KTokenMerging.from_base(args.model, device=args.device, dtype=args.dtype,
+                                seed=args.seed if args.seed is not None else 0, **vars(model_cfg))
+    if getattr(args, "init_adapter_from", None):
+        m.load_trained(args.init_adapter_from, adapter_only=True)
+    return m
 
 
 def cmd_train(args) -> int:
@@ -204,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     tr.add_argument("--overwrite", action="store_true", help="discard a checkpoint already in OUT")
     tr.add_argument("--init-from", help="start from a saved ktm model folder")
+    tr.add_argument("--init-adapter-from",
+                    help="start the LoRA adapter from a saved ktm model of any K (e.g. a K = 1 model "
+                         "trained on the task); the encoder starts fresh")
     tr.add_argument("--threshold", type=float, default=0.85, help="curriculum: pass mark of each stage")
     tr.add_argument("--final-threshold", type=float, default=0.95, help="curriculum: pass mark of the last stage")
     tr.add_argument("--max-rounds", type=int, default=3, help="curriculum: most rounds per stage")

@@ -387,18 +387,21 @@ class KTokenMerging(nn.Module):
         model.load_trained(path)
         return model
 
-    def load_trained(self, path: str | os.PathLike) -> None:
+    def load_trained(self, path: str | os.PathLike, adapter_only: bool = False) -> None:
         """Load the encoder and LoRA weights of a saved folder into this model.
 
         The folder must be for the same K, encoder shape and base model (checked against
-        the embedding fingerprint); raises :class:`CheckpointError` otherwise.
+        the embedding fingerprint); raises :class:`CheckpointError` otherwise. With
+        ``adapter_only`` only the LoRA weights are loaded, from a model of any K (e.g. a
+        K = 1 model trained on the task, to start a K = 4 model from), and the encoder is
+        left as it is.
         """
         from peft import set_peft_model_state_dict
 
         path = Path(path)
         meta = read_checkpoint_config(path)
         saved = from_dict(ModelConfig, meta["model"])
-        if saved.k != self.k:
+        if saved.k != self.k and not adapter_only:
             raise CheckpointError(f"{path} was trained for K = {saved.k}, this model has K = {self.k}")
         if meta["base"]["embedding_fingerprint"] != self.base_fingerprint:
             raise CheckpointError(
@@ -411,15 +414,16 @@ class KTokenMerging(nn.Module):
                 f"{path} has LoRA rank {saved.lora_r} on {list(saved.lora_targets)}, this model "
                 f"rank {self.config.lora_r} on {list(self.config.lora_targets)}"
             )
-        enc_state = _load_safetensors(path / ENCODER_NAME)
-        want = {k: tuple(v.shape) for k, v in self.encoder.state_dict().items()}
-        got = {k: tuple(v.shape) for k, v in enc_state.items()}
-        if want != got:
-            raise CheckpointError(
-                f"{path / ENCODER_NAME} does not fit an encoder for K = {self.k}, "
-                f"d = {self.encoder.dim}: expected {want}, found {got}"
-            )
-        self.encoder.load_state_dict(enc_state)
+        if not adapter_only:
+            enc_state = _load_safetensors(path / ENCODER_NAME)
+            want = {k: tuple(v.shape) for k, v in self.encoder.state_dict().items()}
+            got = {k: tuple(v.shape) for k, v in enc_state.items()}
+            if want != got:
+                raise CheckpointError(
+                    f"{path / ENCODER_NAME} does not fit an encoder for K = {self.k}, "
+                    f"d = {self.encoder.dim}: expected {want}, found {got}"
+                )
+            self.encoder.load_state_dict(enc_state)
         adapter = _load_safetensors(path / ADAPTER_DIR / "adapter_model.safetensors")
         result = set_peft_model_state_dict(self.lm, adapter)
         if getattr(result, "unexpected_keys", None):
