@@ -13,6 +13,7 @@ from ktm.objectives import (
     distillation_loss,
     reconstruction_loss,
     reconstruction_targets,
+    teacher_hidden,
 )
 
 PROMPTS = ["abcdefghij", "xyz", "hello world!"]
@@ -77,7 +78,7 @@ def test_distillation_equals_a_hand_computed_kl(make_model):
 
     hidden = m._decoder(inputs_embeds=pad_sequences(merged, side="right")[0],
                         attention_mask=pad_sequences(merged, side="right")[1]).last_hidden_state
-    got = distillation_loss(m, ids, hidden)
+    got = distillation_loss(m, ids, hidden, teacher_hidden(m, ids))
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
@@ -171,3 +172,10 @@ def test_load_teacher_checks_k_and_base(make_model, tokenizer, tmp_path):
     assert teacher.k == 1 and not any(p.requires_grad for p in teacher.parameters())
     out = make_model(k=1)(PROMPTS, ANSWERS, distill=1.0, teacher=teacher)
     assert out.parts["distill"].abs().item() < 1e-5
+
+
+def test_distillation_is_the_same_with_or_without_alignment(make_model):
+    m = make_model(k=3)
+    alone = m(PROMPTS, ANSWERS, distill=1.0).parts["distill"]
+    both = m(PROMPTS, ANSWERS, distill=1.0, align=1.0).parts["distill"]
+    torch.testing.assert_close(both, alone)

@@ -252,12 +252,15 @@ class KTokenMerging(nn.Module):
         logits = self._lm_head(hidden[rows, cols]).float()
         loss = F.cross_entropy(logits, a_flat)
         parts = {"task": loss.detach()}
+        if distill or align:  # one teacher pass serves both
+            t_states = objectives.teacher_hidden(self, p_ids, teacher, all_layers=bool(align))
+            t_last = t_states[-1] if align else t_states
         if distill:
-            term = objectives.distillation_loss(self, p_ids, hidden, teacher)
+            term = objectives.distillation_loss(self, p_ids, hidden, t_last, teacher)
             parts["distill"] = term.detach()
             loss = loss + distill * term
         if align:
-            term = objectives.alignment_loss(self, p_ids, dec.hidden_states, teacher)
+            term = objectives.alignment_loss(self, p_ids, dec.hidden_states, t_states)
             parts["align"] = term.detach()
             loss = loss + align * term
         if reconstruct:

@@ -2,7 +2,7 @@
 
 A classification answer carries about one bit per example, which is enough for the
 uncompressed model (it already reads the prompt) but not for teaching the LLM to *read*
-merged embeddings. Two auxiliary losses add a signal at every block:
+merged embeddings. Three auxiliary losses add a signal at every block:
 
 * **Reconstruction** (``reconstruct``): after the merged prompt, a short plain cue
   (:data:`RECON_CUE`) and then the prompt's own tokens, teacher-forced: the LLM must
@@ -14,6 +14,10 @@ merged embeddings. Two auxiliary losses add a signal at every block:
   distribution is the target (KL(teacher || student)) for the student's output at merged
   position ``j``. No labels are needed, so this works on any text; at K = 1 with LoRA
   switched off the student *is* the teacher and the loss is zero.
+* **Hidden-state alignment** (``align``): at the same pairs of positions, the student's
+  hidden states at every layer move towards the teacher's (cosine distance). Distillation
+  and alignment can use a K = 1 model trained on the task as the teacher
+  (:func:`load_teacher`).
 
 The position arithmetic is in small pure functions (:func:`distill_positions`,
 :func:`reconstruction_targets`); the losses take a :class:`ktm.model.KTokenMerging`.
@@ -106,41 +110,41 @@ def teacher_hidden(model, prompt_ids: list[list[int]], teacher=None, all_layers:
 
 
 def distillation_loss(model, prompt_ids: list[list[int]], student_hidden: torch.Tensor,
-                      teacher=None) -> torch.Tensor:
+                      teacher_last: torch.Tensor, teacher=None) -> torch.Tensor:
     """KL(teacher || student) per position, averaged over all block-end positions.
 
     ``student_hidden``: the decoder's last hidden state for the right-padded batch whose
-    rows start with the merged prompts (as in :meth:`KTokenMerging.forward`). The teacher
-    (see :func:`teacher_hidden`) reads the plain prompts.
+    rows start with the merged prompts (as in :meth:`KTokenMerging.forward`);
+    ``teacher_last``: the teacher's last hidden state for the plain prompts
+    (:func:`teacher_hidden`), whose output layer gives the targets.
     """
     rows, s_cols, t_cols = distill_positions([len(x) for x in prompt_ids], model.k)
     if rows.numel() == 0:  # every prompt fits in one block
         return student_hidden.new_zeros(())
     dev = model.device
     rows, s_cols, t_cols = rows.to(dev), s_cols.to(dev), t_cols.to(dev)
-    hidden = teacher_hidden(model, prompt_ids, teacher)
     owner = model if teacher is None else teacher
     ctx = model.lm.disable_adapter() if teacher is None else contextlib.nullcontext()
     with torch.no_grad(), ctx:
-        target = F.log_softmax(owner._lm_head(hidden[rows, t_cols]).float(), -1)
+        target = F.log_softmax(owner._lm_head(teacher_last[rows, t_cols]).float(), -1)
     student = F.log_softmax(model._lm_head(student_hidden[rows, s_cols]).float(), -1)
     return F.kl_div(student, target, log_target=True, reduction="batchmean")
 
 
 def alignment_loss(model, prompt_ids: list[list[int]], student_states: Sequence[torch.Tensor],
-                   teacher=None) -> torch.Tensor:
+                   teacher_states: Sequence[torch.Tensor]) -> torch.Tensor:
     """Mean cosine distance between the student's and the teacher's hidden states, over every
     layer and every block end, the last block included.
 
     After merged block ``j`` the student should carry what the teacher carries after the
     last token of that block (``min((j + 1) K, n) - 1``), layer by layer: with a teacher
     trained on the task this hands over its intermediate computation, not just its answer.
-    Cosine, not squared error, so a few massive activations do not dominate.
+    Cosine, not squared error, so a few massive activations do not dominate. Both state
+    tuples are as returned with ``output_hidden_states`` (embeddings first).
     """
     rows, s_cols, t_cols = distill_positions([len(x) for x in prompt_ids], model.k, include_last=True)
     dev = model.device
     rows, s_cols, t_cols = rows.to(dev), s_cols.to(dev), t_cols.to(dev)
-    teacher_states = teacher_hidden(model, prompt_ids, teacher, all_layers=True)
     if len(teacher_states) != len(student_states):
         raise ValueError(f"teacher has {len(teacher_states) - 1} layers, student {len(student_states) - 1}")
     terms = [1 - F.cosine_similarity(s[rows, s_cols].float(), t[rows, t_cols].float(), dim=-1).mean()
