@@ -26,8 +26,8 @@ The position arithmetic is in small pure functions (:func:`distill_positions`,
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +91,14 @@ def reconstruction_targets(
     return rows[keep], cols[keep]
 
 
+def _as_teacher(model, teacher):
+    """``(module, context)``: the teacher to run and the context to run it in (the base
+    model is ``model`` itself with its adapters disabled)."""
+    if teacher is None:
+        return model, model.lm.disable_adapter()
+    return teacher, contextlib.nullcontext()
+
+
 def teacher_hidden(model, prompt_ids: list[list[int]], teacher=None, all_layers: bool = False):
     """The teacher's hidden states for the plain prompts (right-padded), without gradients.
 
@@ -101,8 +109,7 @@ def teacher_hidden(model, prompt_ids: list[list[int]], teacher=None, all_layers:
     dev = model.device
     plain = [torch.tensor(x, dtype=torch.long, device=dev)[:, None] for x in prompt_ids]
     ids, mask = pad_sequences(plain, side="right")
-    owner = model if teacher is None else teacher
-    ctx = model.lm.disable_adapter() if teacher is None else contextlib.nullcontext()
+    owner, ctx = _as_teacher(model, teacher)
     with torch.no_grad(), ctx:
         out = owner._decoder(input_ids=ids[..., 0], attention_mask=mask, position_ids=position_ids(mask),
                              use_cache=False, output_hidden_states=all_layers)
@@ -123,8 +130,7 @@ def distillation_loss(model, prompt_ids: list[list[int]], student_hidden: torch.
         return student_hidden.new_zeros(())
     dev = model.device
     rows, s_cols, t_cols = rows.to(dev), s_cols.to(dev), t_cols.to(dev)
-    owner = model if teacher is None else teacher
-    ctx = model.lm.disable_adapter() if teacher is None else contextlib.nullcontext()
+    owner, ctx = _as_teacher(model, teacher)
     with torch.no_grad(), ctx:
         target = F.log_softmax(owner._lm_head(teacher_last[rows, t_cols]).float(), -1)
     student = F.log_softmax(model._lm_head(student_hidden[rows, s_cols]).float(), -1)
