@@ -99,3 +99,12 @@ def test_answer_targets_point_at_the_previous_position(m, data):
             # answer token j sits at column m_i + j, so the column before predicts it
             assert (rows[k].item(), cols[k].item(), t[k].item()) == (i, mi + j - 1, k)
             k += 1
+
+
+def test_fill_blocks_with_an_empty_block_is_finite():
+    blocks = torch.tensor([[[1.0], [float("nan")]], [[float("nan")], [float("inf")]]], requires_grad=True)
+    valid = torch.tensor([[True, False], [False, False]])
+    out = fill_blocks(blocks, valid)
+    assert out.tolist() == [[[1.0], [1.0]], [[0.0], [0.0]]]
+    out.sum().backward()
+    assert torch.isfinite(blocks.grad).all()

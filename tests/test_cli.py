@@ -117,3 +117,19 @@ def test_train_with_a_teacher_and_an_adapter_from_another_k(tmp_path, base_dir, 
     assert main(["train", *common, "--k", "2", "--teacher", str(tmp_path / "k2" / "model"), "--align", "1",
                  "--overwrite", "--out", str(tmp_path / "k2b")]) != 0
     assert "a teacher must read plain prompts (K = 1)" in capsys.readouterr().err
+
+
+def test_train_hierarchical_k4_grown_from_k2(tmp_path, base_dir, capsys):
+    data = tmp_path / "data"
+    main(["data", "tree", "--num-trees", "40", "--out", str(data)])
+    common = ["--task", "jsonl", "--data", str(data), "--model", base_dir, "--device", "cpu",
+              "--dtype", "float32", "--steps", "2", "--batch-size", "4", "--eval-examples", "4"]
+    assert main(["train", *common, "--k", "2", "--out", str(tmp_path / "k2")]) == 0
+    assert main(["train", *common, "--k", "4", "--encoder-stages", "2", "2", "--grow-from",
+                 str(tmp_path / "k2" / "model"), "--out", str(tmp_path / "k4")]) == 0
+    cfg = json.loads((tmp_path / "k4" / "model" / "ktm_config.json").read_text())
+    assert cfg["model"]["k"] == 4 and cfg["model"]["encoder_stages"] == [2, 2]
+    capsys.readouterr()
+    assert main(["train", *common, "--k", "4", "--grow-from", str(tmp_path / "k2" / "model"),
+                 "--out", str(tmp_path / "k4b")]) != 0
+    assert "must start with them" in capsys.readouterr().err

@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ktm import MergeEncoder
-from ktm.encoder import default_hidden
+from ktm.encoder import StackedEncoder, build_encoder, default_hidden, encoder_stages
 
 
 @settings(max_examples=30, deadline=None)
@@ -42,3 +42,60 @@ def test_bad_arguments():
         MergeEncoder(2, 8, init="zeros")
     with pytest.raises(ValueError, match="expected blocks"):
         MergeEncoder(2, 8)(torch.zeros(3, 3, 8))
+
+
+@settings(max_examples=30, deadline=None)
+@given(stages=st.lists(st.integers(1, 4), min_size=2, max_size=3), d=st.integers(1, 12),
+       seed=st.integers(0, 99))
+def test_stacked_mean_init_equals_block_mean(stages, d, seed):
+    torch.manual_seed(seed)
+    enc = StackedEncoder(stages, d)
+    k = enc.k
+    x = torch.randn(5, k, d)
+    torch.testing.assert_close(enc(x), x.mean(-2), rtol=0, atol=1e-5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(n_real=st.integers(1, 8), seed=st.integers(0, 99))
+def test_stacked_stages_refill_partial_blocks(n_real, seed):
+    """Each stage sees a partial block as a single-stage encoder of its size would."""
+    from ktm.blocks import fill_blocks
+
+    torch.manual_seed(seed)
+    x = torch.randn(1, 8, 6)
+    valid = (torch.arange(8) < n_real)[None]
+    enc = StackedEncoder((2, 4), 6, init="paper")
+    filled = fill_blocks(x, valid)
+    x[0, n_real:] = float("nan")  # what empty slots held before filling must not matter
+    pairs = [enc.stages[0](fill_blocks(x[:, i:i + 2], valid[:, i:i + 2])) for i in range(0, n_real, 2)]
+    pairs = torch.stack(pairs, 1)
+    by_hand = enc.stages[1](fill_blocks(torch.cat([pairs, pairs.new_zeros(1, 4 - pairs.shape[1], 6)], 1),
+                                        (torch.arange(4) < pairs.shape[1])[None]))
+    got = enc(filled, valid)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, by_hand, rtol=0, atol=1e-5)
+    if n_real == 8:
+        torch.testing.assert_close(enc(filled), got, rtol=0, atol=1e-6)
+
+
+def test_stacked_stages_merge_adjacent_runs_first():
+    torch.manual_seed(0)
+    enc = StackedEncoder((2, 3), 4, init="paper")
+    x = torch.randn(7, 6, 4)
+    by_hand = enc.stages[1](torch.stack([enc.stages[0](x[:, i:i + 2]) for i in (0, 2, 4)], dim=1))
+    torch.testing.assert_close(enc(x), by_hand)
+    assert enc.hidden == [default_hidden(2, 4), default_hidden(3, 4)]
+
+
+def test_build_encoder_and_stage_errors():
+    assert isinstance(build_encoder(4, 8), MergeEncoder)
+    assert isinstance(build_encoder(4, 8, stages=(4,)), MergeEncoder)
+    assert isinstance(build_encoder(4, 8, stages=(2, 2)), StackedEncoder)
+    assert encoder_stages(build_encoder(6, 8, stages=(3, 2))) == (3, 2)
+    assert encoder_stages(build_encoder(6, 8)) == (6,)
+    with pytest.raises(ValueError, match="multiply to 6, not K = 4"):
+        build_encoder(4, 8, stages=(2, 3))
+    with pytest.raises(ValueError, match="do not multiply"):
+        build_encoder(4, 8, stages=(2,))
+    with pytest.raises(ValueError, match="expected blocks"):
+        StackedEncoder((2, 2), 8)(torch.zeros(3, 2, 8))

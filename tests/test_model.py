@@ -208,3 +208,39 @@ def test_adapter_only_loading_moves_lora_across_k(make_model, tmp_path):
         torch.testing.assert_close(got[n], want[n])
     for k, v in dst.encoder.state_dict().items():
         torch.testing.assert_close(v, enc_before[k])
+
+
+def test_hierarchical_model_grows_from_a_smaller_k(make_model, tmp_path):
+    src = perturb(make_model(k=2))
+    src.save_pretrained(tmp_path / "k2")
+    dst = make_model(k=4, encoder_stages=(2, 2))
+    # at initialisation the stacked encoder is the exact 4-block mean on full blocks
+    stacked = dst.merge_ids(dst.tokenize(PROMPTS))
+    single = make_model(k=4).merge_ids(dst.tokenize(PROMPTS))
+    for p, a, b in zip(PROMPTS, stacked, single):
+        full = len(p) // 4
+        torch.testing.assert_close(a[:full], b[:full], rtol=0, atol=1e-5)
+    dst.grow_from(tmp_path / "k2")
+    with torch.no_grad():
+        # first stage = the K = 2 encoder, second = mean of pairs of its outputs
+        ids = dst.tokenize(["hello world"])
+        pairs = src.merge_ids(ids)[0]
+        got = dst.merge_ids(ids)[0]
+        want = torch.stack([blk.mean(0) for blk in pairs.split(2)])
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    for (n, p), (n2, q) in zip(src.lm.named_parameters(), dst.lm.named_parameters()):
+        if "lora_" in n:
+            assert n == n2 and torch.equal(p, q)
+    # the stages travel with the checkpoint
+    dst.save_pretrained(tmp_path / "k4")
+    meta = json.loads((tmp_path / "k4" / "ktm_config.json").read_text())
+    assert meta["model"]["encoder_stages"] == [2, 2] and meta["encoder"]["stages"] == [2, 2]
+    dst.load_trained(tmp_path / "k4")
+    with pytest.raises(CheckpointError, match="must start with them"):
+        make_model(k=4).grow_from(tmp_path / "k2")
+    with pytest.raises(CheckpointError, match="must start with them"):
+        make_model(k=6, encoder_stages=(3, 2)).grow_from(tmp_path / "k2")
+    with pytest.raises(CheckpointError, match="encoder_norm"):
+        make_model(k=4, encoder_stages=(2, 2), encoder_norm=True).grow_from(tmp_path / "k2")
+    with pytest.raises(ValueError, match="multiply to 6, not K = 4"):
+        make_model(k=4, encoder_stages=(2, 3))

@@ -357,15 +357,15 @@ def tree_examples(count: int, stage: str = "small", seed: int = 0) -> tuple[list
 def with_k(model, k: int):
     """A KTokenMerging for block size ``k`` that shares ``model``'s LLM, LoRA and tokenizer
     and gets a fresh encoder (same init and width rule, same device and dtype)."""
-    from .encoder import MergeEncoder
+    from .encoder import build_encoder
     from .model import KTokenMerging
 
     if k == model.k:
         return model
-    config = dataclasses.replace(model.config, k=k)
-    enc_dtype = model.encoder.mlp[0].weight.dtype
-    encoder = MergeEncoder(k, model.encoder.dim, config.encoder_hidden, config.encoder_init,
-                           config.encoder_norm)
+    config = dataclasses.replace(model.config, k=k, encoder_stages=None)
+    enc_dtype = next(model.encoder.parameters()).dtype
+    encoder = build_encoder(k, model.encoder.dim, config.encoder_hidden, config.encoder_init,
+                            config.encoder_norm)
     encoder.to(device=model.device, dtype=enc_dtype)
     m = KTokenMerging(model.lm, model.tokenizer, encoder, config, model.base_reference, model.base_fingerprint)
     return m.train(model.training)

@@ -81,13 +81,15 @@ def fill_blocks(blocks: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
     Args:
         blocks: (NB, K, d) embeddings; values in empty slots are ignored.
-        valid: (NB, K) bool; every block has at least one valid slot.
+        valid: (NB, K) bool.
 
-    Returns: (NB, K, d) with empty slots replaced.
+    Returns: (NB, K, d) with empty slots replaced; a block without any valid slot becomes
+    zeros (whatever its slots held, NaN included, and with zero gradient).
     """
-    w = valid.to(blocks.dtype).unsqueeze(-1)
-    mean = (blocks * w).sum(1, keepdim=True) / w.sum(1, keepdim=True)
-    return torch.where(valid.unsqueeze(-1), blocks, mean)
+    v = valid.unsqueeze(-1)
+    real = torch.where(v, blocks, torch.zeros_like(blocks))
+    count = v.to(blocks.dtype).sum(1, keepdim=True).clamp_min(1)
+    return torch.where(v, blocks, real.sum(1, keepdim=True) / count)
 
 
 def pad_sequences(

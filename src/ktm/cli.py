@@ -94,6 +94,8 @@ def build_model(args, model_cfg: ModelConfig):
                                 seed=args.seed if args.seed is not None else 0, **vars(model_cfg))
     if getattr(args, "init_adapter_from", None):
         m.load_trained(args.init_adapter_from, adapter_only=True)
+    if getattr(args, "grow_from", None):
+        m.grow_from(args.grow_from)
     return m
 
 
@@ -210,6 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--init-adapter-from",
                     help="start the LoRA adapter from a saved ktm model of any K (e.g. a K = 1 model "
                          "trained on the task); the encoder starts fresh")
+    tr.add_argument("--grow-from",
+                    help="hierarchical merging: start from a saved ktm model of a smaller K; its LoRA "
+                         "and encoder become this model's first stages (e.g. a K = 2 model with "
+                         "--k 4 --encoder-stages 2 2)")
     tr.add_argument("--threshold", type=float, default=0.85, help="curriculum: pass mark of each stage")
     tr.add_argument("--final-threshold", type=float, default=0.95, help="curriculum: pass mark of the last stage")
     tr.add_argument("--max-rounds", type=int, default=3, help="curriculum: most rounds per stage")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -36,6 +37,9 @@ class ModelConfig:
     encoder_norm: bool = _help(
         "rescale each merged embedding to the mean norm of its block's token embeddings",
         default=False)
+    encoder_stages: tuple[int, ...] | None = _help(
+        "hierarchical merging: block sizes of successive encoder stages, multiplying to K "
+        "(e.g. 2 2 for K = 4; default: one stage of K)", default=None)
     lora_r: int = _help("LoRA rank", default=4)
     lora_alpha: float = _help("LoRA alpha", default=16.0)
     lora_dropout: float = _help("LoRA dropout", default=0.05)
@@ -50,6 +54,14 @@ class ModelConfig:
         check_k(self.k)
         if self.encoder_init not in INITS:
             raise ValueError(f"encoder_init must be one of {INITS}, got {self.encoder_init!r}")
+        if self.encoder_stages is not None:
+            self.encoder_stages = tuple(int(s) for s in self.encoder_stages)
+            if not self.encoder_stages or any(s < 1 for s in self.encoder_stages):
+                raise ValueError(f"encoder_stages must be block sizes >= 1, got {self.encoder_stages}")
+            if math.prod(self.encoder_stages) != self.k:
+                raise ValueError(
+                    f"encoder_stages {self.encoder_stages} multiply to {math.prod(self.encoder_stages)}, "
+                    f"not K = {self.k}")
         if self.encoder_hidden is not None and self.encoder_hidden < 1:
             raise ValueError(f"encoder_hidden must be >= 1, got {self.encoder_hidden}")
         if self.lora_r < 1:

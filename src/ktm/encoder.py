@@ -18,14 +18,28 @@ scale it was trained on.
 
 Hidden width default (the paper's): ``h = int(a * K) * d`` with a = 2.0 for K <= 3 and
 a = 1.5 for K >= 4.
+
+**Hierarchical merging** (:class:`StackedEncoder`, ``ModelConfig.encoder_stages``): K is
+factored into stages, e.g. K = 4 as (2, 2). The first stage merges adjacent token pairs,
+the second merges adjacent pairs of those outputs. Mean-initialised stages compose to the
+exact K-block mean (also for a partial last block, thanks to the fill rule in
+:mod:`ktm.blocks`), and a trained K = 2 encoder can become the first stage of a K = 4 one
+(``KTokenMerging.grow_from``): the paper's "recursive or hierarchical encoding".
+The fill rule is applied again at each stage, so a stage sees a partial last block exactly
+as a model of that stage's size would: a trained K = 2 encoder as first stage turns the
+tokens of a K = 4 block into the same pair embeddings as in the K = 2 model. (For a
+partial block this makes the mean-initialised stack a weighted mean of its tokens, e.g.
+a/4 + b/4 + c/2 for three tokens in stages (2, 2).)
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
-from .blocks import check_k
+from .blocks import check_k, fill_blocks
 
 INITS = ("mean", "paper", "random")
 
@@ -45,7 +59,9 @@ class MergeEncoder(nn.Module):
         hidden: MLP hidden width h (default: :func:`default_hidden`).
         init: ``"mean"``, ``"paper"`` or ``"random"`` (see the module docstring).
 
-    Shapes: ``forward(blocks)`` takes (..., K, d) and returns (..., d).
+    Shapes: ``forward(blocks)`` takes (..., K, d) and returns (..., d). Partial blocks
+    must already be filled (:func:`ktm.blocks.fill_blocks`); ``valid`` is accepted for the
+    same interface as :class:`StackedEncoder` and not needed.
 
     >>> enc = MergeEncoder(k=4, dim=8)
     >>> x = torch.randn(3, 4, 8)
@@ -77,7 +93,7 @@ class MergeEncoder(nn.Module):
             nn.init.zeros_(self.mlp[-1].weight)
             nn.init.zeros_(self.mlp[-1].bias)
 
-    def forward(self, blocks: torch.Tensor) -> torch.Tensor:
+    def forward(self, blocks: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         if blocks.shape[-2:] != (self.k, self.dim):
             raise ValueError(
                 f"expected blocks of shape (..., {self.k}, {self.dim}), got {tuple(blocks.shape)}"
@@ -92,3 +108,70 @@ class MergeEncoder(nn.Module):
 
     def extra_repr(self) -> str:
         return f"k={self.k}, dim={self.dim}, hidden={self.hidden}, init={self.init!r}, norm={self.norm}"
+
+
+class StackedEncoder(nn.Module):
+    """Hierarchical merge: K = k_1 * k_2 * ... tokens in stages of :class:`MergeEncoder`.
+
+    Stage 1 merges each run of ``k_1`` adjacent token embeddings, stage 2 each run of
+    ``k_2`` adjacent stage-1 outputs, and so on. Same interface as :class:`MergeEncoder`
+    (``k``, ``dim``, ``forward`` on (..., K, d)); ``hidden`` (if given) is every stage's
+    MLP width, else each stage uses the paper's default for its own k. ``valid`` (..., K)
+    marks the real tokens of partial blocks; each stage then fills its own empty slots.
+
+    >>> enc = StackedEncoder((2, 2), dim=8)
+    >>> x = torch.randn(3, 4, 8)
+    >>> torch.allclose(enc(x), x.mean(-2), atol=1e-6)
+    True
+    """
+
+    def __init__(self, stages, dim: int, hidden: int | None = None, init: str = "mean",
+                 norm: bool = False):
+        super().__init__()
+        stages = tuple(stages)
+        if len(stages) < 1:
+            raise ValueError("a stacked encoder needs at least one stage")
+        for s in stages:
+            check_k(s)
+        self.stages_k = stages
+        self.k, self.dim, self.init, self.norm = math.prod(stages), dim, init, bool(norm)
+        self.stages = nn.ModuleList(MergeEncoder(s, dim, hidden, init, norm) for s in stages)
+        self.hidden = [st.hidden for st in self.stages]
+
+    def forward(self, blocks: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        if blocks.shape[-2:] != (self.k, self.dim):
+            raise ValueError(
+                f"expected blocks of shape (..., {self.k}, {self.dim}), got {tuple(blocks.shape)}"
+            )
+        x, v = blocks, valid
+        for stage in self.stages:
+            x = x.unflatten(-2, (-1, stage.k))  # (..., runs, k, d)
+            if v is not None:
+                v = v.unflatten(-1, (-1, stage.k))
+                x = fill_blocks(x.reshape(-1, stage.k, self.dim), v.reshape(-1, stage.k)).view_as(x)
+                v = v.any(-1)
+            x = stage(x)
+        return x.squeeze(-2)
+
+    def extra_repr(self) -> str:
+        return f"stages={self.stages_k}, dim={self.dim}, init={self.init!r}, norm={self.norm}"
+
+
+def build_encoder(k: int, dim: int, hidden: int | None = None, init: str = "mean",
+                  norm: bool = False, stages=None) -> nn.Module:
+    """The encoder a :class:`ktm.config.ModelConfig` describes: one :class:`MergeEncoder`,
+    or a :class:`StackedEncoder` when ``stages`` (whose product must be ``k``) has more
+    than one entry."""
+    check_k(k)
+    if stages is None or len(stages) == 1:
+        if stages is not None and tuple(stages) != (k,):
+            raise ValueError(f"encoder stages {tuple(stages)} do not multiply to K = {k}")
+        return MergeEncoder(k, dim, hidden, init, norm)
+    if math.prod(stages) != k:
+        raise ValueError(f"encoder stages {tuple(stages)} multiply to {math.prod(stages)}, not K = {k}")
+    return StackedEncoder(stages, dim, hidden, init, norm)
+
+
+def encoder_stages(encoder: nn.Module) -> tuple[int, ...]:
+    """The stage sizes of an encoder: ``(K,)`` for a single :class:`MergeEncoder`."""
+    return tuple(encoder.stages_k) if isinstance(encoder, StackedEncoder) else (encoder.k,)

@@ -39,7 +39,7 @@ from .blocks import (
     position_ids,
 )
 from .config import ModelConfig, from_dict, save_json, to_dict
-from .encoder import MergeEncoder
+from .encoder import build_encoder, encoder_stages
 from .loading import embedding_fingerprint, load_base
 
 CONFIG_NAME = "ktm_config.json"
@@ -73,7 +73,7 @@ class KTokenMerging(nn.Module):
     LoRA adapters and the encoder; the base weights and embedding table stay frozen.
     """
 
-    def __init__(self, lm, tokenizer, encoder: MergeEncoder, config: ModelConfig,
+    def __init__(self, lm, tokenizer, encoder: nn.Module, config: ModelConfig,
                  base_reference: str, base_fingerprint: str):
         super().__init__()
         self.lm = lm  # peft PeftModel around the base causal LM
@@ -133,8 +133,8 @@ class KTokenMerging(nn.Module):
                           bias="none", task_type="CAUSAL_LM")
         lm = get_peft_model(base, lora)
         dim = base.get_input_embeddings().weight.shape[1]
-        encoder = MergeEncoder(config.k, dim, config.encoder_hidden, config.encoder_init,
-                           config.encoder_norm)
+        encoder = build_encoder(config.k, dim, config.encoder_hidden, config.encoder_init,
+                                config.encoder_norm, config.encoder_stages)
         encoder.to(base.get_input_embeddings().weight.device)
         return cls(lm, tokenizer, encoder, config, ref, fingerprint)
 
@@ -187,9 +187,10 @@ class KTokenMerging(nn.Module):
         index, valid, per = block_slots(lengths, self.k)
         flat = torch.tensor([t for x in ids for t in x], dtype=torch.long, device=self.device)
         emb = self._embedding(flat)
-        blocks = fill_blocks(emb[index.to(self.device)], valid.to(self.device))
-        enc_dtype = self.encoder.mlp[0].weight.dtype
-        merged = self.encoder(blocks.to(enc_dtype)).to(emb.dtype)
+        valid = valid.to(self.device)
+        blocks = fill_blocks(emb[index.to(self.device)], valid)
+        enc_dtype = next(self.encoder.parameters()).dtype
+        merged = self.encoder(blocks.to(enc_dtype), valid).to(emb.dtype)
         return list(merged.split(per))
 
     def merge_prompts(self, prompts: list[str], side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
@@ -350,7 +351,8 @@ class KTokenMerging(nn.Module):
             "ktm_version": __version__,
             "model": to_dict(self.config),
             "encoder": {"k": self.encoder.k, "dim": self.encoder.dim,
-                        "hidden": self.encoder.hidden, "init": self.encoder.init},
+                        "hidden": self.encoder.hidden, "init": self.encoder.init,
+                        "stages": list(encoder_stages(self.encoder))},
             "base": {"reference": self.base_reference, "embedding_fingerprint": self.base_fingerprint,
                      "model_type": getattr(self.lm.get_base_model().config, "model_type", None)},
         }
@@ -431,6 +433,43 @@ class KTokenMerging(nn.Module):
         result = set_peft_model_state_dict(self.lm, adapter)
         if getattr(result, "unexpected_keys", None):
             raise CheckpointError(f"adapter weights do not fit this base model: {result.unexpected_keys[:3]}")
+
+    def grow_from(self, path: str | os.PathLike) -> None:
+        """Start from a trained model of a smaller block size (hierarchical merging).
+
+        The saved model's LoRA weights are loaded, and its encoder becomes this model's
+        first encoder stage(s); the remaining stages keep their initialisation (with
+        ``encoder_init="mean"`` they average the saved encoder's outputs). For example a
+        K = 2 model grows into K = 4 with ``encoder_stages=(2, 2)``. Raises
+        :class:`CheckpointError` when the saved stages are not a proper prefix of this
+        model's, or the encoders differ in norm matching or residual.
+        """
+        path = Path(path)
+        meta = read_checkpoint_config(path)
+        saved = from_dict(ModelConfig, meta["model"])
+        src = tuple(saved.encoder_stages or (saved.k,))
+        mine = encoder_stages(self.encoder)
+        if len(src) >= len(mine) or mine[:len(src)] != src:
+            raise CheckpointError(
+                f"{path} has encoder stages {list(src)} (K = {saved.k}); to grow from it, this "
+                f"model's encoder_stages must start with them and add at least one (it has {list(mine)})"
+            )
+        if saved.encoder_norm != self.config.encoder_norm or \
+                (saved.encoder_init == "random") != (self.config.encoder_init == "random"):
+            raise CheckpointError(
+                f"{path} has encoder_norm={saved.encoder_norm}, encoder_init={saved.encoder_init!r}; "
+                f"this model has encoder_norm={self.config.encoder_norm}, "
+                f"encoder_init={self.config.encoder_init!r}: the stages would compute differently"
+            )
+        self.load_trained(path, adapter_only=True)
+        state = _load_safetensors(path / ENCODER_NAME)
+        if len(src) == 1:
+            state = {f"stages.0.{k}": v for k, v in state.items()}
+        want = self.encoder.state_dict()
+        bad = [k for k, v in state.items() if k not in want or tuple(want[k].shape) != tuple(v.shape)]
+        if bad:
+            raise CheckpointError(f"{path / ENCODER_NAME} does not fit this model's first stages: {bad[:3]}")
+        self.encoder.load_state_dict({**want, **state})
 
 
 def read_checkpoint_config(path: Path) -> dict:
