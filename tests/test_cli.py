@@ -133,3 +133,25 @@ def test_train_hierarchical_k4_grown_from_k2(tmp_path, base_dir, capsys):
     assert main(["train", *common, "--k", "4", "--grow-from", str(tmp_path / "k2" / "model"),
                  "--out", str(tmp_path / "k4b")]) != 0
     assert "must start with them" in capsys.readouterr().err
+
+
+def test_teacher_auto_trains_a_k1_teacher_first_and_reuses_it(tmp_path, base_dir, capsys):
+    data = tmp_path / "data"
+    main(["data", "tree", "--num-trees", "40", "--out", str(data)])
+    common = ["--task", "jsonl", "--data", str(data), "--model", base_dir, "--device", "cpu",
+              "--dtype", "float32", "--steps", "2", "--batch-size", "4", "--eval-examples", "4",
+              "--recipe", "teacher", "--teacher-steps", "3"]
+    out = tmp_path / "k2"
+    assert main(["train", *common, "--k", "2", "--out", str(out)]) == 0
+    teacher = out / "teacher" / "model"
+    assert json.loads((teacher / "ktm_config.json").read_text())["model"]["k"] == 1
+    assert json.loads((out / "teacher" / "history.json").read_text())["history"][-1]["step"] == 3
+    cfg = json.loads((out / "run_config.json").read_text())
+    assert cfg["recipe"] == "teacher" and cfg["train"]["teacher"] == str(teacher)
+    row = json.loads((out / "history.json").read_text())["history"][-1]
+    assert row["train_align_loss"] > 0 and row["train_distill_loss"] > 0
+    capsys.readouterr()
+    assert main(["train", *common, "--k", "2", "--steps", "3", "--resume", "--out", str(out)]) == 0
+    assert "teacher: reusing" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="this run has K = 1"):
+        main(["train", *common, "--k", "1", "--out", str(tmp_path / "k1")])

@@ -57,3 +57,20 @@ def test_dense_recipe_turns_on_the_auxiliary_losses_and_fast_stays_plain():
     f = get_recipe("fast").train_config()
     assert (f.distill, f.reconstruct, f.align, f.teacher) == (0.0, 0.0, 0.0, None)
     assert not get_recipe("fast").model_config().encoder_norm
+
+
+def test_teacher_recipe_trains_its_own_k1_teacher_and_aligns():
+    r = get_recipe("teacher")
+    m, t = r.model_config(k=2), r.train_config()
+    assert m.encoder_norm and m.encoder_init == "mean" and m.lora_r == 8
+    assert (t.teacher, t.teacher_steps, t.align, t.distill, t.reconstruct) == ("auto", 250, 1.0, 0.5, 0.0)
+    assert t.lr == get_recipe("fast").train_config().lr
+
+
+def test_encoder_stages_must_multiply_to_k():
+    assert ModelConfig(k=4, encoder_stages=[2, 2]).encoder_stages == (2, 2)
+    assert from_dict(ModelConfig, to_dict(ModelConfig(k=8, encoder_stages=(2, 4)))).encoder_stages == (2, 4)
+    with pytest.raises(ValueError, match=r"multiply to 4, not K = 8"):
+        ModelConfig(k=8, encoder_stages=(2, 2))
+    with pytest.raises(ValueError, match="block sizes >= 1"):
+        ModelConfig(k=4, encoder_stages=(4, 1, 0))

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -101,7 +102,9 @@ def build_model(args, model_cfg: ModelConfig):
 
 def cmd_train(args) -> int:
     from .recipes import get_recipe
-    from .trainer import CHECKPOINT_DIR, Trainer, clear_output, train_curriculum
+    from tqdm.auto import tqdm
+
+    from .trainer import CHECKPOINT_DIR, Trainer, clear_output, train_curriculum, train_teacher
 
     recipe = get_recipe(args.recipe)
     model_cfg = recipe.model_config(**overrides(args, ModelConfig))
@@ -113,9 +116,15 @@ def cmd_train(args) -> int:
                              f"or --overwrite to start over")
         clear_output(out)
     out.mkdir(parents=True, exist_ok=True)
+    tasks = _tasks(args)
+    if train_cfg.teacher == "auto":
+        if model_cfg.k == 1:
+            raise SystemExit("ktm: --teacher auto trains a K = 1 teacher for a merged model; this run has K = 1")
+        teacher = train_teacher(tasks, out, model_cfg, train_cfg, base=args.model, device=args.device,
+                                dtype=args.dtype, log=tqdm.write)
+        train_cfg = dataclasses.replace(train_cfg, teacher=str(teacher))
     save_json(out / "run_config.json", {"recipe": recipe.name, "model": to_dict(model_cfg),
                                         "train": to_dict(train_cfg), "argv": sys.argv[1:]})
-    tasks = _tasks(args)
     model = build_model(args, model_cfg)
     trainer = Trainer(model, train_cfg, output_dir=out)
     if args.resume and not trainer.resume():

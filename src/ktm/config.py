@@ -102,8 +102,10 @@ class TrainConfig:
         "weight of hidden-state alignment with the teacher at every block end and layer "
         "(0: off; ktm.objectives)", default=0.0)
     teacher: str | None = _help(
-        "a saved K = 1 ktm model to distil/align from (default: the base model itself)",
-        default=None)
+        "a saved K = 1 ktm model to distil/align from, or 'auto' to train one first on the "
+        "same task in OUT/teacher (default: the base model itself)", default=None)
+    teacher_steps: int = _help("steps per task of the K = 1 teacher that --teacher auto trains",
+                               default=250)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum"):
@@ -118,7 +120,7 @@ class TrainConfig:
         if self.decay not in ("constant", "cosine"):
             raise ValueError(f"decay must be 'constant' or 'cosine', got {self.decay!r}")
         for name in ("eval_every", "eval_examples", "save_every", "warmup_steps", "reconstruct", "distill",
-                     "reconstruct_rows", "align"):
+                     "reconstruct_rows", "align", "teacher_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
 

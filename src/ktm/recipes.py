@@ -55,6 +55,19 @@ RECIPES: dict[str, Recipe] = {
             train=dict(lr=1e-3, encoder_lr=1e-3, warmup_steps=20, decay="constant", distill=0.5,
                        reconstruct=0.5, reconstruct_rows=4),
         ),
+        Recipe(
+            "teacher",
+            "Two phases: `ktm train` first trains a K = 1 model on the same task (250 steps, "
+            "'fast' settings) in OUT/teacher, then trains the merged model as 'fast' plus "
+            "norm-matched merged embeddings, hidden-state alignment with that teacher at every "
+            "block end and layer (weight 1.0) and distillation of its next-token distributions "
+            "(weight 0.5). The recipe with which K = 2 learns the tree task on CPU "
+            "(docs/RECIPES.md); it needs several hundred steps and about 2.5x the step time of "
+            "'fast'.",
+            model=dict(lora_r=8, lora_alpha=16, lora_dropout=0.05, encoder_init="mean", encoder_norm=True),
+            train=dict(lr=1e-3, encoder_lr=1e-3, warmup_steps=20, decay="constant", align=1.0,
+                       distill=0.5, teacher="auto", teacher_steps=250),
+        ),
     ]
 }
 DEFAULT_RECIPE = "fast"

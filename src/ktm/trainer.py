@@ -25,12 +25,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .config import TrainConfig, save_json, to_dict
+from .config import ModelConfig, TrainConfig, save_json, to_dict
 from .evaluate import evaluate
 from .model import CheckpointError, KTokenMerging, replace_dir
 from .tasks.base import Example, Task
 
 CHECKPOINT_DIR = "checkpoint"
+TEACHER_DIR = "teacher"
 FINAL_DIR = "model"
 STATE_NAME = "trainer_state.json"
 OPTIM_NAME = "optimizer.safetensors"
@@ -93,6 +94,9 @@ class Trainer:
         from accelerate import Accelerator
 
         self.output_dir = Path(self.output_dir) if self.output_dir else None
+        if self.teacher is None and self.cfg.teacher == "auto":
+            raise ValueError("teacher='auto' is resolved by `ktm train`; from Python, call "
+                             "ktm.trainer.train_teacher(...) and pass the folder it returns as teacher")
         if self.teacher is None and self.cfg.teacher:
             from .objectives import load_teacher
 
@@ -288,5 +292,45 @@ def train_curriculum(trainer: Trainer, stages: list[tuple[Task, float]], steps_p
 
 
 def clear_output(output_dir: str | Path) -> None:
-    """Remove a previous run's checkpoint (``ktm train`` without ``--resume``)."""
+    """Remove a previous run's checkpoint and automatic teacher (``ktm train --overwrite``)."""
     shutil.rmtree(Path(output_dir) / CHECKPOINT_DIR, ignore_errors=True)
+    shutil.rmtree(Path(output_dir) / TEACHER_DIR, ignore_errors=True)
+
+
+def train_teacher(tasks: list[Task], output_dir: str | Path, model_cfg: ModelConfig,
+                  train_cfg: TrainConfig, base=None, *, device=None, dtype=None,
+                  log=print) -> Path:
+    """Train the K = 1 teacher of a run with ``teacher="auto"``; returns its model folder.
+
+    The teacher is the same base model and LoRA settings at K = 1 (no encoder stages, no
+    norm matching), trained with ``train_cfg``'s optimiser settings for
+    ``train_cfg.teacher_steps`` steps per task, without auxiliary losses. It lives in
+    ``OUTPUT/teacher`` and is reused if already finished there; an interrupted teacher
+    resumes from its own checkpoint.
+    """
+    import dataclasses
+
+    folder = Path(output_dir) / TEACHER_DIR
+    if (folder / FINAL_DIR / "ktm_config.json").is_file():
+        log(f"teacher: reusing {folder / FINAL_DIR}")
+        return folder / FINAL_DIR
+    t_model = dataclasses.replace(model_cfg, k=1, encoder_stages=None, encoder_norm=False)
+    t_train = dataclasses.replace(train_cfg, steps=train_cfg.teacher_steps * len(tasks), teacher=None,
+                                  align=0.0, distill=0.0, reconstruct=0.0)
+    options = {k: v for k, v in to_dict(t_model).items() if k != "k"}
+    model = KTokenMerging.from_base(base, k=1, device=device, dtype=dtype, seed=t_train.seed, **options)
+    trainer = Trainer(model, t_train, output_dir=folder, log=log)
+    trainer.resume()
+    log(f"teacher: training K = 1 for {t_train.steps} steps in {folder}")
+    for i, task in enumerate(tasks):
+        remaining = (i + 1) * train_cfg.teacher_steps - trainer.step
+        if remaining > 0:
+            trainer.fit(task, steps=remaining)
+    path = trainer.save_final()
+    last = trainer.history[-1] if trainer.history else {}
+    if "value" in last:
+        note = f" (majority {last['majority_rate']:.4f})" if "majority_rate" in last else ""
+        log(f"teacher: held-out {last['metric']} {last['value']:.4f}{note}")
+        if last.get("majority_rate") is not None and last["value"] <= last["majority_rate"]:
+            log("teacher: WARNING: the teacher did not beat the majority class; consider more --teacher-steps")
+    return path
