@@ -25,6 +25,21 @@ def load_run(spec: str) -> dict:
             "argv": config.get("argv", []), "recipe": config.get("recipe")}
 
 
+def wall_minutes(history: list[dict]) -> float | None:
+    """Total wall time of a run in minutes. Histories written before ``elapsed_s`` counted on
+    across resumes restart it at 0 after a resume; those segments are added up."""
+    total, offset, last = None, 0.0, 0.0
+    for row in history:
+        e = row.get("elapsed_s")
+        if e is None:
+            continue
+        if e < last:
+            offset += last
+        last = e
+        total = offset + e
+    return None if total is None else total / 60
+
+
 def table(runs: list[dict]) -> str:
     steps = sorted({r["step"] for run in runs for r in run["history"]})
     head = ["run", *(f"step {s}" for s in steps), "final task loss", "wall (min)"]
@@ -34,9 +49,9 @@ def table(runs: list[dict]) -> str:
         cells = [f"{100 * by_step[s]['value']:.1f}" if s in by_step else "" for s in steps]
         last = run["history"][-1]
         loss = last.get("train_loss")
-        wall = last.get("elapsed_s")
+        wall = wall_minutes(run["history"])
         lines.append("| " + " | ".join([run["label"], *cells, f"{loss:.3f}" if loss is not None else "",
-                                        f"{wall / 60:.1f}" if wall else ""]) + " |")
+                                        f"{wall:.1f}" if wall else ""]) + " |")
     majority = runs[0]["history"][-1].get("majority_rate")
     if majority is not None:
         lines.append(f"\nMajority class: {100 * majority:.1f}%. Accuracy in % on the held-out questions.")

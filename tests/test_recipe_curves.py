@@ -34,3 +34,12 @@ def test_table_and_files(tmp_path, capsys):
     assert (tmp_path / "out" / "curves.png").stat().st_size > 1000
     assert json.loads((tmp_path / "out" / "curves.json").read_text())[0]["label"] == "K4 distill"
     assert "K4 distill" in capsys.readouterr().out
+
+
+def test_wall_time_adds_up_segments_of_resumed_runs():
+    mod = _module()
+    assert mod.wall_minutes([{"elapsed_s": 60.0}, {"elapsed_s": 120.0}]) == 2.0
+    # an old history resumed after 120 s: elapsed restarted at 0
+    assert mod.wall_minutes([{"elapsed_s": 60.0}, {"elapsed_s": 120.0}, {"elapsed_s": 30.0},
+                             {"elapsed_s": 90.0}]) == 3.5
+    assert mod.wall_minutes([{"step": 1}]) is None

@@ -83,6 +83,8 @@ def test_resume_equals_uninterrupted(make_model, tmp_path):
     t = Trainer(resumed, cfg, output_dir=tmp_path / "b", progress=False)
     assert t.resume() and t.step == 3
     t.fit(LastChar())
+    elapsed = [row["elapsed_s"] for row in t.history]
+    assert elapsed == sorted(elapsed) and len(elapsed) == 2  # wall time counts on after a resume
     a, b = _weights(straight), _weights(resumed)
     assert a.keys() == b.keys()
     for k in a:

@@ -136,7 +136,8 @@ class Trainer:
         bar = tqdm(total=end - self.step, desc=f"train {task.name} K={self.model.k}",
                    disable=not (self.progress and self.is_main), dynamic_ncols=True)
         seen, t0, ema = 0, time.perf_counter(), {}
-        self._fit_start = t0
+        # wall time counts on across fit calls (curricula) and resumes: carried from the history
+        self._fit_start = t0 - (self.history[-1].get("elapsed_s") or 0.0 if self.history else 0.0)
         while self.step < end:
             for g in self.optimizer.param_groups:
                 g["lr"] = g["base_lr"] * lr_factor(self.step, cfg)
