@@ -155,3 +155,25 @@ def test_teacher_auto_trains_a_k1_teacher_first_and_reuses_it(tmp_path, base_dir
     assert "teacher: reusing" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="this run has K = 1"):
         main(["train", *common, "--k", "1", "--out", str(tmp_path / "k1")])
+
+
+def test_demo_with_a_teacher_recipe_trains_the_teacher_first(tmp_path, base_dir, monkeypatch):
+    import dataclasses
+
+    from ktm import recipes
+    from ktm.demo import run_demo
+
+    quick = dataclasses.replace(recipes.RECIPES["teacher"],
+                                train={**recipes.RECIPES["teacher"].train, "teacher_steps": 2})
+    monkeypatch.setitem(recipes.RECIPES, "teacher", quick)
+    lines = []
+    out = tmp_path / "demo"
+    summary = run_demo(steps=2, k=2, out=str(out), num_trees=40, recipe="teacher", eval_examples=4,
+                       model=base_dir, device="cpu", log=lines.append)
+    assert summary["recipe"] == "teacher" and summary["k"] == 2
+    assert (out / "teacher" / "model" / "ktm_config.json").is_file()
+    assert "train_align_loss" in summary["history"][-1]
+    assert any("K = 1 teacher first" in line for line in lines)
+    with pytest.raises(ValueError, match="use K > 1"):
+        run_demo(steps=2, k=1, out=str(tmp_path / "d1"), num_trees=40, recipe="teacher", eval_examples=4,
+                 model=base_dir, device="cpu", log=lines.append)

@@ -8,6 +8,7 @@ unmerged prompts, and a few generated answers. About 10 minutes on 2 CPU cores.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from .config import save_json
 from .evaluate import evaluate, subsample
 from .recipes import get_recipe
 from .tasks.tree import TreeTask
-from .trainer import Trainer, clear_output
+from .trainer import Trainer, clear_output, train_teacher
 
 #: training steps that fit the demo's ~10 minute budget on 2 CPU cores (K = 4, batch 16)
 DEMO_STEPS = 250
@@ -43,6 +44,12 @@ def run_demo(steps: int | None = None, k: int = 4, out: str = "runs/demo", num_t
     m = KTokenMerging.from_base(model, device=device, seed=0, **vars(mcfg))
     tcfg = rec.train_config(steps=steps, eval_every=max(50, steps // 5), eval_examples=eval_examples)
     clear_output(out)
+    if tcfg.teacher == "auto":  # recipes with a K = 1 teacher: train it first
+        if k == 1:
+            raise ValueError(f"recipe {rec.name!r} trains a K = 1 teacher for a merged model; use K > 1")
+        log(f"training the K = 1 teacher first ({tcfg.teacher_steps} steps)")
+        teacher = train_teacher([task], out, mcfg, tcfg, base=model, device=device, log=log)
+        tcfg = dataclasses.replace(tcfg, teacher=str(teacher))
     trainer = Trainer(m, tcfg, output_dir=out)
     t_train = time.perf_counter()
     trainer.fit(task)
