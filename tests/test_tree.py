@@ -287,3 +287,17 @@ def test_write_stage_round_trip(tmp_path):
 def test_doctests():
     result = doctest.testmod(tree_mod)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_name_token_script_finds_the_names_in_tree_and_question(tokenizer):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "tree_name_tokens.py"
+    spec = importlib.util.spec_from_file_location("tree_name_tokens", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    prompt = "Tree: KF\n+UD\n+TD, Task: Parent/Child Relationship, Parent: KF, Child: UD, Answer: "
+    pairs = mod.name_token_ids(tokenizer, prompt)  # one token per character
+    kf, ud = tuple(tokenizer.convert_tokens_to_ids(list("KF"))), tuple(tokenizer.convert_tokens_to_ids(list("UD")))
+    assert pairs == [(kf, kf), (ud, ud)]
