@@ -157,23 +157,46 @@ def test_teacher_auto_trains_a_k1_teacher_first_and_reuses_it(tmp_path, base_dir
         main(["train", *common, "--k", "1", "--out", str(tmp_path / "k1")])
 
 
-def test_demo_with_a_teacher_recipe_trains_the_teacher_first(tmp_path, base_dir, monkeypatch):
+@pytest.mark.parametrize("recipe,k", [("teacher", 2), ("hierarchical", 4)])
+def test_demo_with_a_teacher_recipe_trains_the_teacher_first(tmp_path, base_dir, monkeypatch, recipe, k):
     import dataclasses
 
     from ktm import recipes
     from ktm.demo import run_demo
 
-    quick = dataclasses.replace(recipes.RECIPES["teacher"],
-                                train={**recipes.RECIPES["teacher"].train, "teacher_steps": 2})
-    monkeypatch.setitem(recipes.RECIPES, "teacher", quick)
+    quick = dataclasses.replace(recipes.RECIPES[recipe], train={**recipes.RECIPES[recipe].train, "teacher_steps": 2})
+    monkeypatch.setitem(recipes.RECIPES, recipe, quick)
     lines = []
     out = tmp_path / "demo"
-    summary = run_demo(steps=2, k=2, out=str(out), num_trees=40, recipe="teacher", eval_examples=4,
+    summary = run_demo(steps=2, k=k, out=str(out), num_trees=40, recipe=recipe, eval_examples=4,
                        model=base_dir, device="cpu", log=lines.append)
-    assert summary["recipe"] == "teacher" and summary["k"] == 2
+    assert summary["recipe"] == recipe and summary["k"] == k
     assert (out / "teacher" / "model" / "ktm_config.json").is_file()
+    if recipe == "hierarchical":
+        assert (out / "grow-k2" / "model" / "ktm_config.json").is_file()
+        assert json.loads((out / "model" / "ktm_config.json").read_text())["model"]["encoder_stages"] == [2, 2]
     assert "train_align_loss" in summary["history"][-1]
     assert any("K = 1 teacher first" in line for line in lines)
     with pytest.raises(ValueError, match="use K > 1"):
-        run_demo(steps=2, k=1, out=str(tmp_path / "d1"), num_trees=40, recipe="teacher", eval_examples=4,
+        run_demo(steps=2, k=1, out=str(tmp_path / "d1"), num_trees=40, recipe=recipe, eval_examples=4,
                  model=base_dir, device="cpu", log=lines.append)
+
+
+def test_hierarchical_recipe_grows_k8_from_k4_from_k2(tmp_path, base_dir, capsys):
+    data = tmp_path / "data"
+    main(["data", "tree", "--num-trees", "40", "--out", str(data)])
+    out = tmp_path / "k8"
+    args = ["train", "--task", "jsonl", "--data", str(data), "--model", base_dir, "--device", "cpu",
+            "--dtype", "float32", "--steps", "2", "--batch-size", "4", "--eval-examples", "4",
+            "--recipe", "hierarchical", "--teacher-steps", "2", "--k", "8", "--out", str(out)]
+    assert main(args) == 0
+    for folder, k, stages in [("teacher", 1, None), ("grow-k2", 2, None), ("grow-k4", 4, [2, 2]), (".", 8, [2, 2, 2])]:
+        cfg = json.loads((out / folder / "model" / "ktm_config.json").read_text())["model"]
+        assert (cfg["k"], cfg["encoder_stages"]) == (k, stages), folder
+    run = json.loads((out / "run_config.json").read_text())
+    assert run["train"]["grow_from"] == str(out / "grow-k4" / "model")
+    assert run["model"]["encoder_stages"] == [2, 2, 2]
+    capsys.readouterr()
+    assert main(args + ["--resume", "--steps", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "teacher: reusing" in printed and "grow: reusing the K = 4 model" in printed

@@ -74,3 +74,17 @@ def test_encoder_stages_must_multiply_to_k():
         ModelConfig(k=8, encoder_stages=(2, 2))
     with pytest.raises(ValueError, match="block sizes >= 1"):
         ModelConfig(k=4, encoder_stages=(4, 1, 0))
+
+
+def test_hierarchical_recipe_and_default_stages():
+    from ktm.trainer import with_default_stages
+
+    t = get_recipe("hierarchical").train_config()
+    assert (t.teacher, t.grow_from, t.align) == ("auto", "auto", 1.0)
+    assert with_default_stages(ModelConfig(k=4)).encoder_stages == (2, 2)
+    assert with_default_stages(ModelConfig(k=8)).encoder_stages == (2, 2, 2)
+    assert with_default_stages(ModelConfig(k=6, encoder_stages=(3, 2))).encoder_stages == (3, 2)
+    with pytest.raises(ValueError, match="give --encoder-stages for K = 6"):
+        with_default_stages(ModelConfig(k=6))
+    with pytest.raises(ValueError, match="at least two encoder stages"):
+        with_default_stages(ModelConfig(k=4, encoder_stages=(4,)))

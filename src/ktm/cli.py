@@ -83,7 +83,7 @@ def cmd_data(args) -> int:
     return 0
 
 
-def build_model(args, model_cfg: ModelConfig):
+def build_model(args, model_cfg: ModelConfig, grow_from: str | None = None):
     from .model import KTokenMerging
 
     if getattr(args, "init_from", None):
@@ -95,8 +95,8 @@ def build_model(args, model_cfg: ModelConfig):
                                 seed=args.seed if args.seed is not None else 0, **vars(model_cfg))
     if getattr(args, "init_adapter_from", None):
         m.load_trained(args.init_adapter_from, adapter_only=True)
-    if getattr(args, "grow_from", None):
-        m.grow_from(args.grow_from)
+    if grow_from:
+        m.grow_from(grow_from)
     return m
 
 
@@ -104,7 +104,8 @@ def cmd_train(args) -> int:
     from .recipes import get_recipe
     from tqdm.auto import tqdm
 
-    from .trainer import CHECKPOINT_DIR, Trainer, clear_output, train_curriculum, train_teacher
+    from .trainer import (CHECKPOINT_DIR, Trainer, clear_output, train_curriculum, train_smaller,
+                          train_teacher, with_default_stages)
 
     recipe = get_recipe(args.recipe)
     model_cfg = recipe.model_config(**overrides(args, ModelConfig))
@@ -123,9 +124,14 @@ def cmd_train(args) -> int:
         teacher = train_teacher(tasks, out, model_cfg, train_cfg, base=args.model, device=args.device,
                                 dtype=args.dtype, log=tqdm.write)
         train_cfg = dataclasses.replace(train_cfg, teacher=str(teacher))
+    if train_cfg.grow_from == "auto":
+        model_cfg = with_default_stages(model_cfg)
+        smaller = train_smaller(tasks, out, model_cfg, train_cfg, base=args.model, device=args.device,
+                                dtype=args.dtype, log=tqdm.write)
+        train_cfg = dataclasses.replace(train_cfg, grow_from=str(smaller))
     save_json(out / "run_config.json", {"recipe": recipe.name, "model": to_dict(model_cfg),
                                         "train": to_dict(train_cfg), "argv": sys.argv[1:]})
-    model = build_model(args, model_cfg)
+    model = build_model(args, model_cfg, train_cfg.grow_from)
     trainer = Trainer(model, train_cfg, output_dir=out)
     if args.resume and not trainer.resume():
         print(f"no checkpoint in {out}; starting from scratch")
@@ -221,10 +227,6 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--init-adapter-from",
                     help="start the LoRA adapter from a saved ktm model of any K (e.g. a K = 1 model "
                          "trained on the task); the encoder starts fresh")
-    tr.add_argument("--grow-from",
-                    help="hierarchical merging: start from a saved ktm model of a smaller K; its LoRA "
-                         "and encoder become this model's first stages (e.g. a K = 2 model with "
-                         "--k 4 --encoder-stages 2 2)")
     tr.add_argument("--threshold", type=float, default=0.85, help="curriculum: pass mark of each stage")
     tr.add_argument("--final-threshold", type=float, default=0.95, help="curriculum: pass mark of the last stage")
     tr.add_argument("--max-rounds", type=int, default=3, help="curriculum: most rounds per stage")

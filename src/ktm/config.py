@@ -106,6 +106,11 @@ class TrainConfig:
         "same task in OUT/teacher (default: the base model itself)", default=None)
     teacher_steps: int = _help("steps per task of the K = 1 teacher that --teacher auto trains",
                                default=250)
+    grow_from: str | None = _help(
+        "hierarchical merging: a saved ktm model of a smaller K whose LoRA and encoder become "
+        "this model's first encoder stages, or 'auto' to train that model first in "
+        "OUT/grow-k<K'> with the same settings and steps (stages default to pairs: 2 2 for "
+        "K = 4)", default=None)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum"):

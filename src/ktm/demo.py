@@ -18,7 +18,7 @@ from .config import save_json
 from .evaluate import evaluate, subsample
 from .recipes import get_recipe
 from .tasks.tree import TreeTask
-from .trainer import Trainer, clear_output, train_teacher
+from .trainer import Trainer, clear_output, train_smaller, train_teacher, with_default_stages
 
 #: training steps that fit the demo's ~10 minute budget on 2 CPU cores (K = 4, batch 16)
 DEMO_STEPS = 250
@@ -50,6 +50,13 @@ def run_demo(steps: int | None = None, k: int = 4, out: str = "runs/demo", num_t
         log(f"training the K = 1 teacher first ({tcfg.teacher_steps} steps)")
         teacher = train_teacher([task], out, mcfg, tcfg, base=model, device=device, log=log)
         tcfg = dataclasses.replace(tcfg, teacher=str(teacher))
+    if tcfg.grow_from:  # hierarchical recipes: the smaller model first, then grow this one from it
+        if tcfg.grow_from == "auto":
+            mcfg = with_default_stages(mcfg)
+            smaller = train_smaller([task], out, mcfg, tcfg, base=model, device=device, log=log)
+            tcfg = dataclasses.replace(tcfg, grow_from=str(smaller))
+        m = KTokenMerging.from_base(model, device=device, seed=0, **vars(mcfg))
+        m.grow_from(tcfg.grow_from)
     trainer = Trainer(m, tcfg, output_dir=out)
     t_train = time.perf_counter()
     trainer.fit(task)

@@ -68,6 +68,17 @@ RECIPES: dict[str, Recipe] = {
             train=dict(lr=1e-3, encoder_lr=1e-3, warmup_steps=20, decay="constant", align=1.0,
                        distill=0.5, teacher="auto", teacher_steps=250),
         ),
+        Recipe(
+            "hierarchical",
+            "'teacher' plus hierarchical merging: the encoder works in stages of 2 (2 2 for "
+            "K = 4) and each K is grown from the one below it, trained first with the same "
+            "settings and steps in OUT/grow-k<K'> (K = 4: a K = 1 teacher, then K = 2, then "
+            "K = 4). The recipe with which K = 4 learns the tree task on CPU (docs/RECIPES.md); "
+            "it costs the teacher's steps plus --steps for every K on the way.",
+            model=dict(lora_r=8, lora_alpha=16, lora_dropout=0.05, encoder_init="mean", encoder_norm=True),
+            train=dict(lr=1e-3, encoder_lr=1e-3, warmup_steps=20, decay="constant", align=1.0,
+                       distill=0.5, teacher="auto", teacher_steps=250, grow_from="auto"),
+        ),
     ]
 }
 DEFAULT_RECIPE = "fast"

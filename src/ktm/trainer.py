@@ -32,6 +32,7 @@ from .tasks.base import Example, Task
 
 CHECKPOINT_DIR = "checkpoint"
 TEACHER_DIR = "teacher"
+GROW_PREFIX = "grow-k"  # OUT/grow-k2: the smaller model that --grow-from auto trains
 FINAL_DIR = "model"
 STATE_NAME = "trainer_state.json"
 OPTIM_NAME = "optimizer.safetensors"
@@ -296,6 +297,8 @@ def clear_output(output_dir: str | Path) -> None:
     """Remove a previous run's checkpoint and automatic teacher (``ktm train --overwrite``)."""
     shutil.rmtree(Path(output_dir) / CHECKPOINT_DIR, ignore_errors=True)
     shutil.rmtree(Path(output_dir) / TEACHER_DIR, ignore_errors=True)
+    for smaller in Path(output_dir).glob(f"{GROW_PREFIX}*"):
+        shutil.rmtree(smaller, ignore_errors=True)
 
 
 def train_teacher(tasks: list[Task], output_dir: str | Path, model_cfg: ModelConfig,
@@ -334,4 +337,63 @@ def train_teacher(tasks: list[Task], output_dir: str | Path, model_cfg: ModelCon
         log(f"teacher: held-out {last['metric']} {last['value']:.4f}{note}")
         if last.get("majority_rate") is not None and last["value"] <= last["majority_rate"]:
             log("teacher: WARNING: the teacher did not beat the majority class; consider more --teacher-steps")
+    return path
+
+
+def with_default_stages(model_cfg: ModelConfig) -> ModelConfig:
+    """The model config with hierarchical stages: as given, or pairs (2, 2, ...) when K is a
+    power of two >= 4. Raises ``ValueError`` when there are fewer than two stages."""
+    import dataclasses
+
+    stages = model_cfg.encoder_stages
+    if stages is None:
+        k = model_cfg.k
+        if k < 4 or k & (k - 1):
+            raise ValueError(f"growing needs encoder stages: give --encoder-stages for K = {k} "
+                             f"(pairs are the default only for K = 4, 8, 16, ...)")
+        stages = (2,) * (k.bit_length() - 1)
+    if len(stages) < 2:
+        raise ValueError(f"growing needs at least two encoder stages, got {tuple(stages)}")
+    return dataclasses.replace(model_cfg, encoder_stages=tuple(stages))
+
+
+def train_smaller(tasks: list[Task], output_dir: str | Path, model_cfg: ModelConfig,
+                  train_cfg: TrainConfig, base=None, *, device=None, dtype=None, log=print) -> Path:
+    """Train the model a hierarchical run grows from (``grow_from="auto"``); returns its folder.
+
+    For stages (s_1, ..., s_n) this is the model of K' = s_1 * ... * s_(n-1) with stages
+    (s_1, ..., s_(n-1)), itself grown the same way when it has two stages or more (K = 8 as
+    2 2 2 trains K = 2, then K = 4, then K = 8). Each smaller model trains with ``train_cfg``
+    (same steps, optimiser and teacher) on each task in turn, in ``OUTPUT/grow-k<K'>``; a
+    finished one is reused and an interrupted one resumes.
+    """
+    import dataclasses
+    import math
+
+    stages = tuple(model_cfg.encoder_stages)
+    sub_stages = stages[:-1]
+    sub_k = math.prod(sub_stages)
+    folder = Path(output_dir) / f"{GROW_PREFIX}{sub_k}"
+    if (folder / FINAL_DIR / "ktm_config.json").is_file():
+        log(f"grow: reusing the K = {sub_k} model in {folder / FINAL_DIR}")
+        return folder / FINAL_DIR
+    sub_cfg = dataclasses.replace(model_cfg, k=sub_k, encoder_stages=sub_stages if len(sub_stages) > 1 else None)
+    start = train_smaller(tasks, output_dir, sub_cfg, train_cfg, base, device=device, dtype=dtype,
+                          log=log) if len(sub_stages) > 1 else None
+    options = {k: v for k, v in to_dict(sub_cfg).items() if k != "k"}
+    model = KTokenMerging.from_base(base, k=sub_k, device=device, dtype=dtype, seed=train_cfg.seed, **options)
+    if start is not None:
+        model.grow_from(start)
+    cfg = dataclasses.replace(train_cfg, steps=train_cfg.steps * len(tasks), grow_from=None)
+    trainer = Trainer(model, cfg, output_dir=folder, log=log)
+    trainer.resume()
+    log(f"grow: training K = {sub_k} (stages {list(sub_stages)}) for {cfg.steps} steps in {folder}")
+    for i, task in enumerate(tasks):
+        remaining = (i + 1) * train_cfg.steps - trainer.step
+        if remaining > 0:
+            trainer.fit(task, steps=remaining)
+    path = trainer.save_final()
+    if trainer.history:
+        last = trainer.history[-1]
+        log(f"grow: K = {sub_k} held-out {last['metric']} {last['value']:.4f}")
     return path
