@@ -301,6 +301,19 @@ def clear_output(output_dir: str | Path) -> None:
         shutil.rmtree(smaller, ignore_errors=True)
 
 
+def _train_phase(model, cfg: TrainConfig, folder: Path, tasks: list[Task], steps_per_task: int,
+                 log) -> tuple[Path, "Trainer"]:
+    """Train ``model`` in ``folder`` for ``steps_per_task`` steps on each task in turn,
+    resuming from the folder's checkpoint; returns the final model folder and the trainer."""
+    trainer = Trainer(model, cfg, output_dir=folder, log=log)
+    trainer.resume()
+    for i, task in enumerate(tasks):
+        remaining = (i + 1) * steps_per_task - trainer.step
+        if remaining > 0:
+            trainer.fit(task, steps=remaining)
+    return trainer.save_final(), trainer
+
+
 def train_teacher(tasks: list[Task], output_dir: str | Path, model_cfg: ModelConfig,
                   train_cfg: TrainConfig, base=None, *, device=None, dtype=None,
                   log=print) -> Path:
@@ -323,14 +336,8 @@ def train_teacher(tasks: list[Task], output_dir: str | Path, model_cfg: ModelCon
                                   align=0.0, distill=0.0, reconstruct=0.0)
     options = {k: v for k, v in to_dict(t_model).items() if k != "k"}
     model = KTokenMerging.from_base(base, k=1, device=device, dtype=dtype, seed=t_train.seed, **options)
-    trainer = Trainer(model, t_train, output_dir=folder, log=log)
-    trainer.resume()
     log(f"teacher: training K = 1 for {t_train.steps} steps in {folder}")
-    for i, task in enumerate(tasks):
-        remaining = (i + 1) * train_cfg.teacher_steps - trainer.step
-        if remaining > 0:
-            trainer.fit(task, steps=remaining)
-    path = trainer.save_final()
+    path, trainer = _train_phase(model, t_train, folder, tasks, train_cfg.teacher_steps, log)
     last = trainer.history[-1] if trainer.history else {}
     if "value" in last:
         note = f" (majority {last['majority_rate']:.4f})" if "majority_rate" in last else ""
@@ -385,14 +392,8 @@ def train_smaller(tasks: list[Task], output_dir: str | Path, model_cfg: ModelCon
     if start is not None:
         model.grow_from(start)
     cfg = dataclasses.replace(train_cfg, steps=train_cfg.steps * len(tasks), grow_from=None)
-    trainer = Trainer(model, cfg, output_dir=folder, log=log)
-    trainer.resume()
     log(f"grow: training K = {sub_k} (stages {list(sub_stages)}) for {cfg.steps} steps in {folder}")
-    for i, task in enumerate(tasks):
-        remaining = (i + 1) * train_cfg.steps - trainer.step
-        if remaining > 0:
-            trainer.fit(task, steps=remaining)
-    path = trainer.save_final()
+    path, trainer = _train_phase(model, cfg, folder, tasks, train_cfg.steps, log)
     if trainer.history:
         last = trainer.history[-1]
         log(f"grow: K = {sub_k} held-out {last['metric']} {last['value']:.4f}")
