@@ -19,6 +19,15 @@ def base_dir(tmp_path_factory):
     return str(d)
 
 
+def _tree_run_args(tmp_path, base_dir, *extra) -> list[str]:
+    """Training options for a 2-step run on 40 small trees written to ``tmp_path/data``."""
+    data = tmp_path / "data"
+    if not data.exists():
+        main(["data", "tree", "--num-trees", "40", "--out", str(data)])
+    return ["--task", "jsonl", "--data", str(data), "--model", base_dir, "--device", "cpu",
+            "--dtype", "float32", "--steps", "2", "--batch-size", "4", "--eval-examples", "4", *extra]
+
+
 @pytest.mark.parametrize("cmd", [[], ["data", "tree"], ["train"], ["eval"], ["generate"], ["demo"],
                                  ["bench", "speed"]])
 def test_help(cmd, capsys):
@@ -100,10 +109,7 @@ def test_errors_are_reported_not_raised(tmp_path, base_dir, capsys):
 
 
 def test_train_with_a_teacher_and_an_adapter_from_another_k(tmp_path, base_dir, capsys):
-    data = tmp_path / "data"
-    main(["data", "tree", "--num-trees", "40", "--out", str(data)])
-    common = ["--task", "jsonl", "--data", str(data), "--model", base_dir, "--device", "cpu",
-              "--dtype", "float32", "--steps", "2", "--batch-size", "4", "--eval-examples", "4"]
+    common = _tree_run_args(tmp_path, base_dir)
     assert main(["train", *common, "--k", "1", "--out", str(tmp_path / "k1")]) == 0
     teacher = str(tmp_path / "k1" / "model")
     assert main(["train", *common, "--k", "2", "--teacher", teacher, "--init-adapter-from", teacher,
@@ -120,10 +126,7 @@ def test_train_with_a_teacher_and_an_adapter_from_another_k(tmp_path, base_dir, 
 
 
 def test_train_hierarchical_k4_grown_from_k2(tmp_path, base_dir, capsys):
-    data = tmp_path / "data"
-    main(["data", "tree", "--num-trees", "40", "--out", str(data)])
-    common = ["--task", "jsonl", "--data", str(data), "--model", base_dir, "--device", "cpu",
-              "--dtype", "float32", "--steps", "2", "--batch-size", "4", "--eval-examples", "4"]
+    common = _tree_run_args(tmp_path, base_dir)
     assert main(["train", *common, "--k", "2", "--out", str(tmp_path / "k2")]) == 0
     assert main(["train", *common, "--k", "4", "--encoder-stages", "2", "2", "--grow-from",
                  str(tmp_path / "k2" / "model"), "--out", str(tmp_path / "k4")]) == 0
@@ -136,11 +139,7 @@ def test_train_hierarchical_k4_grown_from_k2(tmp_path, base_dir, capsys):
 
 
 def test_teacher_auto_trains_a_k1_teacher_first_and_reuses_it(tmp_path, base_dir, capsys):
-    data = tmp_path / "data"
-    main(["data", "tree", "--num-trees", "40", "--out", str(data)])
-    common = ["--task", "jsonl", "--data", str(data), "--model", base_dir, "--device", "cpu",
-              "--dtype", "float32", "--steps", "2", "--batch-size", "4", "--eval-examples", "4",
-              "--recipe", "teacher", "--teacher-steps", "3"]
+    common = _tree_run_args(tmp_path, base_dir, "--recipe", "teacher", "--teacher-steps", "3")
     out = tmp_path / "k2"
     assert main(["train", *common, "--k", "2", "--out", str(out)]) == 0
     teacher = out / "teacher" / "model"
@@ -183,12 +182,9 @@ def test_demo_with_a_teacher_recipe_trains_the_teacher_first(tmp_path, base_dir,
 
 
 def test_hierarchical_recipe_grows_k8_from_k4_from_k2(tmp_path, base_dir, capsys):
-    data = tmp_path / "data"
-    main(["data", "tree", "--num-trees", "40", "--out", str(data)])
     out = tmp_path / "k8"
-    args = ["train", "--task", "jsonl", "--data", str(data), "--model", base_dir, "--device", "cpu",
-            "--dtype", "float32", "--steps", "2", "--batch-size", "4", "--eval-examples", "4",
-            "--recipe", "hierarchical", "--teacher-steps", "2", "--k", "8", "--out", str(out)]
+    args = ["train", *_tree_run_args(tmp_path, base_dir, "--recipe", "hierarchical", "--teacher-steps", "2",
+                                      "--k", "8", "--out", str(out))]
     assert main(args) == 0
     for folder, k, stages in [("teacher", 1, None), ("grow-k2", 2, None), ("grow-k4", 4, [2, 2]), (".", 8, [2, 2, 2])]:
         cfg = json.loads((out / folder / "model" / "ktm_config.json").read_text())["model"]

@@ -26,6 +26,13 @@ class Recipe:
         return TrainConfig(**{**self.train, **overrides})
 
 
+#: 'fast' settings, which the later recipes extend
+_FAST_MODEL = dict(lora_r=8, lora_alpha=16, lora_dropout=0.05, encoder_init="mean")
+_FAST_TRAIN = dict(lr=1e-3, encoder_lr=1e-3, warmup_steps=20, decay="constant")
+#: 'teacher' additions: norm matching, alignment and distillation to an automatic K = 1 teacher
+_TEACHER_MODEL = dict(_FAST_MODEL, encoder_norm=True)
+_TEACHER_TRAIN = dict(_FAST_TRAIN, align=1.0, distill=0.5, teacher="auto", teacher_steps=250)
+
 RECIPES: dict[str, Recipe] = {
     r.name: r
     for r in [
@@ -41,8 +48,8 @@ RECIPES: dict[str, Recipe] = {
             "ktm's default: exact-mean encoder init, LoRA r 8 / alpha 16, AdamW lr 1e-3 for LoRA "
             "and encoder with 20 warm-up steps (the setting with which K = 1 learns the tree task "
             "in ~200 CPU steps).",
-            model=dict(lora_r=8, lora_alpha=16, lora_dropout=0.05, encoder_init="mean"),
-            train=dict(lr=1e-3, encoder_lr=1e-3, warmup_steps=20, decay="constant"),
+            model=_FAST_MODEL,
+            train=_FAST_TRAIN,
         ),
         Recipe(
             "dense",
@@ -51,9 +58,8 @@ RECIPES: dict[str, Recipe] = {
             "model as teacher: dense self-distillation at every block end (weight 0.5) and "
             "reconstruction of the prompt from its merged embeddings on 4 rows per batch (weight "
             "0.5). About 3-4x the step time of 'fast' on CPU.",
-            model=dict(lora_r=8, lora_alpha=16, lora_dropout=0.05, encoder_init="mean", encoder_norm=True),
-            train=dict(lr=1e-3, encoder_lr=1e-3, warmup_steps=20, decay="constant", distill=0.5,
-                       reconstruct=0.5, reconstruct_rows=4),
+            model=dict(_FAST_MODEL, encoder_norm=True),
+            train=dict(_FAST_TRAIN, distill=0.5, reconstruct=0.5, reconstruct_rows=4),
         ),
         Recipe(
             "teacher",
@@ -64,9 +70,8 @@ RECIPES: dict[str, Recipe] = {
             "(weight 0.5). The recipe with which K = 2 learns the tree task on CPU "
             "(docs/RECIPES.md); it needs several hundred steps and about 2.5x the step time of "
             "'fast'.",
-            model=dict(lora_r=8, lora_alpha=16, lora_dropout=0.05, encoder_init="mean", encoder_norm=True),
-            train=dict(lr=1e-3, encoder_lr=1e-3, warmup_steps=20, decay="constant", align=1.0,
-                       distill=0.5, teacher="auto", teacher_steps=250),
+            model=_TEACHER_MODEL,
+            train=_TEACHER_TRAIN,
         ),
         Recipe(
             "hierarchical",
@@ -75,9 +80,8 @@ RECIPES: dict[str, Recipe] = {
             "settings and steps in OUT/grow-k<K'> (K = 4: a K = 1 teacher, then K = 2, then "
             "K = 4). The recipe with which K = 4 learns the tree task on CPU (docs/RECIPES.md); "
             "it costs the teacher's steps plus --steps for every K on the way.",
-            model=dict(lora_r=8, lora_alpha=16, lora_dropout=0.05, encoder_init="mean", encoder_norm=True),
-            train=dict(lr=1e-3, encoder_lr=1e-3, warmup_steps=20, decay="constant", align=1.0,
-                       distill=0.5, teacher="auto", teacher_steps=250, grow_from="auto"),
+            model=_TEACHER_MODEL,
+            train=dict(_TEACHER_TRAIN, grow_from="auto"),
         ),
     ]
 }
