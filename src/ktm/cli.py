@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -104,8 +103,7 @@ def cmd_train(args) -> int:
     from .recipes import get_recipe
     from tqdm.auto import tqdm
 
-    from .trainer import (CHECKPOINT_DIR, Trainer, clear_output, train_curriculum, train_smaller,
-                          train_teacher, with_default_stages)
+    from .trainer import CHECKPOINT_DIR, Trainer, clear_output, prepare_phases, train_curriculum
 
     recipe = get_recipe(args.recipe)
     model_cfg = recipe.model_config(**overrides(args, ModelConfig))
@@ -118,17 +116,8 @@ def cmd_train(args) -> int:
         clear_output(out)
     out.mkdir(parents=True, exist_ok=True)
     tasks = _tasks(args)
-    if train_cfg.teacher == "auto":
-        if model_cfg.k == 1:
-            raise SystemExit("ktm: --teacher auto trains a K = 1 teacher for a merged model; this run has K = 1")
-        teacher = train_teacher(tasks, out, model_cfg, train_cfg, base=args.model, device=args.device,
-                                dtype=args.dtype, log=tqdm.write)
-        train_cfg = dataclasses.replace(train_cfg, teacher=str(teacher))
-    if train_cfg.grow_from == "auto":
-        model_cfg = with_default_stages(model_cfg)
-        smaller = train_smaller(tasks, out, model_cfg, train_cfg, base=args.model, device=args.device,
-                                dtype=args.dtype, log=tqdm.write)
-        train_cfg = dataclasses.replace(train_cfg, grow_from=str(smaller))
+    model_cfg, train_cfg = prepare_phases(tasks, out, model_cfg, train_cfg, args.model, device=args.device,
+                                          dtype=args.dtype, log=tqdm.write)
     save_json(out / "run_config.json", {"recipe": recipe.name, "model": to_dict(model_cfg),
                                         "train": to_dict(train_cfg), "argv": sys.argv[1:]})
     model = build_model(args, model_cfg, train_cfg.grow_from)

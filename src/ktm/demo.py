@@ -8,7 +8,6 @@ unmerged prompts, and a few generated answers. About 10 minutes on 2 CPU cores.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from .config import save_json
 from .evaluate import evaluate, subsample
 from .recipes import get_recipe
 from .tasks.tree import TreeTask
-from .trainer import Trainer, clear_output, train_smaller, train_teacher, with_default_stages
+from .trainer import Trainer, clear_output, prepare_phases
 
 #: training steps that fit the demo's ~10 minute budget on 2 CPU cores (K = 4, batch 16)
 DEMO_STEPS = 250
@@ -40,22 +39,12 @@ def run_demo(steps: int | None = None, k: int = 4, out: str = "runs/demo", num_t
         f"({num_trees} trees, split 98/2 by tree)")
 
     log("loading the embedded base model ...")
-    mcfg = rec.model_config(k=k)
-    m = KTokenMerging.from_base(model, device=device, seed=0, **vars(mcfg))
     tcfg = rec.train_config(steps=steps, eval_every=max(50, steps // 5), eval_examples=eval_examples)
     clear_output(out)
-    if tcfg.teacher == "auto":  # recipes with a K = 1 teacher: train it first
-        if k == 1:
-            raise ValueError(f"recipe {rec.name!r} trains a K = 1 teacher for a merged model; use K > 1")
-        log(f"training the K = 1 teacher first ({tcfg.teacher_steps} steps)")
-        teacher = train_teacher([task], out, mcfg, tcfg, base=model, device=device, log=log)
-        tcfg = dataclasses.replace(tcfg, teacher=str(teacher))
-    if tcfg.grow_from:  # hierarchical recipes: the smaller model first, then grow this one from it
-        if tcfg.grow_from == "auto":
-            mcfg = with_default_stages(mcfg)
-            smaller = train_smaller([task], out, mcfg, tcfg, base=model, device=device, log=log)
-            tcfg = dataclasses.replace(tcfg, grow_from=str(smaller))
-        m = KTokenMerging.from_base(model, device=device, seed=0, **vars(mcfg))
+    # recipes with a K = 1 teacher or hierarchical growth train those phases first
+    mcfg, tcfg = prepare_phases([task], out, rec.model_config(k=k), tcfg, model, device=device, log=log)
+    m = KTokenMerging.from_base(model, device=device, seed=0, **vars(mcfg))
+    if tcfg.grow_from:
         m.grow_from(tcfg.grow_from)
     trainer = Trainer(m, tcfg, output_dir=out)
     t_train = time.perf_counter()

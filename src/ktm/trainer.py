@@ -398,3 +398,23 @@ def train_smaller(tasks: list[Task], output_dir: str | Path, model_cfg: ModelCon
         last = trainer.history[-1]
         log(f"grow: K = {sub_k} held-out {last['metric']} {last['value']:.4f}")
     return path
+
+
+def prepare_phases(tasks: list[Task], output_dir: str | Path, model_cfg: ModelConfig,
+                   train_cfg: TrainConfig, base=None, *, device=None, dtype=None,
+                   log=print) -> tuple[ModelConfig, TrainConfig]:
+    """Run the phases a recipe asks for before the main run and return the configs with them
+    resolved: ``teacher="auto"`` trains the K = 1 teacher (:func:`train_teacher`) and
+    ``grow_from="auto"`` the smaller models (:func:`train_smaller`); both become folders."""
+    import dataclasses
+
+    if train_cfg.teacher == "auto":
+        if model_cfg.k == 1:
+            raise ValueError("teacher 'auto' trains a K = 1 teacher for a merged model; this run has K = 1")
+        teacher = train_teacher(tasks, output_dir, model_cfg, train_cfg, base, device=device, dtype=dtype, log=log)
+        train_cfg = dataclasses.replace(train_cfg, teacher=str(teacher))
+    if train_cfg.grow_from == "auto":
+        model_cfg = with_default_stages(model_cfg)
+        smaller = train_smaller(tasks, output_dir, model_cfg, train_cfg, base, device=device, dtype=dtype, log=log)
+        train_cfg = dataclasses.replace(train_cfg, grow_from=str(smaller))
+    return model_cfg, train_cfg
