@@ -22,8 +22,7 @@ a = 1.5 for K >= 4.
 **Hierarchical merging** (:class:`StackedEncoder`, ``ModelConfig.encoder_stages``): K is
 factored into stages, e.g. K = 4 as (2, 2). The first stage merges adjacent token pairs,
 the second merges adjacent pairs of those outputs. Mean-initialised stages compose to the
-exact K-block mean (also for a partial last block, thanks to the fill rule in
-:mod:`ktm.blocks`), and a trained K = 2 encoder can become the first stage of a K = 4 one
+exact K-block mean on full blocks (partial blocks: see below), and a trained K = 2 encoder can become the first stage of a K = 4 one
 (``KTokenMerging.grow_from``): the paper's "recursive or hierarchical encoding".
 The fill rule is applied again at each stage, so a stage sees a partial last block exactly
 as a model of that stage's size would: a trained K = 2 encoder as first stage turns the
