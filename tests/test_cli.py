@@ -184,11 +184,13 @@ def test_demo_with_a_teacher_recipe_trains_the_teacher_first(tmp_path, base_dir,
 def test_hierarchical_recipe_grows_k8_from_k4_from_k2(tmp_path, base_dir, capsys):
     out = tmp_path / "k8"
     args = ["train", *_tree_run_args(tmp_path, base_dir, "--recipe", "hierarchical", "--teacher-steps", "2",
-                                      "--k", "8", "--out", str(out))]
+                                      "--grow-steps", "3", "--k", "8", "--out", str(out))]
     assert main(args) == 0
-    for folder, k, stages in [("teacher", 1, None), ("grow-k2", 2, None), ("grow-k4", 4, [2, 2]), (".", 8, [2, 2, 2])]:
+    for folder, k, stages, steps in [("teacher", 1, None, 2), ("grow-k2", 2, None, 3), ("grow-k4", 4, [2, 2], 3),
+                                     (".", 8, [2, 2, 2], 2)]:
         cfg = json.loads((out / folder / "model" / "ktm_config.json").read_text())["model"]
         assert (cfg["k"], cfg["encoder_stages"]) == (k, stages), folder
+        assert json.loads((out / folder / "history.json").read_text())["history"][-1]["step"] == steps, folder
     run = json.loads((out / "run_config.json").read_text())
     assert run["train"]["grow_from"] == str(out / "grow-k4" / "model")
     assert run["model"]["encoder_stages"] == [2, 2, 2]

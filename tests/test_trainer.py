@@ -55,6 +55,8 @@ def test_config_validation():
         TrainConfig(steps=0)
     with pytest.raises(ValueError, match="decay"):
         TrainConfig(decay="linear")
+    with pytest.raises(ValueError, match="grow_steps"):
+        TrainConfig(grow_steps=0)
 
 
 def test_training_learns_a_tiny_task(make_model):

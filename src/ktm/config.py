@@ -109,8 +109,11 @@ class TrainConfig:
     grow_from: str | None = _help(
         "hierarchical merging: a saved ktm model of a smaller K whose LoRA and encoder become "
         "this model's first encoder stages, or 'auto' to train that model first in "
-        "OUT/grow-k<K'> with the same settings and steps (stages default to pairs: 2 2 for "
-        "K = 4)", default=None)
+        "OUT/grow-k<K'> with the same settings (stages default to pairs: 2 2 for K = 4)",
+        default=None)
+    grow_steps: int | None = _help(
+        "steps per task of each smaller model that --grow-from auto trains (default: --steps)",
+        default=None)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum"):
@@ -128,6 +131,8 @@ class TrainConfig:
                      "reconstruct_rows", "align", "teacher_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
+        if self.grow_steps is not None and self.grow_steps < 1:
+            raise ValueError(f"grow_steps must be >= 1, got {self.grow_steps}")
 
 
 def to_dict(cfg) -> dict:

@@ -371,8 +371,9 @@ def train_smaller(tasks: list[Task], output_dir: str | Path, model_cfg: ModelCon
     For stages (s_1, ..., s_n) this is the model of K' = s_1 * ... * s_(n-1) with stages
     (s_1, ..., s_(n-1)), itself grown the same way when it has two stages or more (K = 8 as
     2 2 2 trains K = 2, then K = 4, then K = 8). Each smaller model trains with ``train_cfg``
-    (same steps, optimiser and teacher) on each task in turn, in ``OUTPUT/grow-k<K'>``; a
-    finished one is reused and an interrupted one resumes.
+    (same optimiser and teacher; ``grow_steps`` steps per task, default ``steps``) on each
+    task in turn, in ``OUTPUT/grow-k<K'>``; a finished one is reused and an interrupted one
+    resumes.
     """
     import dataclasses
     import math
@@ -391,9 +392,10 @@ def train_smaller(tasks: list[Task], output_dir: str | Path, model_cfg: ModelCon
     model = KTokenMerging.from_base(base, k=sub_k, device=device, dtype=dtype, seed=train_cfg.seed, **options)
     if start is not None:
         model.grow_from(start)
-    cfg = dataclasses.replace(train_cfg, steps=train_cfg.steps * len(tasks), grow_from=None)
+    per_task = train_cfg.grow_steps or train_cfg.steps
+    cfg = dataclasses.replace(train_cfg, steps=per_task * len(tasks), grow_from=None)
     log(f"grow: training K = {sub_k} (stages {list(sub_stages)}) for {cfg.steps} steps in {folder}")
-    path, trainer = _train_phase(model, cfg, folder, tasks, train_cfg.steps, log)
+    path, trainer = _train_phase(model, cfg, folder, tasks, per_task, log)
     if trainer.history:
         last = trainer.history[-1]
         log(f"grow: K = {sub_k} held-out {last['metric']} {last['value']:.4f}")
