@@ -42,6 +42,19 @@ def test_cli_bridge_uses_the_field_names():
     assert overrides(args, TrainConfig) == {"lr": 3e-4, "balance": False}
 
 
+def test_train_help_shows_the_default_recipes_values(capsys):
+    from ktm.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    fast = get_recipe(DEFAULT_RECIPE)
+    assert f"defaults shown: recipe '{DEFAULT_RECIPE}'" in text
+    assert f"AdamW learning rate for LoRA (default: {fast.train_config().lr})" in text
+    assert f"linear warm-up steps (default: {fast.train_config().warmup_steps})" in text
+    assert "(default: None)" not in text
+
+
 def test_config_round_trips_through_json_dicts():
     cfg = ModelConfig(k=3, lora_r=2)
     assert from_dict(ModelConfig, to_dict(cfg)) == cfg

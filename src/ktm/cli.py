@@ -221,8 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--max-rounds", type=int, default=3, help="curriculum: most rounds per stage")
     _add_task_args(tr)
     _add_base_args(tr)
-    add_arguments(tr, ModelConfig)
-    add_arguments(tr, TrainConfig)
+    default = RECIPES[DEFAULT_RECIPE]
+    for cls, shown in [(ModelConfig, default.model_config()), (TrainConfig, default.train_config())]:
+        add_arguments(tr, cls, shown=shown,
+                      title=f"{cls.__name__} (defaults shown: recipe {DEFAULT_RECIPE!r}; --recipe changes them)")
     tr.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="score a saved model on a task's held-out split")

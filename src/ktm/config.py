@@ -166,17 +166,28 @@ def _base_type(tp):
     return tp, False, False
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
-    """Add one ``--field-name`` option per dataclass field; defaults stay None (= unset)."""
+def add_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (), shown=None,
+                  title: str | None = None) -> None:
+    """Add one ``--field-name`` option per dataclass field; defaults stay None (= unset).
+
+    The help shows each field's value in ``shown`` (a ``cls`` instance, e.g. the default
+    recipe's config), else the dataclass default."""
     hints = typing.get_type_hints(cls)
-    group = parser.add_argument_group(cls.__name__)
+    group = parser.add_argument_group(title or cls.__name__)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         t, optional, tup = _base_type(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else None
-        help_ = f"{f.metadata.get('help', '')} (default: {default})"
+        if shown is not None:
+            default = getattr(shown, f.name)
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else None
+        if isinstance(default, tuple):
+            default = " ".join(map(str, default))
+        help_ = f.metadata.get("help", "")
+        if "default" not in help_:
+            help_ += f" (default: {default})"
         if t is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
         elif tup:
