@@ -2,7 +2,8 @@
 
     python benchmarks/recipe_curves.py RUN_DIR[=LABEL] ... --out docs/recipes/NAME
 
-Reads each run's history.json and run_config.json and writes NAME.png (held-out accuracy
+Reads each run's history.json and run_config.json (for a phase of a chained run, such as
+OUT/teacher or OUT/grow-k2, the chain's run_config.json one folder up) and writes NAME.png (held-out accuracy
 against training step, with the majority-class rate), NAME.md (a table: accuracy at each
 evaluation, final task loss, wall time) and NAME.json (the numbers). Prints the table.
 """
@@ -18,7 +19,12 @@ def load_run(spec: str) -> dict:
     path, _, label = spec.partition("=")
     run = Path(path)
     history = json.loads((run / "history.json").read_text())["history"]
-    config = json.loads((run / "run_config.json").read_text())
+    # a phase of a chained run (OUT/teacher, OUT/grow-k2) has no run_config.json of its own:
+    # the command that trained it is the chain's, one folder up
+    config_file = next((f for f in (run / "run_config.json", run.parent / "run_config.json") if f.is_file()), None)
+    if config_file is None:
+        raise SystemExit(f"{run}: no run_config.json here or in the folder above")
+    config = json.loads(config_file.read_text())
     if not history:
         raise SystemExit(f"{run}: empty history")
     return {"run": str(run), "label": label or run.name, "history": history,

@@ -4,6 +4,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -43,3 +45,17 @@ def test_wall_time_adds_up_segments_of_resumed_runs():
     assert mod.wall_minutes([{"elapsed_s": 60.0}, {"elapsed_s": 120.0}, {"elapsed_s": 30.0},
                              {"elapsed_s": 90.0}]) == 3.5
     assert mod.wall_minutes([{"step": 1}]) is None
+
+
+def test_a_chain_phase_uses_the_chains_run_config(tmp_path):
+    mod = _module()
+    _fake_run(tmp_path / "chain", [0.7], 0.2)
+    phase = tmp_path / "chain" / "teacher"
+    phase.mkdir()
+    (phase / "history.json").write_text(json.dumps({"history": [{"step": 50, "value": 0.9}]}))
+    run = mod.load_run(f"{phase}=teacher")
+    assert (run["label"], run["argv"]) == ("teacher", ["train", "--k", "4"])
+    (tmp_path / "lone").mkdir()
+    (tmp_path / "lone" / "history.json").write_text(json.dumps({"history": [{"step": 50, "value": 0.9}]}))
+    with pytest.raises(SystemExit, match="no run_config.json"):
+        mod.load_run(str(tmp_path / "lone"))
