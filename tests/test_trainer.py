@@ -137,3 +137,39 @@ def test_auxiliary_losses_train_and_are_logged(make_model):
         assert row[name] > 0
     assert row["train_loss"] > 0 and row["elapsed_s"] >= 0
     assert any(not torch.equal(a, b) for a, b in zip(before, m.encoder.parameters()))
+
+
+@pytest.mark.parametrize("values, steps, warned", [
+    ([0.96], 2, False),              # reached after the first round: no more
+    ([0.5, 0.7, 0.97], 6, False),    # reached in round 3
+    ([0.5, 0.6, 0.7, 0.99], 6, True),  # never reached within 3 rounds: warns, goes on
+])
+def test_phase_trains_more_rounds_until_its_threshold(make_model, tmp_path, monkeypatch, values, steps, warned):
+    import ktm.trainer as trainer_mod
+
+    scripted = iter(values)
+    monkeypatch.setattr(trainer_mod, "evaluate",
+                        lambda model, task, **kw: {"metric": "accuracy", "value": next(scripted), "n": 1})
+    lines = []
+    cfg = TrainConfig(steps=2, batch_size=4, phase_threshold=0.95, phase_rounds=3)
+    _, trainer = trainer_mod._train_phase(make_model(k=2), cfg, tmp_path / "phase", [LastChar()], 2,
+                                          lines.append, "teacher")
+    assert trainer.step == steps
+    assert [row["step"] for row in trainer.history] == list(range(2, steps + 1, 2))
+    assert any("WARNING" in line for line in lines) == warned
+    assert sum("one more round" in line for line in lines) == steps // 2 - 1
+
+
+def test_phase_threshold_needs_an_accuracy_task(make_model, tmp_path):
+    import ktm.trainer as trainer_mod
+
+    class Perplexity(LastChar):
+        metric = "perplexity"
+
+    with pytest.raises(ValueError, match="held-out accuracy"):
+        trainer_mod._train_phase(make_model(k=2), TrainConfig(steps=2, phase_threshold=0.9), tmp_path,
+                                 [Perplexity()], 2, print)
+    with pytest.raises(ValueError, match="phase_threshold"):
+        TrainConfig(phase_threshold=1.5)
+    with pytest.raises(ValueError, match="phase_rounds"):
+        TrainConfig(phase_rounds=0)

@@ -114,6 +114,12 @@ class TrainConfig:
     grow_steps: int | None = _help(
         "steps per task of each smaller model that --grow-from auto trains (default: --steps)",
         default=None)
+    phase_threshold: float | None = _help(
+        "held-out accuracy that the automatic teacher and smaller models must reach before the "
+        "next phase starts: a phase below it trains more rounds of its steps on the last task, "
+        "at most phase_rounds rounds in all (default: none, a fixed number of steps)",
+        default=None)
+    phase_rounds: int = _help("most rounds of a phase with phase_threshold", default=3)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum"):
@@ -133,6 +139,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0")
         if self.grow_steps is not None and self.grow_steps < 1:
             raise ValueError(f"grow_steps must be >= 1, got {self.grow_steps}")
+        if self.phase_threshold is not None and not 0.0 < self.phase_threshold <= 1.0:
+            raise ValueError(f"phase_threshold is an accuracy in (0, 1], got {self.phase_threshold}")
+        if self.phase_rounds < 1:
+            raise ValueError(f"phase_rounds must be >= 1, got {self.phase_rounds}")
 
 
 def to_dict(cfg) -> dict:

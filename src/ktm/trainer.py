@@ -302,15 +302,34 @@ def clear_output(output_dir: str | Path) -> None:
 
 
 def _train_phase(model, cfg: TrainConfig, folder: Path, tasks: list[Task], steps_per_task: int,
-                 log) -> tuple[Path, "Trainer"]:
+                 log, name: str = "phase") -> tuple[Path, "Trainer"]:
     """Train ``model`` in ``folder`` for ``steps_per_task`` steps on each task in turn,
-    resuming from the folder's checkpoint; returns the final model folder and the trainer."""
+    resuming from the folder's checkpoint; returns the final model folder and the trainer.
+
+    With ``cfg.phase_threshold``, rounds of ``steps_per_task`` more steps on the last task
+    follow while its held-out accuracy is below the threshold, up to ``cfg.phase_rounds``
+    rounds on it in all. Rounds are counted from the step, so a resumed phase goes on
+    where it stopped."""
+    threshold = cfg.phase_threshold
+    if threshold is not None and any(t.metric != "accuracy" for t in tasks):
+        raise ValueError("phase_threshold is a held-out accuracy; this task is scored by "
+                         f"{tasks[-1].metric}")
     trainer = Trainer(model, cfg, output_dir=folder, log=log)
     trainer.resume()
     for i, task in enumerate(tasks):
         remaining = (i + 1) * steps_per_task - trainer.step
         if remaining > 0:
             trainer.fit(task, steps=remaining)
+    if threshold is not None:
+        limit = (len(tasks) - 1 + cfg.phase_rounds) * steps_per_task
+        while trainer.history[-1]["value"] < threshold and trainer.step < limit:
+            log(f"{name}: held-out accuracy {trainer.history[-1]['value']:.4f} < {threshold}, "
+                f"one more round (round {trainer.step // steps_per_task - len(tasks) + 2} of "
+                f"{cfg.phase_rounds})")
+            trainer.fit(tasks[-1], steps=steps_per_task - trainer.step % steps_per_task)
+        if trainer.history[-1]["value"] < threshold:
+            log(f"{name}: WARNING: held-out accuracy {trainer.history[-1]['value']:.4f} is still below "
+                f"{threshold} after {cfg.phase_rounds} rounds; going on with it")
     return trainer.save_final(), trainer
 
 
@@ -337,7 +356,7 @@ def train_teacher(tasks: list[Task], output_dir: str | Path, model_cfg: ModelCon
     options = {k: v for k, v in to_dict(t_model).items() if k != "k"}
     model = KTokenMerging.from_base(base, k=1, device=device, dtype=dtype, seed=t_train.seed, **options)
     log(f"teacher: training K = 1 for {t_train.steps} steps in {folder}")
-    path, trainer = _train_phase(model, t_train, folder, tasks, train_cfg.teacher_steps, log)
+    path, trainer = _train_phase(model, t_train, folder, tasks, train_cfg.teacher_steps, log, "teacher")
     last = trainer.history[-1] if trainer.history else {}
     if "value" in last:
         note = f" (majority {last['majority_rate']:.4f})" if "majority_rate" in last else ""
@@ -395,7 +414,7 @@ def train_smaller(tasks: list[Task], output_dir: str | Path, model_cfg: ModelCon
     per_task = train_cfg.grow_steps or train_cfg.steps
     cfg = dataclasses.replace(train_cfg, steps=per_task * len(tasks), grow_from=None)
     log(f"grow: training K = {sub_k} (stages {list(sub_stages)}) for {cfg.steps} steps in {folder}")
-    path, trainer = _train_phase(model, cfg, folder, tasks, per_task, log)
+    path, trainer = _train_phase(model, cfg, folder, tasks, per_task, log, f"grow K = {sub_k}")
     if trainer.history:
         last = trainer.history[-1]
         log(f"grow: K = {sub_k} held-out {last['metric']} {last['value']:.4f}")
