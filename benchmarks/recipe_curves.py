@@ -3,9 +3,10 @@
     python benchmarks/recipe_curves.py RUN_DIR[=LABEL] ... --out docs/recipes/NAME
 
 Reads each run's history.json and run_config.json (for a phase of a chained run, such as
-OUT/teacher or OUT/grow-k2, the chain's run_config.json one folder up) and writes NAME.png (held-out accuracy
-against training step, with the majority-class rate), NAME.md (a table: accuracy at each
-evaluation, final task loss, wall time) and NAME.json (the numbers). Prints the table.
+OUT/teacher or OUT/grow-k2, the chain's run_config.json one folder up) and writes NAME.png
+(held-out accuracy against training step, with the majority-class rate), NAME.md (a table:
+accuracy at each evaluation, final task loss, wall time) and NAME.json (the numbers).
+Prints the table.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -116,7 +117,7 @@ def main(argv=None) -> None:
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        command = "python benchmarks/tree_errors.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+        command = "python benchmarks/tree_errors.py " + " ".join(argv if argv is not None else sys.argv[1:])
         out.with_suffix(".md").write_text(f"`{command}`\n\nAccuracy in %, by relation of Parent to Child.\n\n"
                                           f"{text}\n")
         out.with_suffix(".json").write_text(json.dumps({"command": command, "results": results}, indent=1))

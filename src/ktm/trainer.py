@@ -311,8 +311,8 @@ def _train_phase(model, cfg: TrainConfig, folder: Path, tasks: list[Task], steps
     rounds on it in all. Rounds are counted from the step, so a resumed phase goes on
     where it stopped."""
     threshold = cfg.phase_threshold
-    if threshold is not None and any(t.metric != "accuracy" for t in tasks):
-        raise ValueError("phase_threshold is a held-out accuracy; this task is scored by "
+    if threshold is not None and tasks[-1].metric != "accuracy":
+        raise ValueError(f"phase_threshold is a held-out accuracy; task {tasks[-1].name!r} is scored by "
                          f"{tasks[-1].metric}")
     trainer = Trainer(model, cfg, output_dir=folder, log=log)
     trainer.resume()
