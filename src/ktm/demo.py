@@ -70,7 +70,7 @@ def run_demo(steps: int | None = None, k: int = 4, out: str = "runs/demo", num_t
         log(f"-> K = {k} is still at (or below) the majority class after {steps} steps "
             f"({margin:+.1%}). Merged prompts learn slowly with this recipe; with a K = 1 teacher, "
             f"`ktm train --recipe hierarchical --k 4 --grow-steps 600 --steps 900` learned K = 4 "
-            f"in about 2 CPU hours (docs/RECIPES.md).")
+            f"with seed 0 in about 2 CPU hours; seed 1 did not (docs/RECIPES.md).")
     log(f"prompt length: {res['prompt_tokens']:.1f} tokens -> {res['merged_length']:.1f} merged "
         f"embeddings ({1 - res['merged_length'] / res['prompt_tokens']:.0%} shorter)")
     log(f"prefill of {len(prompts)} prompts (median of {timing['repeats']}): merged "
