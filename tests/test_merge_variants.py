@@ -1,0 +1,111 @@
+"""benchmarks/merge_variants.py: block layouts, attention pooling, mixed K and the probe."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ktm.blocks import num_blocks
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def mod():
+    spec = importlib.util.spec_from_file_location("merge_variants", ROOT / "benchmarks" / "merge_variants.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from(["a", "b", ",", "\n", "x\n", " c"]), min_size=1, max_size=30),
+       st.sampled_from(["fixed", "lines", "tail0", "tail3", "tail50"]))
+def test_segments_cover_the_prompt_in_order(mod, pieces, layout):
+    segs = mod.segment_lengths(pieces, layout)
+    assert sum(segs) == len(pieces) and all(n >= 1 for n in segs)
+    if layout == "lines":  # every piece but the last ends with a separator, and none inside
+        ends = [sum(segs[:i + 1]) - 1 for i in range(len(segs))]
+        for i, text in enumerate(pieces):
+            has_sep = any(s in text for s in mod.SEPARATORS)
+            assert has_sep <= (i in ends)
+
+
+def test_unknown_layout(mod):
+    with pytest.raises(ValueError, match="unknown layout"):
+        mod.segment_lengths(["a"], "tailx")
+
+
+def test_lines_layout_merges_each_piece_from_its_start(mod, make_model):
+    m = make_model(k=3)
+    ids = m.tokenize(["a\ncdef,gh"])
+    fixed = m.merge_ids(ids)[0]
+    mod.use_layout(m, "lines")
+    merged = m.merge_ids(ids)[0]
+    # pieces "a\n" (2), "cdef," (5), "gh" (2) -> 1 + 2 + 1 blocks, against ceil(9 / 3) = 3
+    assert fixed.shape[0] == 3 and merged.shape[0] == sum(num_blocks(n, 3) for n in (2, 5, 2)) == 4
+    emb = m._embedding(torch.tensor(ids[0]))
+    assert torch.allclose(merged[1], emb[2:5].mean(0), atol=1e-6)  # "cde"
+    assert torch.allclose(merged[2], emb[5:7].mean(0), atol=1e-6)  # "f," (partial: mean of its tokens)
+    assert not torch.allclose(merged[1], fixed[1])
+    mod.use_layout(m, "fixed")
+    assert torch.equal(m.merge_ids(ids)[0], fixed)
+
+
+def test_tail_layout_leaves_tokens_unmerged(mod, make_model):
+    m = make_model(k=4)
+    mod.use_layout(m, "tail3")
+    ids = m.tokenize(["abcdefgh"])
+    merged = m.merge_ids(ids)[0]
+    assert merged.shape[0] == 2 + 3
+    assert torch.allclose(merged[-3:], m._embedding(torch.tensor(ids[0][-3:])), atol=1e-6)
+
+
+def test_attention_pool_starts_as_the_mean_and_learns_weights(mod, make_model):
+    m = make_model(k=4)
+    m.encoder = mod.AttentionPool(m.encoder)
+    x = torch.randn(5, 4, m.encoder.dim)
+    assert torch.allclose(m.encoder(x), x.mean(-2), atol=1e-6)
+    out = m(["abcdefg"], ["x"])
+    out.loss.backward()
+    assert m.encoder.v.grad is not None and m.encoder.v.grad.abs().sum() > 0
+
+
+def test_mixed_k_trains_on_both_halves_and_evaluates_merged(mod, make_model):
+    m = make_model(k=2)
+    mod.use_mixed_k(m, 0.5)
+    m.train()
+    out = m(["abcd", "efgh", "ijkl", "mnop"], ["x", "y", "z", "w"])
+    assert set(out.parts) == {"task", "plain"}
+    assert out.targets.numel() == 4  # the merged half: 2 rows x (answer + end)
+    assert m.k == 2
+    m.eval()
+    assert m(["abcd"], ["x"]).parts.keys() == {"task"}
+
+
+def test_probe_accuracy_separates_separable_data(mod):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 8, generator=g)
+    y = (x[:, 0] > 0).float()
+    xt = torch.randn(100, 8, generator=g)
+    assert mod.probe_accuracy(x, y, xt, (xt[:, 0] > 0).float(), l2=1e-4) > 0.9
+    noise = (torch.rand(100, generator=g) > 0.5).float()
+    assert mod.probe_accuracy(x, (torch.rand(200, generator=g) > 0.5).float(), xt, noise) < 0.7
+
+
+def test_probe_runs_on_a_tiny_model(mod, tmp_path, tokenizer, capsys):
+    from conftest import tiny_llama
+
+    base = tmp_path / "base"
+    tiny_llama(len(tokenizer), max_position_embeddings=512).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    mod.main(["probe", "--model", str(base), "--k", "1", "2", "--layout", "fixed", "lines",
+              "--num-trees", "60", "--train-examples", "40", "--out", str(tmp_path / "p")])
+    data = json.loads((tmp_path / "p.json").read_text())
+    assert [(r["k"], r["layout"]) for r in data["rows"]] == [(1, "fixed"), (2, "fixed"), (2, "lines")]
+    assert all(0.0 <= r["best"] <= 1.0 for r in data["rows"])
+    assert "| 2 | lines |" in (tmp_path / "p.md").read_text()
