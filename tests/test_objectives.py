@@ -179,3 +179,40 @@ def test_distillation_is_the_same_with_or_without_alignment(make_model):
     alone = m(PROMPTS, ANSWERS, distill=1.0).parts["distill"]
     both = m(PROMPTS, ANSWERS, distill=1.0, align=1.0).parts["distill"]
     torch.testing.assert_close(both, alone)
+
+
+@pytest.mark.parametrize("mode", ["cosine", "standardized"])
+def test_alignment_modes_zero_when_teacher_reads_the_same_input(make_model, mode):
+    student, teacher = make_model(k=1), make_model(k=1)
+    out = student(PROMPTS, ANSWERS, align=1.0, align_mode=mode, teacher=teacher)
+    assert out.parts["align"].abs().item() < 1e-5
+    merged = make_model(k=2)(PROMPTS, ANSWERS, align=1.0, align_mode=mode, teacher=teacher)
+    assert 1e-4 < merged.parts["align"].item() <= 2.0
+
+
+def test_standardized_alignment_by_hand_and_without_the_sink(make_model):
+    from ktm.objectives import alignment_loss
+
+    m = make_model(k=2)
+    ids = m.tokenize(PROMPTS)
+    g = torch.Generator().manual_seed(0)
+    t_states = [torch.randn(3, 12, 32, generator=g) for _ in range(3)]
+    s_states = [torch.randn(3, 6, 32, generator=g) for _ in range(3)]
+    rows, s_cols, t_cols = distill_positions([len(x) for x in ids], 2, include_last=True)
+    keep = s_cols > 0
+    rows, s_cols, t_cols = rows[keep], s_cols[keep], t_cols[keep]
+    want = []
+    for s, t in zip(s_states[1:], t_states[1:]):
+        t_, s_ = t[rows, t_cols], s[rows, s_cols]
+        mu, sd = t_.mean(0), t_.std(0)
+        want.append(1 - F.cosine_similarity((s_ - mu) / sd, (t_ - mu) / sd, dim=-1).mean())
+    got = alignment_loss(m, ids, s_states, t_states, "standardized")
+    torch.testing.assert_close(got, torch.stack(want).mean())
+    # the first merged position (the attention sink) is left out, unlike in cosine mode
+    cosine = alignment_loss(m, ids, s_states, t_states, "cosine")
+    for s in s_states:
+        s[:, 0] = 1e4
+    torch.testing.assert_close(alignment_loss(m, ids, s_states, t_states, "standardized"), got)
+    assert not torch.allclose(alignment_loss(m, ids, s_states, t_states, "cosine"), cosine)
+    with pytest.raises(ValueError, match="alignment mode"):
+        alignment_loss(m, ids, s_states, t_states, "l2")

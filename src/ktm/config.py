@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .blocks import check_k
 from .encoder import INITS
+from .objectives import ALIGN_MODES
 
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -101,6 +102,10 @@ class TrainConfig:
     align: float = _help(
         "weight of hidden-state alignment with the teacher at every block end and layer "
         "(0: off; ktm.objectives)", default=0.0)
+    align_mode: str = _help(
+        "alignment distance: 'cosine' on the raw hidden states, or 'standardized' (per-dimension "
+        "standardised by the teacher's batch statistics, attention-sink position left out)",
+        default="cosine")
     teacher: str | None = _help(
         "a saved K = 1 ktm model to distil/align from, or 'auto' to train one first on the "
         "same task in OUT/teacher (default: the base model itself)", default=None)
@@ -137,6 +142,8 @@ class TrainConfig:
                      "reconstruct_rows", "align", "teacher_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
+        if self.align_mode not in ALIGN_MODES:
+            raise ValueError(f"align_mode must be one of {ALIGN_MODES}, got {self.align_mode!r}")
         if self.grow_steps is not None and self.grow_steps < 1:
             raise ValueError(f"grow_steps must be >= 1, got {self.grow_steps}")
         if self.phase_threshold is not None and not 0.0 < self.phase_threshold <= 1.0:

@@ -223,14 +223,15 @@ class KTokenMerging(nn.Module):
     # ------------------------------------------------------------------ training
     def forward(self, prompts: list[str], answers: list[str], *, reconstruct: float = 0.0,
                 distill: float = 0.0, reconstruct_rows: int | None = None, align: float = 0.0,
-                teacher: "KTokenMerging | None" = None) -> LossOutput:
+                teacher: "KTokenMerging | None" = None, align_mode: str = "cosine") -> LossOutput:
         """Next-token cross-entropy over each answer's tokens and the end token.
 
         The LLM reads [merged prompt][answer tokens][end token] per row (right-padded,
         padding masked); vocabulary logits are computed only where a target exists.
         ``reconstruct`` and ``distill`` add the auxiliary losses of :mod:`ktm.objectives`
         with these weights (reconstruction on the first ``reconstruct_rows`` rows only, when
-        given); ``align`` adds the hidden-state alignment. Distillation and alignment learn
+        given); ``align`` adds the hidden-state alignment (``align_mode``, see
+        :func:`ktm.objectives.alignment_loss`). Distillation and alignment learn
         from ``teacher`` (a K = 1 model reading the plain prompts; default: the base model).
         ``loss`` is then the weighted sum and ``parts`` has each term.
         """
@@ -261,7 +262,7 @@ class KTokenMerging(nn.Module):
             parts["distill"] = term.detach()
             loss = loss + distill * term
         if align:
-            term = objectives.alignment_loss(self, p_ids, dec.hidden_states, t_states)
+            term = objectives.alignment_loss(self, p_ids, dec.hidden_states, t_states, align_mode)
             parts["align"] = term.detach()
             loss = loss + align * term
         if reconstruct:

@@ -137,24 +137,48 @@ def distillation_loss(model, prompt_ids: list[list[int]], student_hidden: torch.
     return F.kl_div(student, target, log_target=True, reduction="batchmean")
 
 
+ALIGN_MODES = ("cosine", "standardized")
+
+
 def alignment_loss(model, prompt_ids: list[list[int]], student_states: Sequence[torch.Tensor],
-                   teacher_states: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Mean cosine distance between the student's and the teacher's hidden states, over every
-    layer and every block end, the last block included.
+                   teacher_states: Sequence[torch.Tensor], mode: str = "cosine") -> torch.Tensor:
+    """Mean distance between the student's and the teacher's hidden states, over every layer
+    and every block end, the last block included.
 
     After merged block ``j`` the student should carry what the teacher carries after the
     last token of that block (``min((j + 1) K, n) - 1``), layer by layer: with a teacher
     trained on the task this hands over its intermediate computation, not just its answer.
-    Cosine, not squared error, so a few massive activations do not dominate. Both state
-    tuples are as returned with ``output_hidden_states`` (embeddings first).
+    Both state tuples are as returned with ``output_hidden_states`` (embeddings first).
+
+    ``mode="cosine"``: 1 - cosine similarity of the raw states (not squared error, so a few
+    massive activations do not dominate). ``mode="standardized"``: the same on states
+    standardised per dimension by the teacher's mean and standard deviation over the
+    batch's aligned positions, and without the first merged position. Raw states share a
+    large common component, so a small raw cosine distance can still miss the directions
+    in which examples differ, which are the ones that carry the answer; standardising
+    weighs those. The first merged position is the attention sink (its hidden state is
+    huge at every K) and its teacher position, ``K - 1``, is not, so it is left alone.
     """
+    if mode not in ALIGN_MODES:
+        raise ValueError(f"alignment mode must be one of {ALIGN_MODES}, got {mode!r}")
     rows, s_cols, t_cols = distill_positions([len(x) for x in prompt_ids], model.k, include_last=True)
+    if mode == "standardized":
+        keep = s_cols > 0
+        rows, s_cols, t_cols = rows[keep], s_cols[keep], t_cols[keep]
+        if rows.numel() < 2:  # no statistics from fewer than two positions
+            return student_states[-1].new_zeros(())
     dev = model.device
     rows, s_cols, t_cols = rows.to(dev), s_cols.to(dev), t_cols.to(dev)
     if len(teacher_states) != len(student_states):
         raise ValueError(f"teacher has {len(teacher_states) - 1} layers, student {len(student_states) - 1}")
-    terms = [1 - F.cosine_similarity(s[rows, s_cols].float(), t[rows, t_cols].float(), dim=-1).mean()
-             for s, t in zip(student_states[1:], teacher_states[1:])]
+    terms = []
+    for s, t in zip(student_states[1:], teacher_states[1:]):
+        s, t = s[rows, s_cols].float(), t[rows, t_cols].float()
+        if mode == "standardized":
+            mu, sd = t.mean(0), t.std(0)
+            sd = sd.clamp_min(1e-3 * float(sd.mean()) + 1e-8)
+            s, t = (s - mu) / sd, (t - mu) / sd
+        terms.append(1 - F.cosine_similarity(s, t, dim=-1).mean())
     return torch.stack(terms).mean()
 
 

@@ -152,6 +152,7 @@ class Trainer:
                     out = self.wrapped([e.prompt for e in chunk], [e.answer for e in chunk],
                                        reconstruct=cfg.reconstruct, distill=cfg.distill,
                                        reconstruct_rows=cfg.reconstruct_rows, align=cfg.align,
+                                       align_mode=cfg.align_mode,
                                        teacher=self.teacher)
                     acc.backward(out.loss)
                     if acc.sync_gradients and cfg.max_grad_norm:
