@@ -30,6 +30,18 @@ def char_tokenizer():
                                    eos_token="<eos>")
 
 
+def load_benchmark(name):
+    """Import ``benchmarks/NAME.py`` (a script folder, not a package) as a module."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def tiny_llama(vocab_size, seed=0, tie=True, **kw):
     from transformers import LlamaConfig, LlamaForCausalLM
 

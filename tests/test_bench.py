@@ -257,10 +257,10 @@ def test_peak_memory_sees_an_allocation():
 def test_run_speed_smoke(make_model, tmp_path):
     m = make_model(k=1)
     lines = []
-    res = bench.run_speed(m, modes=bench.MODES, lengths=[8, 24], ks=[4], batch_sizes=[1, 2],
-                          max_batch_tokens=32, repeats=2, warmup=0, new_tokens=3, decode_length=12,
-                          release_repeats=1, train_batch_size=2, train_long_length=20, corpus=None,
-                          out=tmp_path, command="test", log=lines.append)
+    bench.run_speed(m, modes=bench.MODES, lengths=[8, 24], ks=[4], batch_sizes=[1, 2],
+                    max_batch_tokens=32, repeats=2, warmup=0, new_tokens=3, decode_length=12,
+                    release_repeats=1, train_batch_size=2, train_long_length=20, corpus=None,
+                    out=tmp_path, command="test", log=lines.append)
     files = {p.name for p in tmp_path.iterdir()}
     assert files == {"speed.json", "speed.md", "speed.png"}
     saved = json.loads((tmp_path / "speed.json").read_text())

@@ -1,8 +1,6 @@
 """benchmarks/merge_variants.py: block layouts, attention pooling, mixed K and the probe."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,15 +9,11 @@ from hypothesis import strategies as st
 
 from ktm.blocks import num_blocks
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
 @pytest.fixture(scope="module")
 def mod():
-    spec = importlib.util.spec_from_file_location("merge_variants", ROOT / "benchmarks" / "merge_variants.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from conftest import load_benchmark
+
+    return load_benchmark("merge_variants")
 
 
 @settings(max_examples=60, deadline=None)

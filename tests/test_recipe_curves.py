@@ -1,19 +1,15 @@
 """benchmarks/recipe_curves.py on fake run folders: table cells, files written."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _module():
-    spec = importlib.util.spec_from_file_location("recipe_curves", ROOT / "benchmarks" / "recipe_curves.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from conftest import load_benchmark
+
+    return load_benchmark("recipe_curves")
 
 
 def _fake_run(folder: Path, values, loss):

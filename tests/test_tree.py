@@ -290,13 +290,9 @@ def test_doctests():
 
 
 def test_name_token_script_finds_the_names_in_tree_and_question(tokenizer):
-    import importlib.util
-    from pathlib import Path
+    from conftest import load_benchmark
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "tree_name_tokens.py"
-    spec = importlib.util.spec_from_file_location("tree_name_tokens", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("tree_name_tokens")
     prompt = "Tree: KF\n+UD\n+TD, Task: Parent/Child Relationship, Parent: KF, Child: UD, Answer: "
     pairs = mod.name_token_ids(tokenizer, prompt)  # one token per character
     kf, ud = tuple(tokenizer.convert_tokens_to_ids(list("KF"))), tuple(tokenizer.convert_tokens_to_ids(list("UD")))

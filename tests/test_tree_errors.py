@@ -1,22 +1,16 @@
 """benchmarks/tree_errors.py: relations of the asked nodes, and a run on a tiny saved model."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from ktm.tasks import TreeTask
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
 @pytest.fixture(scope="module")
 def mod():
-    spec = importlib.util.spec_from_file_location("tree_errors", ROOT / "benchmarks" / "tree_errors.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from conftest import load_benchmark
+
+    return load_benchmark("tree_errors")
 
 
 @pytest.mark.parametrize("stage", ["small", "medium"])
