@@ -11,7 +11,9 @@ prompt (merged with a mean encoder, no LoRA update), takes the hidden state of t
 prompt position at several layers, and fits a logistic-regression probe on training
 questions. Held-out probe accuracy well above the majority class means the base model's
 own circuits find the answer in that input; K = 1 learns the tree task fast because they
-do. Prints a table (layout x layer) and writes OUT.md / OUT.json with ``--out``.
+do. It also reports the norm of the hidden state at the first position, the attention
+sink, against the other positions: merging the first block must not remove the sink.
+Prints a table (layout x layer) and writes OUT.md / OUT.json with ``--out``.
 
 ``train`` runs the ``fast`` recipe with one change, through ktm's own trainer (history in
 ``OUT/history.json``, settings in ``OUT/run_config.json``; plot with
@@ -45,6 +47,7 @@ from torch import nn
 
 SEPARATORS = ("\n", ",")
 LAYERS = (4, 8, 12, 16, 20, 24, 30)
+SINK_LAYER = 20  # where SmolLM2's attention sink is clearest (hidden-state norm ~100x the rest)
 
 
 # ---------------------------------------------------------------- block layouts
@@ -143,18 +146,25 @@ def use_mixed_k(model, plain_fraction: float = 0.5) -> None:
 
 
 # ---------------------------------------------------------------- probe
-def last_states(model, prompts: list[str], layers=LAYERS, batch: int = 64) -> torch.Tensor:
-    """(N, len(layers), d) hidden states at each prompt's last merged position."""
+def last_states(model, prompts: list[str], layers=LAYERS, batch: int = 64) -> tuple[torch.Tensor, dict]:
+    """(N, len(layers), d) hidden states at each prompt's last merged position, and the
+    mean norm of the states at the first position (the attention sink) and at the others,
+    at layer :data:`SINK_LAYER` (or the last)."""
     from ktm.blocks import position_ids
 
-    out = []
+    out, sink, rest = [], [], []
     with torch.no_grad():
         for i in range(0, len(prompts), batch):
-            embeds, mask = model.merge_prompts(prompts[i:i + batch], side="left")
+            embeds, mask = model.merge_prompts(prompts[i:i + batch], side="right")
             hs = model._decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids(mask),
                                 output_hidden_states=True).hidden_states
-            out.append(torch.stack([hs[min(L, len(hs) - 1)][:, -1] for L in layers], 1).float())
-    return torch.cat(out)
+            last = mask.sum(1) - 1
+            rows = torch.arange(len(last))
+            out.append(torch.stack([hs[min(L, len(hs) - 1)][rows, last] for L in layers], 1).float())
+            norms = hs[min(SINK_LAYER, len(hs) - 1)].norm(dim=-1).float()
+            sink.append(norms[:, 0])
+            rest.append(norms[:, 1:][mask[:, 1:].bool()])
+    return torch.cat(out), {"sink_norm": float(torch.cat(sink).mean()), "other_norm": float(torch.cat(rest).mean())}
 
 
 def probe_accuracy(x: torch.Tensor, y: torch.Tensor, xt: torch.Tensor, yt: torch.Tensor,
@@ -201,20 +211,22 @@ def cmd_probe(args) -> int:
             model.config.k = k
             model.encoder = build_encoder(k, model.encoder.dim, None, "mean", False, None)
             use_layout(model, layout)
-            feats, feats_t = last_states(model, [e.prompt for e in train], layers), \
-                last_states(model, [e.prompt for e in test], layers)
+            feats, _ = last_states(model, [e.prompt for e in train], layers)
+            feats_t, norms = last_states(model, [e.prompt for e in test], layers)
             accs = [probe_accuracy(feats[:, i], y, feats_t[:, i], yt) for i in range(len(layers))]
             lengths = [len(m) for m in model.merge_ids(model.tokenize([e.prompt for e in test]))]
             row = {"k": k, "layout": layout, "merged_length": sum(lengths) / len(lengths),
-                   "accuracy_by_layer": dict(zip(map(str, layers), accs)), "best": max(accs)}
+                   "accuracy_by_layer": dict(zip(map(str, layers), accs)), "best": max(accs), **norms}
             rows.append(row)
             print(f"K={k} {layout}: best {100 * row['best']:.1f}% " +
                   " ".join(f"L{L}:{100 * a:.1f}" for L, a in zip(layers, accs)), flush=True)
-    head = "| K | layout | merged length | " + " | ".join(f"layer {L}" for L in layers) + " | best |"
-    lines = [head, "|" + " --- |" * (len(layers) + 4)]
+    head = ("| K | layout | merged length | " + " | ".join(f"layer {L}" for L in layers) +
+            f" | best | norm at position 0 / elsewhere (layer {SINK_LAYER}) |")
+    lines = [head, "|" + " --- |" * (len(layers) + 5)]
     for r in rows:
         accs = " | ".join(f"{100 * a:.1f}" for a in r["accuracy_by_layer"].values())
-        lines.append(f"| {r['k']} | {r['layout']} | {r['merged_length']:.1f} | {accs} | {100 * r['best']:.1f} |")
+        lines.append(f"| {r['k']} | {r['layout']} | {r['merged_length']:.1f} | {accs} | {100 * r['best']:.1f} | "
+                     f"{r['sink_norm']:.0f} / {r['other_norm']:.0f} |")
     lines.append(f"\nProbe accuracy in % on {len(test)} held-out questions (majority class "
                  f"{100 * majority:.1f}%), trained on {len(train)}.")
     table = "\n".join(lines)
