@@ -3,7 +3,7 @@
 Two subcommands, on the Textualized Tree and the embedded SmolLM2-135M by default:
 
     python benchmarks/merge_variants.py probe --k 1 2 4 --layout fixed lines tail12 \
-        --out docs/recipes/probe
+        [--checkpoint runs/k1/model=K1-trained ...] --out docs/recipes/probe
     python benchmarks/merge_variants.py train --k 4 --variant lines --out runs/variants/k4-lines
 
 ``probe`` asks whether the *untrained* model already computes the answer: it reads each
@@ -199,11 +199,24 @@ def cmd_probe(args) -> int:
     y = torch.tensor([e.answer == "true" for e in train]).float()
     yt = torch.tensor([e.answer == "true" for e in test]).float()
     majority = max(float(yt.mean()), 1 - float(yt.mean()))
-    # one model; K, encoder and layout are swapped in turn (LoRA stays at its zero start)
+    rows = []
+
+    def probe(model, k, layout, label=None):
+        feats, _ = last_states(model, [e.prompt for e in train], layers)
+        feats_t, norms = last_states(model, [e.prompt for e in test], layers)
+        accs = [probe_accuracy(feats[:, i], y, feats_t[:, i], yt) for i in range(len(layers))]
+        lengths = [len(m) for m in model.merge_ids(model.tokenize([e.prompt for e in test]))]
+        row = {"k": k, "layout": layout, "model": label or "untrained",
+               "merged_length": sum(lengths) / len(lengths),
+               "accuracy_by_layer": dict(zip(map(str, layers), accs)), "best": max(accs), **norms}
+        rows.append(row)
+        print(f"K={k} {layout} {row['model']}: best {100 * row['best']:.1f}% " +
+              " ".join(f"L{L}:{100 * a:.1f}" for L, a in zip(layers, accs)), flush=True)
+
+    # one untrained model; K, encoder and layout are swapped in turn (LoRA stays at zero)
     model = KTokenMerging.from_base(args.model, k=1, seed=args.seed).eval()
     depth = model._decoder.config.num_hidden_layers
     layers = [L for L in LAYERS if L <= depth] or [depth]
-    rows = []
     for k in args.k:
         for layout in args.layout:
             if k == 1 and layout != "fixed":
@@ -211,22 +224,18 @@ def cmd_probe(args) -> int:
             model.config.k = k
             model.encoder = build_encoder(k, model.encoder.dim, None, "mean", False, None)
             use_layout(model, layout)
-            feats, _ = last_states(model, [e.prompt for e in train], layers)
-            feats_t, norms = last_states(model, [e.prompt for e in test], layers)
-            accs = [probe_accuracy(feats[:, i], y, feats_t[:, i], yt) for i in range(len(layers))]
-            lengths = [len(m) for m in model.merge_ids(model.tokenize([e.prompt for e in test]))]
-            row = {"k": k, "layout": layout, "merged_length": sum(lengths) / len(lengths),
-                   "accuracy_by_layer": dict(zip(map(str, layers), accs)), "best": max(accs), **norms}
-            rows.append(row)
-            print(f"K={k} {layout}: best {100 * row['best']:.1f}% " +
-                  " ".join(f"L{L}:{100 * a:.1f}" for L, a in zip(layers, accs)), flush=True)
-    head = ("| K | layout | merged length | " + " | ".join(f"layer {L}" for L in layers) +
+            probe(model, k, layout)
+    for spec in args.checkpoint:  # trained models, each with its own K and the paper's layout
+        path, _, label = spec.partition("=")
+        trained = KTokenMerging.from_pretrained(path, base=args.model).eval()
+        probe(trained, trained.k, "fixed", label or Path(path).parent.name)
+    head = ("| K | layout | model | merged length | " + " | ".join(f"layer {L}" for L in layers) +
             f" | best | norm at position 0 / elsewhere (layer {SINK_LAYER}) |")
-    lines = [head, "|" + " --- |" * (len(layers) + 5)]
+    lines = [head, "|" + " --- |" * (len(layers) + 6)]
     for r in rows:
         accs = " | ".join(f"{100 * a:.1f}" for a in r["accuracy_by_layer"].values())
-        lines.append(f"| {r['k']} | {r['layout']} | {r['merged_length']:.1f} | {accs} | {100 * r['best']:.1f} | "
-                     f"{r['sink_norm']:.0f} / {r['other_norm']:.0f} |")
+        lines.append(f"| {r['k']} | {r['layout']} | {r['model']} | {r['merged_length']:.1f} | {accs} | "
+                     f"{100 * r['best']:.1f} | {r['sink_norm']:.0f} / {r['other_norm']:.0f} |")
     lines.append(f"\nProbe accuracy in % on {len(test)} held-out questions (majority class "
                  f"{100 * majority:.1f}%), trained on {len(train)}.")
     table = "\n".join(lines)
@@ -291,10 +300,12 @@ def main(argv=None) -> int:
         s.add_argument("--seed", type=int, default=0)
         s.add_argument("--out", default=None)
     probe = sub.choices["probe"]
-    probe.add_argument("--k", type=int, nargs="+", default=[1, 2, 4])
+    probe.add_argument("--k", type=int, nargs="*", default=[1, 2, 4], help="untrained models to probe")
     probe.add_argument("--layout", nargs="+", default=["fixed"], help="fixed, lines, tailN")
     probe.add_argument("--train-examples", type=int, default=1500)
     probe.add_argument("--test-examples", type=int, default=0, help="0: all held-out questions")
+    probe.add_argument("--checkpoint", nargs="*", default=[], metavar="DIR[=LABEL]",
+                       help="also probe these trained ktm models (their own K)")
     train = sub.choices["train"]
     train.add_argument("--k", type=int, default=4)
     train.add_argument("--variant", required=True, help="lines, tailN, attention-pool or mixed-k")

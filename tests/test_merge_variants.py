@@ -94,12 +94,17 @@ def test_probe_accuracy_separates_separable_data(mod):
 def test_probe_runs_on_a_tiny_model(mod, tmp_path, tokenizer, capsys):
     from conftest import tiny_llama
 
+    from ktm import KTokenMerging
+
     base = tmp_path / "base"
     tiny_llama(len(tokenizer), max_position_embeddings=512).save_pretrained(base)
     tokenizer.save_pretrained(base)
+    KTokenMerging.from_base(str(base), k=2).save_pretrained(tmp_path / "k2")
     mod.main(["probe", "--model", str(base), "--k", "1", "2", "--layout", "fixed", "lines",
+              "--checkpoint", f"{tmp_path / 'k2'}=trained",
               "--num-trees", "60", "--train-examples", "40", "--out", str(tmp_path / "p")])
     data = json.loads((tmp_path / "p.json").read_text())
-    assert [(r["k"], r["layout"]) for r in data["rows"]] == [(1, "fixed"), (2, "fixed"), (2, "lines")]
+    assert [(r["k"], r["layout"], r["model"]) for r in data["rows"]] == [
+        (1, "fixed", "untrained"), (2, "fixed", "untrained"), (2, "lines", "untrained"), (2, "fixed", "trained")]
     assert all(0.0 <= r["best"] <= 1.0 for r in data["rows"])
-    assert "| 2 | lines |" in (tmp_path / "p.md").read_text()
+    assert "| 2 | lines | untrained |" in (tmp_path / "p.md").read_text()
