@@ -125,6 +125,33 @@ def test_curriculum_repeats_a_stage_until_its_threshold_and_resumes(make_model, 
     assert again.step == 6  # nothing left to do
 
 
+def test_curriculum_finishes_an_interrupted_round(make_model, tmp_path):
+    from ktm.trainer import train_curriculum
+
+    cfg = TrainConfig(steps=4, batch_size=4, eval_examples=8, lr=1e-4)
+    t = Trainer(make_model(k=2), cfg, output_dir=tmp_path, progress=False, log=lambda s: None)
+    # as if a round of 4 steps had been interrupted after a checkpoint at step 2
+    t.extra_state["curriculum"] = {"stage": 0, "round": 0, "end": 4}
+    t.fit(LastChar(), steps=2)
+    again = Trainer(make_model(k=2), cfg, output_dir=tmp_path, progress=False, log=lambda s: None)
+    assert again.resume() and again.step == 2
+    train_curriculum(again, [(LastChar(), None)], steps_per_round=4)
+    assert again.step == 4  # the round's remaining 2 steps, not a new round of 4
+    assert again.extra_state["curriculum"] == {"stage": 1, "round": 0}
+
+
+def test_curriculum_threshold_needs_an_accuracy_task(make_model):
+    from ktm.trainer import train_curriculum
+
+    class Perplexity(LastChar):
+        metric = "perplexity"
+
+    t = Trainer(make_model(k=2), TrainConfig(steps=2), progress=False)
+    with pytest.raises(ValueError, match="held-out accuracy"):
+        train_curriculum(t, [(Perplexity(), 0.5)], steps_per_round=2)
+    assert t.step == 0
+
+
 def test_auxiliary_losses_train_and_are_logged(make_model):
     teacher = make_model(k=1, seed=1)
     m = make_model(k=2)

@@ -269,26 +269,41 @@ def _load_optimizer(opt, tensors: dict[str, torch.Tensor], groups: list[dict]) -
     opt.load_state_dict({"state": dict(state), "param_groups": groups})
 
 
-def train_curriculum(trainer: Trainer, stages: list[tuple[Task, float]], steps_per_round: int,
-                     max_rounds: int = 3) -> list[dict]:
-    """Train stage after stage; a stage is repeated (``steps_per_round`` more steps) until
-    its held-out metric reaches its threshold or ``max_rounds`` rounds were run.
+def train_curriculum(trainer: Trainer, stages: list[tuple[Task, float | None]], steps_per_round: int,
+                     max_rounds: int = 3, name: str = "curriculum") -> list[dict]:
+    """Train stage after stage, in rounds of ``steps_per_round`` steps; a stage is repeated
+    until its held-out accuracy reaches its threshold or ``max_rounds`` rounds were run
+    (then a warning is logged and the next stage starts).
 
-    ``stages``: list of (task, threshold). The state (stage and round reached) is kept in
-    the checkpoint, so a resumed curriculum continues where it stopped.
+    ``stages``: list of (task, threshold); a threshold of None means one round, unchecked.
+    The position (stage, round, and the step at which the running round ends) is kept in
+    the checkpoint, so a resumed curriculum finishes an interrupted round and goes on.
+    Serves both ``ktm train --stage A B C`` and the phases of a chain (teacher, smaller K).
     """
+    for task, threshold in stages:
+        if threshold is not None and task.metric != "accuracy":
+            raise ValueError(f"a threshold is a held-out accuracy; task {task.name!r} is scored by {task.metric}")
     pos = trainer.extra_state.setdefault("curriculum", {"stage": 0, "round": 0})
     while pos["stage"] < len(stages):
         task, threshold = stages[pos["stage"]]
-        trainer.fit(task, steps=steps_per_round)
+        pos.setdefault("end", trainer.step + steps_per_round)
+        if trainer.step < pos["end"]:
+            trainer.fit(task, steps=pos["end"] - trainer.step)
+        del pos["end"]
         pos["round"] += 1
         value = trainer.history[-1]["value"]
-        passed = value >= threshold
-        if trainer.is_main:
-            trainer.log(f"stage {task.name}#{pos['stage']} round {pos['round']}: {value:.4f} "
-                        f"({'>=' if passed else '<'} {threshold})")
+        passed = threshold is None or value >= threshold
+        where = f"{name}: {task.name} (stage {pos['stage'] + 1} of {len(stages)}) round {pos['round']}"
         if passed or pos["round"] >= max_rounds:
+            if not passed and trainer.is_main:
+                trainer.log(f"{where}: WARNING: held-out accuracy {value:.4f} is still below {threshold} "
+                            f"after {max_rounds} rounds; going on")
+            elif threshold is not None and trainer.is_main:
+                trainer.log(f"{where}: held-out accuracy {value:.4f} >= {threshold}")
             pos["stage"], pos["round"] = pos["stage"] + 1, 0
+        elif trainer.is_main:
+            trainer.log(f"{where}: held-out accuracy {value:.4f} < {threshold}, one more round "
+                        f"(round {pos['round'] + 1} of {max_rounds})")
         trainer.save_checkpoint()
     return trainer.history
 
@@ -308,28 +323,14 @@ def _train_phase(model, cfg: TrainConfig, folder: Path, tasks: list[Task], steps
 
     With ``cfg.phase_threshold``, rounds of ``steps_per_task`` more steps on the last task
     follow while its held-out accuracy is below the threshold, up to ``cfg.phase_rounds``
-    rounds on it in all. Rounds are counted from the step, so a resumed phase goes on
-    where it stopped."""
-    threshold = cfg.phase_threshold
-    if threshold is not None and tasks[-1].metric != "accuracy":
+    rounds on it in all (:func:`train_curriculum`)."""
+    if cfg.phase_threshold is not None and tasks[-1].metric != "accuracy":
         raise ValueError(f"phase_threshold is a held-out accuracy; task {tasks[-1].name!r} is scored by "
                          f"{tasks[-1].metric}")
     trainer = Trainer(model, cfg, output_dir=folder, log=log)
     trainer.resume()
-    for i, task in enumerate(tasks):
-        remaining = (i + 1) * steps_per_task - trainer.step
-        if remaining > 0:
-            trainer.fit(task, steps=remaining)
-    if threshold is not None:
-        limit = (len(tasks) - 1 + cfg.phase_rounds) * steps_per_task
-        while trainer.history[-1]["value"] < threshold and trainer.step < limit:
-            log(f"{name}: held-out accuracy {trainer.history[-1]['value']:.4f} < {threshold}, "
-                f"one more round (round {trainer.step // steps_per_task - len(tasks) + 2} of "
-                f"{cfg.phase_rounds})")
-            trainer.fit(tasks[-1], steps=steps_per_task - trainer.step % steps_per_task)
-        if trainer.history[-1]["value"] < threshold:
-            log(f"{name}: WARNING: held-out accuracy {trainer.history[-1]['value']:.4f} is still below "
-                f"{threshold} after {cfg.phase_rounds} rounds; going on with it")
+    stages = [(task, None) for task in tasks[:-1]] + [(tasks[-1], cfg.phase_threshold)]
+    train_curriculum(trainer, stages, steps_per_task, cfg.phase_rounds, name)
     return trainer.save_final(), trainer
 
 
