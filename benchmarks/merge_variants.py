@@ -40,6 +40,7 @@ import json
 import random
 import sys
 import types
+from itertools import accumulate
 from pathlib import Path
 
 import torch
@@ -81,24 +82,26 @@ def segment_lengths(pieces: list[str], layout: str) -> list[int]:
 
 
 def use_layout(model, layout: str) -> None:
-    """Make ``model`` merge each prompt piece by piece (:func:`segment_lengths`)."""
-    from ktm.blocks import block_slots, fill_blocks
-
+    """Make ``model`` merge each prompt piece by piece (:func:`segment_lengths`): every
+    piece goes through the model's own ``merge_ids`` as if it were a prompt of its own, so
+    its blocks start at its first token, and the pieces' merged embeddings are joined."""
     if layout == "fixed":
         model.__dict__.pop("merge_ids", None)  # back to the model's own method
         return
+    own = type(model).merge_ids
 
     def merge_ids(self, ids):
-        pieces = [segment_lengths([self.tokenizer.decode([t]) for t in x], layout) for x in ids]
-        index, valid, per_piece = block_slots([n for p in pieces for n in p], self.k)
-        flat = torch.tensor([t for x in ids for t in x], dtype=torch.long, device=self.device)
-        valid = valid.to(self.device)
-        merged = self.encoder(fill_blocks(self._embedding(flat)[index.to(self.device)], valid), valid)
-        sizes, i = [], 0
-        for p in pieces:
-            sizes.append(sum(per_piece[i:i + len(p)]))
-            i += len(p)
-        return list(merged.split(sizes))
+        pieces, counts = [], []
+        for x in ids:
+            ends = list(accumulate(segment_lengths([self.tokenizer.decode([t]) for t in x], layout)))
+            pieces += [x[a:b] for a, b in zip([0, *ends[:-1]], ends)]
+            counts.append(len(ends))
+        merged = own(self, pieces)
+        out, i = [], 0
+        for n in counts:
+            out.append(torch.cat(merged[i:i + n]))
+            i += n
+        return out
 
     model.merge_ids = types.MethodType(merge_ids, model)
 
@@ -148,11 +151,12 @@ def use_mixed_k(model, plain_fraction: float = 0.5) -> None:
 # ---------------------------------------------------------------- probe
 def last_states(model, prompts: list[str], layers=LAYERS, batch: int = 64) -> tuple[torch.Tensor, dict]:
     """(N, len(layers), d) hidden states at each prompt's last merged position, and the
-    mean norm of the states at the first position (the attention sink) and at the others,
-    at layer :data:`SINK_LAYER` (or the last)."""
+    ``{"sink_norm", "other_norm", "merged_length"}``: the mean norm of the states at the
+    first position (the attention sink) and at the others, at layer :data:`SINK_LAYER` (or
+    the last), and the mean merged prompt length."""
     from ktm.blocks import position_ids
 
-    out, sink, rest = [], [], []
+    out, sink, rest, lengths = [], [], [], []
     with torch.no_grad():
         for i in range(0, len(prompts), batch):
             embeds, mask = model.merge_prompts(prompts[i:i + batch], side="right")
@@ -164,7 +168,9 @@ def last_states(model, prompts: list[str], layers=LAYERS, batch: int = 64) -> tu
             norms = hs[min(SINK_LAYER, len(hs) - 1)].norm(dim=-1).float()
             sink.append(norms[:, 0])
             rest.append(norms[:, 1:][mask[:, 1:].bool()])
-    return torch.cat(out), {"sink_norm": float(torch.cat(sink).mean()), "other_norm": float(torch.cat(rest).mean())}
+            lengths.append(mask.sum(1).float())
+    return torch.cat(out), {"sink_norm": float(torch.cat(sink).mean()), "other_norm": float(torch.cat(rest).mean()),
+                            "merged_length": float(torch.cat(lengths).mean())}
 
 
 def probe_accuracy(x: torch.Tensor, y: torch.Tensor, xt: torch.Tensor, yt: torch.Tensor,
@@ -203,12 +209,10 @@ def cmd_probe(args) -> int:
 
     def probe(model, k, layout, label=None):
         feats, _ = last_states(model, [e.prompt for e in train], layers)
-        feats_t, norms = last_states(model, [e.prompt for e in test], layers)
+        feats_t, stats = last_states(model, [e.prompt for e in test], layers)
         accs = [probe_accuracy(feats[:, i], y, feats_t[:, i], yt) for i in range(len(layers))]
-        lengths = [len(m) for m in model.merge_ids(model.tokenize([e.prompt for e in test]))]
         row = {"k": k, "layout": layout, "model": label or "untrained",
-               "merged_length": sum(lengths) / len(lengths),
-               "accuracy_by_layer": dict(zip(map(str, layers), accs)), "best": max(accs), **norms}
+               "accuracy_by_layer": dict(zip(map(str, layers), accs)), "best": max(accs), **stats}
         rows.append(row)
         print(f"K={k} {layout} {row['model']}: best {100 * row['best']:.1f}% " +
               " ".join(f"L{L}:{100 * a:.1f}" for L, a in zip(layers, accs)), flush=True)

@@ -324,9 +324,6 @@ def _train_phase(model, cfg: TrainConfig, folder: Path, tasks: list[Task], steps
     With ``cfg.phase_threshold``, rounds of ``steps_per_task`` more steps on the last task
     follow while its held-out accuracy is below the threshold, up to ``cfg.phase_rounds``
     rounds on it in all (:func:`train_curriculum`)."""
-    if cfg.phase_threshold is not None and tasks[-1].metric != "accuracy":
-        raise ValueError(f"phase_threshold is a held-out accuracy; task {tasks[-1].name!r} is scored by "
-                         f"{tasks[-1].metric}")
     trainer = Trainer(model, cfg, output_dir=folder, log=log)
     trainer.resume()
     stages = [(task, None) for task in tasks[:-1]] + [(tasks[-1], cfg.phase_threshold)]
