@@ -100,6 +100,19 @@ def test_resume_rejects_a_checkpoint_for_another_k(make_model, tmp_path):
         Trainer(make_model(k=4), cfg, output_dir=tmp_path, progress=False).resume()
 
 
+def test_history_is_written_at_every_evaluation(make_model, tmp_path):
+    """A run stopped between checkpoints still has its curve on disk."""
+    seen = []
+
+    def log(line):  # called right after each evaluation
+        if line.startswith("step "):
+            seen.append([r["step"] for r in json.loads((tmp_path / "history.json").read_text())["history"]])
+
+    cfg = TrainConfig(steps=4, batch_size=2, eval_examples=4, eval_every=2, save_every=0)
+    Trainer(make_model(k=2), cfg, output_dir=tmp_path, progress=False, log=log).fit(LastChar())
+    assert seen == [[2], [2, 4]]
+
+
 def test_checkpoint_is_whole_or_absent(make_model, tmp_path):
     cfg = TrainConfig(steps=2, batch_size=2, eval_examples=4, save_every=1)
     Trainer(make_model(k=2), cfg, output_dir=tmp_path, progress=False).fit(LastChar())

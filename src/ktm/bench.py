@@ -46,7 +46,11 @@ from pathlib import Path
 
 import torch
 
-MODES = ("prefill", "decode", "train", "memory")
+from .compiled import COMPILE_MODES
+
+MODES = ("prefill", "decode", "train", "memory", "compile")
+DEFAULT_MODES = ("prefill", "decode", "train", "memory")  # "compile" compiles for minutes: asked for by name
+COMPILE_MAX_LENGTH = 2048  # the compile mode measures the launch-bound short prompts
 DEFAULT_KS = (1, 2, 4, 8)
 CPU_LENGTHS = (512, 1024, 2048)
 CUDA_LENGTHS = (512, 1024, 2048, 4096, 8192)
@@ -57,7 +61,7 @@ GOAL_PREFILL_FRACTION = 0.95   # ktm's speedup over K=1 >= 95% of the ideal rati
 GOAL_ENCODER_SHARE = 0.05      # merge_ids <= 5% of the compressed prefill
 GOAL_DECODE_VS_RELEASE = 10.0  # cached generate >= 10x the release's loop
 GOAL_TRAIN_RATIO = 3.0         # K=4 examples/s >= 3x K=1 on long prompts
-GOAL_PREFILL_LENGTH = 2048
+GOAL_COMPILE_SPEEDUP = 2.0     # torch.compile / CUDA graphs >= 2x eager on short prompts
 
 
 # ====================================================================== arithmetic (pure)
@@ -197,14 +201,14 @@ def derive_memory(rows: list[dict]) -> list[dict]:
 def check_goals(results: dict) -> list[dict]:
     """The issue's goals, each ``{"goal", "where", "value", "target", "met"}``.
 
-    Prefill goals are read at L = 2048 (or the longest length measured), batch size 1.
+    Prefill goals are read at the longest length measured, batch size 1 (2048 on CPU,
+    8192 on a GPU by default).
     """
     goals = []
     prefill = [r for r in results.get("prefill", []) if r["batch_size"] == 1 and r["k"] > 1
                and r.get("fraction_of_ideal") is not None]
     if prefill:
-        lengths = sorted({r["length"] for r in prefill})
-        L = GOAL_PREFILL_LENGTH if GOAL_PREFILL_LENGTH in lengths else lengths[-1]
+        L = max(r["length"] for r in prefill)
         for r in sorted((r for r in prefill if r["length"] == L), key=lambda r: r["k"]):
             goals.append({"goal": "prefill speedup >= 95% of the ideal ratio", "where": f"L={L}, B=1, K={r['k']}",
                           "value": r["fraction_of_ideal"], "target": GOAL_PREFILL_FRACTION,
@@ -228,7 +232,20 @@ def check_goals(results: dict) -> list[dict]:
                           "where": f"~{r['prompt_tokens']} prompt tokens, B={r['batch_size']}",
                           "value": r["ratio_vs_k1"], "target": GOAL_TRAIN_RATIO,
                           "met": r["ratio_vs_k1"] >= GOAL_TRAIN_RATIO})
+    for r in results.get("compile", []):
+        goals.append({"goal": f"{r['what']} with compile mode {r['mode']!r} >= 2x eager",
+                      "where": f"L={r['length']}, B={r['batch_size']}, K={r['k']}"
+                               + (f", {r['new_tokens']} new tokens" if r["what"] == "decode" else ""),
+                      "value": r["speedup"], "target": GOAL_COMPILE_SPEEDUP,
+                      "met": r["speedup"] >= GOAL_COMPILE_SPEEDUP})
     return goals
+
+
+def derive_compile(rows: list[dict]) -> list[dict]:
+    """Add ``speedup`` = eager / compiled median time to compile rows (in place)."""
+    for r in rows:
+        r["speedup"] = speedup(r["eager"]["median"], r["compiled"]["median"])
+    return rows
 
 
 # ====================================================================== timing
@@ -688,6 +705,98 @@ def bench_memory(model, stream: Sequence[int], *, lengths: Sequence[int], ks: Se
     return derive_memory(rows)
 
 
+def static_prefill(model, decoder, ids: list[list[int]]):
+    """:func:`prefill` through a :class:`~ktm.compiled.StaticDecoder`: merge, left-pad,
+    compiled forward into a static cache, next token of each row."""
+    from .blocks import pad_sequences
+
+    embeds, mask = pad_sequences(model.merge_ids(ids), side="left")
+    logits, _ = decoder.start(embeds, mask, 1)
+    return logits.argmax(-1)
+
+
+def compiled_generate(model, decoder, prompts: list[str], new_tokens: int):
+    """``model.generate`` through ``decoder`` (the model is left as it was)."""
+    saved = model.enable_compile(decoder)
+    try:
+        return model.generate(prompts, new_tokens, return_tokens=True)
+    finally:
+        saved.disable_compile()
+
+
+def bench_compile(model, stream: Sequence[int], *, compile_modes: Sequence[str], lengths: Sequence[int],
+                  ks: Sequence[int], batch_sizes: Sequence[int] = (1,), decode_length: int = 512,
+                  new_tokens: int = 64, warmup: int = 1, repeats: int = 3, backend: str | None = None,
+                  log=print) -> list[dict]:
+    """Eager against static-shape compiled prefill and decoding, per compile mode.
+
+    For each mode one :class:`~ktm.compiled.StaticDecoder` (``dynamic=True``: compiled once
+    for all shapes, a CUDA graph recorded per shape) serves every K. ``first_call_s`` is the
+    first call of each shape (compilation and graph recording included). Prefill rows: every
+    (B, L <= 2048, K). Decode rows: ``new_tokens`` greedy tokens after a ``decode_length``-token
+    prompt, B = 1, the eager and compiled runs must agree on the token count; ``agree`` is
+    the fraction of positions where they chose the same token (they may drift apart after a
+    rounding difference in low precision). ``backend`` replaces the modes' compiler (tests
+    use ``"aot_eager"``).
+    Returns rows for :func:`derive_compile` (already applied).
+    """
+    from .compiled import StaticDecoder
+
+    ks = sorted(set(ks) | {1})
+    lengths = [L for L in lengths if L <= COMPILE_MAX_LENGTH and _fits(model, L)]
+    models = {k: with_k(model, k) for k in ks}
+    prompts = texts_of_length(model.tokenizer, stream, decode_length, 1)
+    rows = []
+    for mode in compile_modes:
+        decoder = StaticDecoder(model, mode, dynamic=True, backend=backend)
+        t_mode = time.perf_counter()
+        for B in batch_sizes:
+            for L in lengths:
+                ids = id_prompts(stream, L, B)
+                for k, m in models.items():
+                    with torch.inference_mode():
+                        t0 = time.perf_counter()
+                        static_prefill(m, decoder, ids)
+                        _sync(model.device)
+                        first = time.perf_counter() - t0
+                    times = measure({"eager": lambda m=m: prefill(m, ids),
+                                     "compiled": lambda m=m: static_prefill(m, decoder, ids)},
+                                    warmup=warmup, repeats=repeats, device=model.device)
+                    rows.append({"what": "prefill", "mode": mode, "batch_size": B, "length": L, "k": k,
+                                 "positions": -(-L // k), "first_call_s": first,
+                                 "eager": summary(times["eager"]), "compiled": summary(times["compiled"])})
+                    derive_compile(rows)
+                    log(f"compile {mode} prefill B={B} L={L} K={k}: eager {1000 * rows[-1]['eager']['median']:.1f} ms, "
+                        f"compiled {1000 * rows[-1]['compiled']['median']:.1f} ms ({rows[-1]['speedup']:.2f}x; "
+                        f"first call {first:.1f} s)")
+        for k, m in models.items():
+            if not _fits(m, -(-decode_length // k) + new_tokens):
+                continue
+            with no_early_stop(m):
+                with torch.inference_mode():
+                    t0 = time.perf_counter()
+                    got = compiled_generate(m, decoder, prompts, new_tokens)
+                    _sync(model.device)
+                    first = time.perf_counter() - t0
+                    ref = m.generate(prompts, new_tokens, return_tokens=True)
+                if [len(x) for x in got] != [len(x) for x in ref] or len(ref[0]) != new_tokens:
+                    raise RuntimeError(f"compile {mode}: {len(got[0])} compiled and {len(ref[0])} eager "
+                                       f"tokens instead of {new_tokens}")
+                agree = sum(a == b for a, b in zip(got[0], ref[0])) / new_tokens
+                times = measure({"eager": lambda m=m: m.generate(prompts, new_tokens, return_tokens=True),
+                                 "compiled": lambda m=m: compiled_generate(m, decoder, prompts, new_tokens)},
+                                warmup=warmup, repeats=repeats, device=model.device)
+            rows.append({"what": "decode", "mode": mode, "batch_size": 1, "length": decode_length, "k": k,
+                         "positions": -(-decode_length // k), "new_tokens": new_tokens, "first_call_s": first,
+                         "agree": agree, "eager": summary(times["eager"]), "compiled": summary(times["compiled"])})
+            derive_compile(rows)
+            log(f"compile {mode} decode K={k}: eager {new_tokens / rows[-1]['eager']['median']:.1f} tok/s, "
+                f"compiled {new_tokens / rows[-1]['compiled']['median']:.1f} tok/s ({rows[-1]['speedup']:.2f}x; "
+                f"first call {first:.1f} s, same token at {100 * agree:.0f}% of positions)")
+        log(f"  compile mode {mode}: {time.perf_counter() - t_mode:.0f} s in all")
+    return rows
+
+
 # ====================================================================== reporting
 def _mib(b) -> str:
     return "n/a" if b is None else f"{b / 2**20:.1f}"
@@ -772,6 +881,14 @@ def render_markdown(results: dict) -> str:
             [[str(r["batch_size"]), str(r["length"]), str(r["k"]), str(r["positions"]), _mib(r["peak_bytes"]),
               _x(r["peak_ratio_vs_k1"]), _mib(r["kv_cache_bytes"]), _x(r["kv_ratio_vs_k1"])]
              for r in sorted(results["memory"], key=lambda r: (r["batch_size"], r["length"], r["k"]))]))
+    if results.get("compile"):
+        out.append("### torch.compile / CUDA graphs against eager (static-shape decoder, `enable_compile`)")
+        out.append(_table(
+            ["what", "mode", "B", "L", "K", "LLM positions", "eager ms", "compiled ms", "speedup",
+             "first call s", "same tokens"],
+            [[r["what"], r["mode"], str(r["batch_size"]), str(r["length"]), str(r["k"]), str(r["positions"]),
+              _ms(r["eager"]), _ms(r["compiled"]), _x(r["speedup"]), f"{r['first_call_s']:.1f}",
+              _pct(r["agree"]) if r.get("agree") is not None else "–"] for r in results["compile"]]))
     if results.get("goals"):
         out.append("### Goals")
         out.append(_table(
@@ -906,13 +1023,13 @@ def default_out(device: str) -> Path:
 
 
 def run_speed(model=None, *, device: str = "auto", dtype: str | None = None,
-              modes: Sequence[str] = MODES, lengths: Sequence[int] | None = None,
+              modes: Sequence[str] = DEFAULT_MODES, lengths: Sequence[int] | None = None,
               ks: Sequence[int] = DEFAULT_KS, batch_sizes: Sequence[int] = (1, 8),
               max_batch_tokens: int | None = -1, repeats: int = 3, warmup: int = 1,
               new_tokens: int = 64, decode_length: int = 512, release_repeats: int = 1,
               train_batch_size: int = 4, train_long_length: int = 500, corpus: str | None = None,
-              encoder_hidden: int | None = None, out: str | os.PathLike | None = None,
-              command: str | None = None, log=print) -> dict:
+              encoder_hidden: int | None = None, compile_modes: Sequence[str] = ("reduce-overhead",),
+              out: str | os.PathLike | None = None, command: str | None = None, log=print) -> dict:
     """Run the selected modes, print the Markdown tables, write ``OUT/speed.json``,
     ``OUT/speed.md`` and ``OUT/speed.png``; return the results dict.
 
@@ -921,7 +1038,8 @@ def run_speed(model=None, *, device: str = "auto", dtype: str | None = None,
     ``lengths`` default: 512-2048 on CPU, 512-8192 on CUDA. ``max_batch_tokens``: skip
     prefill/memory configurations with B * L above it (-1: 8192 on CPU, no limit on CUDA;
     0 or None: no limit). ``encoder_hidden``: the encoder's MLP width when the model is
-    loaded here (default: the paper's ``int(a*K)*d``).
+    loaded here (default: the paper's ``int(a*K)*d``). ``compile_modes``: what the
+    ``compile`` mode measures against eager (:func:`bench_compile`).
     """
     from .loading import resolve_device
     from .model import KTokenMerging
@@ -952,6 +1070,7 @@ def run_speed(model=None, *, device: str = "auto", dtype: str | None = None,
         "batch_sizes": list(batch_sizes), "max_batch_tokens": max_batch_tokens, "repeats": repeats,
         "warmup": warmup, "corpus": str(corpus) if corpus else "ktm source code",
         "encoder_hidden": m.config.encoder_hidden or "int(a*K)*d", "encoder_init": m.config.encoder_init,
+        "compile_modes": list(compile_modes) if "compile" in modes else None,
         "load_avg_start": _load_avg(), **machine_info(dev)}}
     started = time.perf_counter()
     if "prefill" in modes:
@@ -965,6 +1084,10 @@ def run_speed(model=None, *, device: str = "auto", dtype: str | None = None,
     if "train" in modes:
         results["train"] = bench_train(m, stream, ks=ks, batch_size=train_batch_size,
                                        long_length=train_long_length, warmup=warmup, repeats=repeats, log=log)
+    if "compile" in modes:
+        results["compile"] = bench_compile(m, stream, compile_modes=compile_modes, lengths=lengths, ks=ks,
+                                           batch_sizes=batch_sizes, decode_length=decode_length,
+                                           new_tokens=new_tokens, warmup=warmup, repeats=repeats, log=log)
     if "memory" in modes:  # last: it trims the heap and runs a sampling thread
         results["memory"] = bench_memory(m, stream, lengths=lengths, ks=ks, batch_sizes=batch_sizes,
                                          max_batch_tokens=max_batch_tokens, log=log)
@@ -977,8 +1100,10 @@ def run_speed(model=None, *, device: str = "auto", dtype: str | None = None,
     out.mkdir(parents=True, exist_ok=True)
     (out / "speed.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "speed.md").write_text(md)
-    plot(results, out / "speed.png")
-    log(f"wrote {out / 'speed.json'}, {out / 'speed.md'}, {out / 'speed.png'}")
+    written = [out / "speed.json", out / "speed.md"]
+    if any(results.get(mode) for mode in DEFAULT_MODES):  # the compile mode has tables only
+        written.append(plot(results, out / "speed.png"))
+    log("wrote " + ", ".join(str(p) for p in written))
     return results
 
 
@@ -999,7 +1124,8 @@ def _add_speed_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="base model reference (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="what to measure")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(DEFAULT_MODES),
+                   help="what to measure ('compile' is left out by default: it compiles for minutes)")
     p.add_argument("--lengths", nargs="+", type=int, default=None,
                    help=f"prompt lengths (default: {list(CPU_LENGTHS)} on CPU, {list(CUDA_LENGTHS)} on CUDA)")
     p.add_argument("--ks", nargs="+", type=int, default=list(DEFAULT_KS), help="block sizes (1 is always added)")
@@ -1015,6 +1141,8 @@ def _add_speed_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--train-long-length", type=int, default=500, help="train: tokens of a long prompt")
     p.add_argument("--encoder-hidden", type=int, default=None,
                    help="encoder MLP width (default: the paper's int(a*K)*d)")
+    p.add_argument("--compile-modes", nargs="+", choices=COMPILE_MODES, default=["reduce-overhead"],
+                   help="compile mode: torch.compile modes (or 'cudagraphs') to measure against eager")
     p.add_argument("--corpus", default=None, help="text or .jsonl the prompts are cut from (default: ktm's source)")
     p.add_argument("--out", default=None, help="output folder (default: benchmarks/results/<date>-<device>)")
     p.set_defaults(func=cmd_speed)
@@ -1041,7 +1169,8 @@ def cmd_speed(args) -> int:
               repeats=args.repeats, warmup=args.warmup, new_tokens=args.new_tokens,
               decode_length=args.decode_length, release_repeats=args.release_repeats,
               train_batch_size=args.train_batch_size, train_long_length=args.train_long_length,
-              corpus=args.corpus, encoder_hidden=args.encoder_hidden, out=args.out,
+              corpus=args.corpus, encoder_hidden=args.encoder_hidden, compile_modes=args.compile_modes,
+              out=args.out,
               command=_command_line())
     return 0
 

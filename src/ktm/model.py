@@ -94,6 +94,7 @@ class KTokenMerging(nn.Module):
             raise ValueError("the tokenizer has no end-of-sequence token; set tokenizer.eos_token")
         self.eos_ids = sorted(eos)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self._static = None  # a ktm.compiled.StaticDecoder after enable_compile()
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -282,6 +283,7 @@ class KTokenMerging(nn.Module):
         Greedy by default; ``do_sample=True`` samples with ``temperature``, ``top_k`` and
         ``top_p``. Each row stops at an end token. ``use_cache=False`` re-runs the whole
         sequence for every new token (the authors' release; for checks and benchmarks).
+        After :meth:`enable_compile`, cached decoding runs with static shapes, compiled.
         Returns decoded texts (special tokens dropped), or token ids with ``return_tokens``.
         """
         if isinstance(prompts, str):
@@ -295,26 +297,18 @@ class KTokenMerging(nn.Module):
         eos = torch.tensor(self.eos_ids, device=self.device)
         done = torch.zeros(len(ids), dtype=torch.bool, device=self.device)
         out: list[torch.Tensor] = []
-        cache = None
-        if use_cache:
-            from transformers import DynamicCache
-
-            cache = DynamicCache(config=self._decoder.config)
-        step_in, step_mask = embeds, mask
-        for _ in range(max_new_tokens):
-            pos = position_ids(step_mask)[:, -step_in.shape[1]:]
-            h = self._decoder(inputs_embeds=step_in, attention_mask=step_mask, position_ids=pos,
-                              past_key_values=cache, use_cache=use_cache).last_hidden_state
-            logits = self._lm_head(h[:, -1]).float()
+        if use_cache and self._static is not None:
+            logits, step = self._static.start(embeds, mask, max_new_tokens)
+        else:
+            logits, step = self._eager_start(embeds, mask, use_cache)
+        for i in range(max_new_tokens):
             nxt = pick(logits, torch.cat(out, 1) if out else None)
             nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
             out.append(nxt[:, None])
             done |= torch.isin(nxt, eos)
-            if bool(done.all()):
+            if bool(done.all()) or i == max_new_tokens - 1:
                 break
-            new_emb = self._embedding(nxt[:, None])
-            step_mask = torch.cat([step_mask, torch.ones_like(step_mask[:, :1])], 1)
-            step_in = new_emb if use_cache else torch.cat([step_in, new_emb], 1)
+            logits = step(self._embedding(nxt[:, None]))
         tokens = torch.cat(out, 1).tolist()
         result = []
         for row in tokens:
@@ -323,6 +317,58 @@ class KTokenMerging(nn.Module):
         if return_tokens:
             return result
         return [self.tokenizer.decode(r, skip_special_tokens=True) for r in result]
+
+    def _eager_start(self, embeds: torch.Tensor, mask: torch.Tensor, use_cache: bool):
+        """Eager decoding with a growing cache: ``(first logits (B, V), step)``, where
+        ``step(new_embeds (B, 1, d))`` appends one token per row and returns its logits.
+        Without ``use_cache`` every step re-runs the whole sequence (the authors' release)."""
+        cache = None
+        if use_cache:
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=self._decoder.config)
+        state = {"inputs": embeds, "mask": mask}
+
+        def run() -> torch.Tensor:
+            inputs, m = state["inputs"], state["mask"]
+            pos = position_ids(m)[:, -inputs.shape[1]:]
+            h = self._decoder(inputs_embeds=inputs, attention_mask=m, position_ids=pos,
+                              past_key_values=cache, use_cache=use_cache).last_hidden_state
+            return self._lm_head(h[:, -1]).float()
+
+        def step(new_embeds: torch.Tensor) -> torch.Tensor:
+            state["mask"] = torch.cat([state["mask"], torch.ones_like(state["mask"][:, :1])], 1)
+            state["inputs"] = new_embeds if use_cache else torch.cat([state["inputs"], new_embeds], 1)
+            return run()
+
+        return run(), step
+
+    def enable_compile(self, mode="reduce-overhead", **options) -> "KTokenMerging":
+        """Decode with static shapes, compiled (see :mod:`ktm.compiled`); returns ``self``.
+
+        ``mode``: ``"reduce-overhead"`` (inductor + CUDA graphs), ``"default"`` (inductor),
+        ``"cudagraphs"`` (CUDA graphs alone), None (static shapes, not compiled), or a
+        :class:`~ktm.compiled.StaticDecoder` to share (models of several K on one LLM).
+        ``options``: ``prompt_bucket``, ``cache_bucket``, ``dynamic`` of
+        :class:`ktm.compiled.StaticDecoder`. The answers are those of eager decoding (up to
+        floating-point rounding); the first call per shape pays the compilation.
+        """
+        from .compiled import StaticDecoder
+
+        if isinstance(mode, StaticDecoder):
+            if options:
+                raise ValueError("options go to a new StaticDecoder, not to a shared one")
+            if mode.model._decoder is not self._decoder:
+                raise ValueError("that StaticDecoder runs another model's LLM")
+            self._static = mode
+        else:
+            self._static = StaticDecoder(self, mode, **options)
+        return self
+
+    def disable_compile(self) -> "KTokenMerging":
+        """Back to eager decoding with a growing cache; returns ``self``."""
+        self._static = None
+        return self
 
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, path: str | os.PathLike) -> Path:

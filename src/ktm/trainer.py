@@ -191,6 +191,10 @@ class Trainer:
                "elapsed_s": round(time.perf_counter() - getattr(self, "_fit_start", time.perf_counter()), 1),
                **res}
         self.history.append(row)
+        if self.is_main and self.output_dir is not None:
+            # written at every evaluation, so a run stopped between checkpoints keeps its curve
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            save_json(self.output_dir / "history.json", {"history": self.history})
         if self.is_main:
             extra = (f" (majority {res['majority_rate']:.3f})" if "majority_rate" in res else "")
             self.log(f"step {self.step}: {res['metric']} {res['value']:.4f}{extra}, "
