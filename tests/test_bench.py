@@ -257,7 +257,7 @@ def test_peak_memory_sees_an_allocation():
 def test_run_speed_smoke(make_model, tmp_path):
     m = make_model(k=1)
     lines = []
-    bench.run_speed(m, modes=bench.MODES, lengths=[8, 24], ks=[4], batch_sizes=[1, 2],
+    bench.run_speed(m, modes=bench.DEFAULT_MODES, lengths=[8, 24], ks=[4], batch_sizes=[1, 2],
                     max_batch_tokens=32, repeats=2, warmup=0, new_tokens=3, decode_length=12,
                     release_repeats=1, train_batch_size=2, train_long_length=20, corpus=None,
                     out=tmp_path, command="test", log=lines.append)
@@ -277,6 +277,41 @@ def test_run_speed_smoke(make_model, tmp_path):
     assert saved["goals"] and (tmp_path / "speed.md").read_text() == bench.render_markdown(saved)
     assert any("skipped" in ln for ln in lines)
     assert not m.training
+
+
+def test_finished_modes_are_saved_when_a_later_one_fails(make_model, tmp_path, monkeypatch):
+    """A run stopped by an error or a time limit keeps the modes it finished."""
+    def broken(*a, **kw):
+        raise RuntimeError("out of time")
+
+    monkeypatch.setattr(bench, "bench_decode", broken)
+    with pytest.raises(RuntimeError, match="out of time"):
+        bench.run_speed(make_model(k=1), modes=["prefill", "decode"], lengths=[8], ks=[2], batch_sizes=[1],
+                        repeats=1, warmup=0, out=tmp_path, log=lambda line: None)
+    saved = json.loads((tmp_path / "speed.json").read_text())
+    assert [r["k"] for r in saved["prefill"]] == [1, 2] and "decode" not in saved
+    assert "Prefill" in (tmp_path / "speed.md").read_text()
+
+
+def test_compile_mode_compares_eager_and_compiled(make_model):
+    """Traced by dynamo (aot_eager: no code generation, fast on CPU); same tokens as eager."""
+    import torch
+
+    torch._dynamo.reset()
+    m = make_model(k=2)
+    stream = bench.token_stream(m.tokenizer, bench.corpus_text(None), 4000)
+    rows = bench.bench_compile(m, stream, compile_modes=["default"], lengths=[16, 40, 4096], ks=[2],
+                               batch_sizes=[1], decode_length=24, new_tokens=4, warmup=0, repeats=1,
+                               backend="aot_eager", log=lambda line: None)
+    pre = [r for r in rows if r["what"] == "prefill"]
+    dec = [r for r in rows if r["what"] == "decode"]
+    # L = 4096 is over the compile mode's 2048 (and the tiny model's 256 positions)
+    assert {(r["length"], r["k"]) for r in pre} == {(16, 1), (16, 2), (40, 1), (40, 2)}
+    assert [r["k"] for r in dec] == [1, 2] and all(r["agree"] == 1.0 for r in dec)
+    assert all(r["speedup"] == r["eager"]["median"] / r["compiled"]["median"] for r in rows)
+    goals = bench.check_goals({"compile": rows})
+    assert len(goals) == len(rows) and all(g["target"] == 2.0 for g in goals)
+    assert "torch.compile" in bench.render_markdown({"compile": rows})
 
 
 def test_cli_parser():

@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 
 from .compiled import COMPILE_MODES
+from .config import save_json
 
 MODES = ("prefill", "decode", "train", "memory", "compile")
 DEFAULT_MODES = ("prefill", "decode", "train", "memory")  # "compile" compiles for minutes: asked for by name
@@ -1072,39 +1073,43 @@ def run_speed(model=None, *, device: str = "auto", dtype: str | None = None,
         "encoder_hidden": m.config.encoder_hidden or "int(a*K)*d", "encoder_init": m.config.encoder_init,
         "compile_modes": list(compile_modes) if "compile" in modes else None,
         "load_avg_start": _load_avg(), **machine_info(dev)}}
-    started = time.perf_counter()
-    if "prefill" in modes:
-        results["prefill"] = bench_prefill(m, stream, lengths=lengths, ks=ks, batch_sizes=batch_sizes,
-                                           warmup=warmup, repeats=repeats,
-                                           max_batch_tokens=max_batch_tokens, log=log)
-    if "decode" in modes:
-        results["decode"] = bench_decode(m, stream, ks=ks, length=decode_length, new_tokens=new_tokens,
-                                         warmup=warmup, repeats=repeats, release_repeats=release_repeats,
-                                         log=log)
-    if "train" in modes:
-        results["train"] = bench_train(m, stream, ks=ks, batch_size=train_batch_size,
-                                       long_length=train_long_length, warmup=warmup, repeats=repeats, log=log)
-    if "compile" in modes:
-        results["compile"] = bench_compile(m, stream, compile_modes=compile_modes, lengths=lengths, ks=ks,
-                                           batch_sizes=batch_sizes, decode_length=decode_length,
-                                           new_tokens=new_tokens, warmup=warmup, repeats=repeats, log=log)
-    if "memory" in modes:  # last: it trims the heap and runs a sampling thread
-        results["memory"] = bench_memory(m, stream, lengths=lengths, ks=ks, batch_sizes=batch_sizes,
-                                         max_batch_tokens=max_batch_tokens, log=log)
-    results["goals"] = check_goals(results)
-    results["meta"]["seconds"] = round(time.perf_counter() - started, 1)
-    results["meta"]["load_avg_end"] = _load_avg()
-    md = render_markdown(results)
-    log(md)
     out = Path(out) if out is not None else default_out(dev.type)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "speed.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out / "speed.md").write_text(md)
-    written = [out / "speed.json", out / "speed.md"]
+    started = time.perf_counter()
+    runners = {
+        "prefill": lambda: bench_prefill(m, stream, lengths=lengths, ks=ks, batch_sizes=batch_sizes,
+                                         warmup=warmup, repeats=repeats, max_batch_tokens=max_batch_tokens, log=log),
+        "decode": lambda: bench_decode(m, stream, ks=ks, length=decode_length, new_tokens=new_tokens,
+                                       warmup=warmup, repeats=repeats, release_repeats=release_repeats, log=log),
+        "train": lambda: bench_train(m, stream, ks=ks, batch_size=train_batch_size, long_length=train_long_length,
+                                     warmup=warmup, repeats=repeats, log=log),
+        "compile": lambda: bench_compile(m, stream, compile_modes=compile_modes, lengths=lengths, ks=ks,
+                                         batch_sizes=batch_sizes, decode_length=decode_length,
+                                         new_tokens=new_tokens, warmup=warmup, repeats=repeats, log=log),
+        # last: it trims the heap and runs a sampling thread
+        "memory": lambda: bench_memory(m, stream, lengths=lengths, ks=ks, batch_sizes=batch_sizes,
+                                       max_batch_tokens=max_batch_tokens, log=log),
+    }
+    for mode in [mode for mode in runners if mode in modes]:
+        results[mode] = runners[mode]()
+        # written after every mode: a run stopped by a time limit keeps what it finished
+        written = _write_results(results, out, started)
+    md = render_markdown(results)
+    log(md)
     if any(results.get(mode) for mode in DEFAULT_MODES):  # the compile mode has tables only
         written.append(plot(results, out / "speed.png"))
     log("wrote " + ", ".join(str(p) for p in written))
     return results
+
+
+def _write_results(results: dict, out: Path, started: float) -> list[Path]:
+    """Goals, timing and load average into ``results``; ``OUT/speed.json`` and ``OUT/speed.md``."""
+    results["goals"] = check_goals(results)
+    results["meta"]["seconds"] = round(time.perf_counter() - started, 1)
+    results["meta"]["load_avg_end"] = _load_avg()
+    save_json(out / "speed.json", results)
+    (out / "speed.md").write_text(render_markdown(results))
+    return [out / "speed.json", out / "speed.md"]
 
 
 # ====================================================================== command line
