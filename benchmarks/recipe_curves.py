@@ -59,10 +59,27 @@ def table(runs: list[dict]) -> str:
         wall = wall_minutes(run["history"])
         lines.append("| " + " | ".join([run["label"], *cells, f"{loss:.3f}" if loss is not None else "",
                                         f"{wall:.1f}" if wall else ""]) + " |")
-    majority = runs[0]["history"][-1].get("majority_rate")
-    if majority is not None:
-        lines.append(f"\nMajority class: {100 * majority:.1f}%. Accuracy in % on the held-out questions.")
+    rates = majority_rates(runs)
+    if len(rates) == 1:
+        lines.append(f"\nMajority class: {100 * rates[0]:.1f}%. Accuracy in % on the held-out questions.")
+    elif rates:
+        lines.append(f"\nMajority class: {100 * rates[0]:.1f}% to {100 * rates[-1]:.1f}% (it depends on the stage "
+                     "and on the evaluation subset). Accuracy in % on the held-out questions.")
     return "\n".join(lines)
+
+
+def majority_rates(runs: list[dict]) -> list[float]:
+    """The distinct majority-class rates of all evaluations, sorted."""
+    return sorted({round(r["majority_rate"], 6) for run in runs for r in run["history"] if r.get("majority_rate") is not None})
+
+
+def batch_sizes(runs: list[dict]) -> list[int]:
+    """The ``--batch-size`` of each run's command line (16 when not given, ktm's default), sorted."""
+    sizes = set()
+    for run in runs:
+        argv = run.get("argv") or []
+        sizes.add(int(argv[argv.index("--batch-size") + 1]) if "--batch-size" in argv[:-1] else 16)
+    return sorted(sizes)
 
 
 def plot(runs: list[dict], path: Path, title: str) -> None:
@@ -75,10 +92,11 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
     for run in runs:
         h = run["history"]
         ax.plot([r["step"] for r in h], [100 * r["value"] for r in h], marker="o", label=run["label"])
-    majority = runs[0]["history"][-1].get("majority_rate")
-    if majority is not None:
-        ax.axhline(100 * majority, color="grey", linestyle="--", linewidth=1, label="majority class")
-    ax.set_xlabel("training step (batch 16)")
+    rates = majority_rates(runs)
+    if len(rates) == 1:
+        ax.axhline(100 * rates[0], color="grey", linestyle="--", linewidth=1, label="majority class")
+    sizes = batch_sizes(runs)
+    ax.set_xlabel(f"training step (batch {', '.join(map(str, sizes))})")
     ax.set_ylabel("held-out accuracy (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)

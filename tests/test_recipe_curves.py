@@ -55,3 +55,14 @@ def test_a_chain_phase_uses_the_chains_run_config(tmp_path):
     (tmp_path / "lone" / "history.json").write_text(json.dumps({"history": [{"step": 50, "value": 0.9}]}))
     with pytest.raises(SystemExit, match="no run_config.json"):
         mod.load_run(str(tmp_path / "lone"))
+
+
+def test_batch_sizes_and_changing_majority_rates():
+    mod = _module()
+    runs = [{"argv": ["train", "--batch-size", "64"], "history": [{"majority_rate": 0.648}, {"majority_rate": 0.74}]},
+            {"argv": ["train"], "history": [{"majority_rate": 0.648}]}]
+    assert mod.batch_sizes(runs) == [16, 64]
+    assert mod.majority_rates(runs) == [0.648, 0.74]
+    runs = [{"label": "a", "run": "a", "argv": [], "recipe": None,
+             "history": [{"step": 1, "value": 0.7, "majority_rate": 0.648}, {"step": 2, "value": 0.8, "majority_rate": 0.74}]}]
+    assert "64.8% to 74.0% (it depends on the stage" in mod.table(runs)
