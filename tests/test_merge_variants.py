@@ -106,5 +106,8 @@ def test_probe_runs_on_a_tiny_model(mod, tmp_path, tokenizer, capsys):
     data = json.loads((tmp_path / "p.json").read_text())
     assert [(r["k"], r["layout"], r["model"]) for r in data["rows"]] == [
         (1, "fixed", "untrained"), (2, "fixed", "untrained"), (2, "lines", "untrained"), (2, "fixed", "trained")]
-    assert all(0.0 <= r["best"] <= 1.0 for r in data["rows"])
+    rows = data["rows"]
+    assert all(r["best"] == max(r["accuracy_by_layer"].values()) for r in rows)
+    # K = 2 reads about half as many positions as K = 1 (ceil(n / 2) per question)
+    assert rows[0]["merged_length"] / 2 <= rows[1]["merged_length"] <= rows[0]["merged_length"] / 2 + 1
     assert "| 2 | lines | untrained |" in (tmp_path / "p.md").read_text()

@@ -132,9 +132,22 @@ def test_alignment_is_zero_at_k1_and_positive_when_merged(make_model):
     assert out.parts["align"].abs().item() < 1e-5
     merged = make_model(k=4)
     out = merged(PROMPTS, ANSWERS, align=1.0)
-    assert 1e-4 < out.parts["align"].item() <= 2.0
+    assert out.parts["align"].item() > 1e-4
     out.loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in merged.encoder.parameters())
+    assert _align_after_training(merged, "cosine") < 0.9 * out.parts["align"].item()
+
+
+def _align_after_training(model, mode, steps=8):
+    """The alignment term after a few AdamW steps that minimise it (weighted 1000 against
+    the task loss, whose gradient is then negligible): its gradient points downhill."""
+    params = [p for group in model.trainable_parameters().values() for p in group]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(PROMPTS, ANSWERS, align=1000.0, align_mode=mode).loss.backward()
+        opt.step()
+    return model(PROMPTS, ANSWERS, align=1.0, align_mode=mode).parts["align"].item()
 
 
 def test_explicit_teacher_reading_the_same_input_gives_zero(make_model):
@@ -186,8 +199,9 @@ def test_alignment_modes_zero_when_teacher_reads_the_same_input(make_model, mode
     student, teacher = make_model(k=1), make_model(k=1)
     out = student(PROMPTS, ANSWERS, align=1.0, align_mode=mode, teacher=teacher)
     assert out.parts["align"].abs().item() < 1e-5
-    merged = make_model(k=2)(PROMPTS, ANSWERS, align=1.0, align_mode=mode, teacher=teacher)
-    assert 1e-4 < merged.parts["align"].item() <= 2.0
+    merged = make_model(k=2)
+    out = merged(PROMPTS, ANSWERS, align=1.0, align_mode=mode, teacher=teacher)
+    assert out.parts["align"].item() > 1e-4
 
 
 def test_standardized_alignment_by_hand_and_without_the_sink(make_model):

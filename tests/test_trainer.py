@@ -37,6 +37,27 @@ def test_lr_schedule():
     assert lr_factor(55, TrainConfig(steps=100)) == 1.0
 
 
+def test_cosine_restarts_each_curriculum_round(make_model):
+    """The cosine horizon is a round, not the whole run: a later stage starts at the full
+    rate instead of training at the floor (the bug: it spanned cfg.steps only)."""
+    from ktm.trainer import train_curriculum
+
+    cfg = TrainConfig(steps=4, batch_size=2, eval_examples=4, eval_every=0, lr=1e-2, warmup_steps=0,
+                      decay="cosine")
+    trainer = Trainer(make_model(k=2), cfg, progress=False, log=lambda line: None)
+    seen, step = [], trainer.optimizer.step
+
+    def record(*a, **kw):
+        seen.append(trainer.optimizer.param_groups[0]["lr"] / 1e-2)
+        return step(*a, **kw)
+
+    trainer.optimizer.step = record
+    train_curriculum(trainer, [(LastChar(), None), (LastChar(), None)], steps_per_round=4)
+    cycle = [lr_factor(s, cfg) for s in range(4)]
+    assert cycle[0] == 1.0 and cycle[3] < 0.4
+    assert seen == pytest.approx(cycle + cycle)
+
+
 def test_batches_are_a_pure_function_of_seed_and_step():
     ex = [Example(str(i), "true" if i % 4 == 0 else "false") for i in range(100)]
     cfg = TrainConfig(batch_size=8, seed=3)

@@ -1,5 +1,6 @@
 """The Textualized Tree generator: shapes, rendering, questions, splits, files."""
 
+import dataclasses
 import doctest
 import random
 import re
@@ -67,7 +68,7 @@ def test_stages_table():
     got = {k: (s.max_depth, s.max_nodes, s.min_children, s.max_children) for k, s in STAGES.items()}
     assert got == {"small": (2, 3, 0, 2), "xsmall": (3, 5, 0, 2), "medium": (3, 10, 0, 3),
                    "xmedium": (4, 15, 1, 3), "large": (4, 30, 1, 3), "x3large": (4, 150, 3, 5)}
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         STAGES["small"].max_nodes = 4  # frozen
 
 

@@ -37,14 +37,22 @@ STATE_NAME = "trainer_state.json"
 OPTIM_NAME = "optimizer.safetensors"
 
 
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Multiplier of the base learning rate at 0-based ``step``: linear warm-up, then
-    constant or cosine decay to 10% over the remaining steps."""
+def lr_factor(step: int, cfg: TrainConfig, start: int = 0, span: int | None = None) -> float:
+    """Multiplier of the base learning rate at 0-based global ``step``: linear warm-up over
+    the first ``cfg.warmup_steps`` steps of the run, then constant, or a cosine decay to 10%
+    over the cycle of ``span`` steps that begins at ``start`` (default: the whole run,
+    ``cfg.steps``; a curriculum makes each round a cycle of its own).
+
+    >>> cfg = TrainConfig(steps=10, warmup_steps=0, decay="cosine")
+    >>> [round(lr_factor(s, cfg, start=10, span=10), 2) for s in (10, 15, 20)]
+    [1.0, 0.55, 0.1]
+    """
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     if cfg.decay == "cosine":
-        span = max(1, cfg.steps - cfg.warmup_steps)
-        t = min(1.0, (step - cfg.warmup_steps) / span)
+        end = start + (span if span is not None else cfg.steps)
+        begin = max(start, cfg.warmup_steps)
+        t = min(1.0, max(0.0, (step - begin) / max(1, end - begin)))
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
     return 1.0
 
@@ -88,6 +96,7 @@ class Trainer:
     history: list = field(default_factory=list)
     extra_state: dict = field(default_factory=dict)
     teacher: object = None  # K = 1 KTokenMerging for distillation/alignment (default: cfg.teacher)
+    schedule_cycle: tuple = (0, None)  # (start, span) of the cosine cycle: the whole run by default
 
     # ------------------------------------------------------------------ setup
     def __post_init__(self):
@@ -140,7 +149,7 @@ class Trainer:
         self._fit_start = t0 - (self.history[-1].get("elapsed_s") or 0.0 if self.history else 0.0)
         while self.step < end:
             for g in self.optimizer.param_groups:
-                g["lr"] = g["base_lr"] * lr_factor(self.step, cfg)
+                g["lr"] = g["base_lr"] * lr_factor(self.step, cfg, *self.schedule_cycle)
             # every process draws the same global batch and takes its own share
             idx = batch_indices(train, self.step * world + rank, cfg, labels)
             batch = [train[i] for i in idx]
@@ -291,6 +300,8 @@ def train_curriculum(trainer: Trainer, stages: list[tuple[Task, float | None]], 
     while pos["stage"] < len(stages):
         task, threshold = stages[pos["stage"]]
         pos.setdefault("end", trainer.step + steps_per_round)
+        # each round is one cosine cycle: a later stage does not train at the floor rate
+        trainer.schedule_cycle = (pos["end"] - steps_per_round, steps_per_round)
         if trainer.step < pos["end"]:
             trainer.fit(task, steps=pos["end"] - trainer.step)
         del pos["end"]
