@@ -32,6 +32,18 @@ def load_run(spec: str) -> dict:
             "argv": config.get("argv", []), "recipe": config.get("recipe")}
 
 
+def command_line(argv: list[str]) -> str:
+    """The command a run_config's argv came from: ``ktm ...``, or ``python SCRIPT.py ...``
+    for a benchmark script (its argv starts with the script's path).
+
+    >>> command_line(["train", "--k", "4"]), command_line(["benchmarks/x.py", "train"])
+    ('ktm train --k 4', 'python benchmarks/x.py train')
+    """
+    if argv and argv[0].endswith(".py"):
+        return "python " + " ".join(argv)
+    return "ktm " + " ".join(argv)
+
+
 def wall_minutes(history: list[dict]) -> float | None:
     """Total wall time of a run in minutes. Histories written before ``elapsed_s`` counted on
     across resumes restart it at 0 after a resume; those segments are added up."""
@@ -117,7 +129,7 @@ def main(argv=None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     md = table(runs)
     out.with_suffix(".md").write_text(md + "\n\nCommands:\n\n" + "\n".join(
-        f"- {r['label']}: `ktm {' '.join(r['argv'])}`" for r in runs) + "\n")
+        f"- {r['label']}: `{command_line(r['argv'])}`" for r in runs) + "\n")
     out.with_suffix(".json").write_text(json.dumps(runs, indent=1))
     plot(runs, out.with_suffix(".png"), args.title)
     print(md)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -48,13 +47,11 @@ def relation(parents: tuple[int, ...], p: int, c: int) -> str:
 
 def question_relation(prompt: str) -> str:
     """The relation that a tree question's prompt asks about."""
-    from ktm.tasks.tree import parse_tree
+    from ktm.tasks.tree import parse_question, parse_tree
 
-    match = re.fullmatch(r"Tree: (.*), Task: .*, Parent: (\w+), Child: (\w+), Answer: ", prompt, re.S)
-    if match is None:
-        raise ValueError(f"not a tree question: {prompt[:60]!r}")
-    tree = parse_tree(match.group(1))
-    return relation(tree.parents, tree.names.index(match.group(2)), tree.names.index(match.group(3)))
+    rendered, parent, child = parse_question(prompt)
+    tree = parse_tree(rendered)
+    return relation(tree.parents, tree.names.index(parent), tree.names.index(child))
 
 
 def by_relation(predictions: list[dict], normalise) -> dict[str, dict]:

@@ -24,9 +24,12 @@ def name_token_ids(tokenizer, prompt: str) -> list[tuple[tuple[int, ...], tuple[
         a, b = span
         return tuple(i for i, (s, e) in zip(ids, offsets) if s < b and e > a)
 
-    question_start = prompt.index(", Task:")
+    from ktm.tasks.tree import parse_question
+
+    rendered, parent, child = parse_question(prompt)
+    question_start = len("Tree: ") + len(rendered)  # where ", Task: ..." begins
     pairs = []
-    for name in re.search(r"Parent: (\w+), Child: (\w+)", prompt).groups():
+    for name in (parent, child):
         spans = [m.span() for m in re.finditer(name, prompt)]
         tree = next(s for s in spans if s[0] < question_start)
         question = next(s for s in spans if s[0] > question_start)

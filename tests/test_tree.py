@@ -298,3 +298,16 @@ def test_name_token_script_finds_the_names_in_tree_and_question(tokenizer):
     pairs = mod.name_token_ids(tokenizer, prompt)  # one token per character
     kf, ud = tuple(tokenizer.convert_tokens_to_ids(list("KF"))), tuple(tokenizer.convert_tokens_to_ids(list("UD")))
     assert pairs == [(kf, kf), (ud, ud)]
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=SEEDS, stage=st.sampled_from(SMALL_STAGES))
+def test_parse_question_inverts_question_prompt(seed, stage):
+    from ktm.tasks.tree import parse_question, question_prompt
+
+    tree = tree_mod.generate_tree(stage, random.Random(seed))
+    for q in tree_mod.tree_questions(tree, 0)[:6]:
+        rendered, parent, child = parse_question(q.prompt)
+        assert rendered == tree.rendered and question_prompt(rendered, parent, child) == q.prompt
+    with pytest.raises(ValueError, match="not a tree question"):
+        parse_question("Review: great shoes, Label: ")

@@ -1019,6 +1019,22 @@ def _load_avg() -> list[float] | None:
         return None
 
 
+def portable_path(path: str | os.PathLike) -> str:
+    """A path fit for saved results: as given when relative, relative to the working folder
+    when inside it, else the file name alone (no machine's folder layout in the docs).
+
+    >>> portable_path("data/dev.jsonl"), portable_path("/somewhere/else/dev.jsonl")
+    ('data/dev.jsonl', 'dev.jsonl')
+    """
+    p = Path(path)
+    if not p.is_absolute():
+        return str(p)
+    try:
+        return str(p.relative_to(Path.cwd()))
+    except ValueError:
+        return p.name
+
+
 def default_out(device: str) -> Path:
     return Path("benchmarks") / "results" / f"{_dt.date.today().isoformat()}-{device}"
 
@@ -1069,7 +1085,7 @@ def run_speed(model=None, *, device: str = "auto", dtype: str | None = None,
         "command": command, "model": m.base_reference, "dtype": str(m.dtype).replace("torch.", ""),
         "device": dev.type, "modes": list(modes), "ks": list(ks), "lengths": list(lengths),
         "batch_sizes": list(batch_sizes), "max_batch_tokens": max_batch_tokens, "repeats": repeats,
-        "warmup": warmup, "corpus": str(corpus) if corpus else "ktm source code",
+        "warmup": warmup, "corpus": portable_path(corpus) if corpus else "ktm source code",
         "encoder_hidden": m.config.encoder_hidden or "int(a*K)*d", "encoder_init": m.config.encoder_init,
         "compile_modes": list(compile_modes) if "compile" in modes else None,
         "load_avg_start": _load_avg(), **machine_info(dev)}}

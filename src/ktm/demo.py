@@ -16,7 +16,7 @@ import torch
 from .config import save_json
 from .evaluate import evaluate, subsample
 from .recipes import get_recipe
-from .tasks.tree import TreeTask
+from .tasks.tree import TreeTask, parse_question
 from .trainer import Trainer, clear_output, prepare_phases
 
 #: training steps that fit the demo's ~10 minute budget on 2 CPU cores (K = 4, batch 16)
@@ -78,8 +78,8 @@ def run_demo(steps: int | None = None, k: int = 4, out: str = "runs/demo", num_t
         f"{timing['unmerged_s'] * 1e3:.1f} ms -> {timing['unmerged_s'] / timing['merged_s']:.2f}x faster")
     log("a few held-out questions:")
     for e, a in zip(shown, answers):
-        parent, child = e.prompt.split("Parent: ")[-1].removesuffix(", Answer: ").split(", Child: ")
-        tree = e.prompt.split(", Task:")[0].removeprefix("Tree: ").replace("\n", " | ")
+        tree, parent, child = parse_question(e.prompt)
+        tree = tree.replace("\n", " | ")
         log(f"  tree [{tree}]  is {parent} the parent of {child}?  model {a.strip()!r}, reference {e.answer!r}")
     log(f"training {train_s / 60:.1f} min, total {(time.perf_counter() - t_start) / 60:.1f} min; "
         f"model saved in {Path(out) / 'model'}")

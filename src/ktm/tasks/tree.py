@@ -74,7 +74,7 @@ from pathlib import Path
 from .base import Example, Task, write_jsonl
 
 __all__ = [
-    "NAMES", "STAGES", "STAGE_ORDER", "SPLITS", "Stage", "Tree", "TreeTask", "get_stage",
+    "NAMES", "STAGES", "STAGE_ORDER", "parse_question", "SPLITS", "Stage", "Tree", "TreeTask", "get_stage",
     "generate_tree", "parse_tree", "tree_questions", "question_prompt", "make_split",
     "write_stage",
 ]
@@ -303,6 +303,23 @@ def question_prompt(rendered: str, parent: str, child: str) -> str:
     """
     return (f"Tree: {rendered}, Task: Parent/Child Relationship, "
             f"Parent: {parent}, Child: {child}, Answer: ")
+
+
+_QUESTION = re.compile(r"Tree: (.*), Task: Parent/Child Relationship, Parent: (\S+), Child: (\S+), Answer: ", re.S)
+
+
+def parse_question(prompt: str) -> tuple[str, str, str]:
+    """``(rendered tree, parent, child)`` of a prompt made by :func:`question_prompt`; the
+    inverse of that function. Raises ``ValueError`` for any other text.
+
+    Example:
+        >>> parse_question(question_prompt("AA\\n+BB", "AA", "BB"))
+        ('AA\\n+BB', 'AA', 'BB')
+    """
+    match = _QUESTION.fullmatch(prompt)
+    if match is None:
+        raise ValueError(f"not a tree question: {prompt[:60]!r}")
+    return match.group(1), match.group(2), match.group(3)
 
 
 def tree_questions(tree: Tree, tree_id: int) -> list[Example]:
