@@ -36,6 +36,7 @@ These are experiments, not library features: each patches one model instance her
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import sys
@@ -81,13 +82,14 @@ def segment_lengths(pieces: list[str], layout: str) -> list[int]:
     raise ValueError(f"unknown layout {layout!r}: fixed, lines or tailN")
 
 
-def use_layout(model, layout: str) -> None:
+def use_layout(model, layout: str):
     """Make ``model`` merge each prompt piece by piece (:func:`segment_lengths`): every
     piece goes through the model's own ``merge_ids`` as if it were a prompt of its own, so
-    its blocks start at its first token, and the pieces' merged embeddings are joined."""
+    its blocks start at its first token, and the pieces' merged embeddings are joined.
+    Returns ``model``."""
     if layout == "fixed":
         model.__dict__.pop("merge_ids", None)  # back to the model's own method
-        return
+        return model
     own = type(model).merge_ids
 
     def merge_ids(self, ids):
@@ -104,6 +106,7 @@ def use_layout(model, layout: str) -> None:
         return out
 
     model.merge_ids = types.MethodType(merge_ids, model)
+    return model
 
 
 class AttentionPool(nn.Module):
@@ -127,7 +130,7 @@ def use_mixed_k(model, plain_fraction: float = 0.5) -> None:
     merged; the loss is the mean of the two halves' losses. ``parts['task']`` is the merged
     half's loss (comparable with other runs), ``parts['plain']`` the plain half's."""
     from ktm.encoder import build_encoder
-    from ktm.model import KTokenMerging, LossOutput
+    from ktm.model import KTokenMerging
 
     identity = build_encoder(1, model.encoder.dim, None, "mean", False, None)
 
@@ -142,8 +145,9 @@ def use_mixed_k(model, plain_fraction: float = 0.5) -> None:
         finally:
             self.config.k, self.encoder = k, encoder
         merged = KTokenMerging.forward(self, prompts[h:], answers[h:], **aux)
-        return LossOutput((plain.loss + merged.loss) / 2, merged.logits, merged.targets, merged.rows,
-                          {**merged.parts, "plain": plain.loss.detach()})
+        # the merged half carries what the auxiliary losses need
+        return dataclasses.replace(merged, loss=(plain.loss + merged.loss) / 2,
+                                   parts={**merged.parts, "plain": plain.loss.detach()})
 
     model.forward = types.MethodType(forward, model)
 
@@ -154,14 +158,11 @@ def last_states(model, prompts: list[str], layers=LAYERS, batch: int = 64) -> tu
     ``{"sink_norm", "other_norm", "merged_length"}``: the mean norm of the states at the
     first position (the attention sink) and at the others, at layer :data:`SINK_LAYER` (or
     the last), and the mean merged prompt length."""
-    from ktm.blocks import position_ids
-
     out, sink, rest, lengths = [], [], [], []
     with torch.no_grad():
         for i in range(0, len(prompts), batch):
             embeds, mask = model.merge_prompts(prompts[i:i + batch], side="right")
-            hs = model._decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids(mask),
-                                output_hidden_states=True).hidden_states
+            hs = model.decode(embeds, mask, all_layers=True).hidden_states
             last = mask.sum(1) - 1
             rows = torch.arange(len(last))
             out.append(torch.stack([hs[min(L, len(hs) - 1)][rows, last] for L in layers], 1).float())
@@ -195,7 +196,6 @@ def probe_accuracy(x: torch.Tensor, y: torch.Tensor, xt: torch.Tensor, yt: torch
 
 def cmd_probe(args) -> int:
     from ktm import KTokenMerging
-    from ktm.encoder import build_encoder
     from ktm.tasks import TreeTask
 
     task = TreeTask(args.stage, num_trees=args.num_trees, seed=args.data_seed)
@@ -219,16 +219,13 @@ def cmd_probe(args) -> int:
 
     # one untrained model; K, encoder and layout are swapped in turn (LoRA stays at zero)
     model = KTokenMerging.from_base(args.model, k=1, seed=args.seed).eval()
-    depth = model._decoder.config.num_hidden_layers
+    depth = model.llm_config.num_hidden_layers
     layers = [L for L in LAYERS if L <= depth] or [depth]
     for k in args.k:
         for layout in args.layout:
             if k == 1 and layout != "fixed":
                 continue  # pieces of single tokens: the same as fixed
-            model.config.k = k
-            model.encoder = build_encoder(k, model.encoder.dim, None, "mean", False, None)
-            use_layout(model, layout)
-            probe(model, k, layout)
+            probe(use_layout(model.with_k(k), layout), k, layout)
     for spec in args.checkpoint:  # trained models, each with its own K and the paper's layout
         path, _, label = spec.partition("=")
         trained = KTokenMerging.from_pretrained(path, base=args.model).eval()

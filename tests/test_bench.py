@@ -2,6 +2,7 @@
 tiny random model (seconds; no thresholds on time)."""
 
 import argparse
+import dataclasses
 import json
 import math
 import time
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from ktm import bench
+from ktm.config import overrides
 
 TEXT = ("def binomial(n, r):\n    c = [0] * (r + 1)\n    c[0] = 1\n    for i in range(1, n + 1):\n"
         "        j = min(i, r)\n        while j > 0:\n            c[j] += c[j - 1]\n            j -= 1\n"
@@ -227,10 +229,11 @@ def test_prefill_matches_generate_and_cache_bytes(make_model, tokenizer):
     ids = m.tokenize(["hello world, a prompt", "short"])
     with torch.inference_mode():
         nxt, cache = bench.prefill(m, ids)
-    with bench.no_early_stop(m):  # the first token is kept even when it is an end token
-        first = [row[0] for row in m.generate(["hello world, a prompt", "short"], 1, return_tokens=True)]
+    # stop_at_end=False: the first token is kept even when it is an end token
+    first = [row[0] for row in m.generate(["hello world, a prompt", "short"], 1, return_tokens=True,
+                                          stop_at_end=False)]
     assert nxt.tolist() == first
-    cfg = m._decoder.config
+    cfg = m.llm_config
     positions = math.ceil(len(ids[0]) / 4)
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     # keys + values, every layer, (B, kv heads, positions, head dim) float32
@@ -240,13 +243,16 @@ def test_prefill_matches_generate_and_cache_bytes(make_model, tokenizer):
     assert bench.cache_nbytes(plain_cache) == bench.cache_nbytes(cache)
 
 
-def test_no_early_stop_forces_all_tokens(make_model):
+def test_generate_without_stopping_gives_every_token(make_model):
     m = make_model(k=2)
     saved = list(m.eos_ids)
-    with bench.no_early_stop(m):
-        out = m.generate(["abc", "hello there"], 7, return_tokens=True)
-    assert [len(x) for x in out] == [7, 7]
-    assert m.eos_ids == saved
+    full = m.generate(["abc", "hello there"], 7, return_tokens=True, stop_at_end=False)
+    assert [len(x) for x in full] == [7, 7] and m.eos_ids == saved
+    # the usual answer is the same tokens cut at the first end token
+    cut = m.generate(["abc", "hello there"], 7, return_tokens=True)
+    for f, c in zip(full, cut):
+        n = next((i for i, t in enumerate(f) if t in m.eos_ids), len(f))
+        assert c == f[:n]
 
 
 def test_peak_memory_sees_an_allocation():
@@ -324,8 +330,21 @@ def test_cli_parser():
     args = p.parse_args(["bench", "speed", "--device", "cpu", "--lengths", "512", "1024", "--ks", "1", "4",
                          "--modes", "prefill", "memory", "--out", "x"])
     assert args.func is bench.cmd_speed
-    assert args.lengths == [512, 1024] and args.ks == [1, 4] and args.modes == ["prefill", "memory"]
-    assert args.batch_sizes == [1, 8] and args.repeats == 3 and args.warmup == 1 and args.new_tokens == 64
-    assert args.model is None and args.out == "x"
+    cfg = bench.BenchConfig(**overrides(args, bench.BenchConfig))  # what cmd_speed runs
+    assert cfg.lengths == [512, 1024] and cfg.ks == [1, 4] and cfg.modes == ["prefill", "memory"]
+    assert cfg.batch_sizes == (1, 8) and cfg.repeats == 3 and cfg.warmup == 1 and cfg.new_tokens == 64
+    assert args.model is None and cfg.out == "x" and cfg.device == "cpu"
     with pytest.raises(SystemExit):
         p.parse_args(["bench", "speed", "--modes", "nope"])
+    # every flag is a field of the one options dataclass
+    flags = {a.dest for a in sub.choices["bench"]._subparsers._group_actions[0].choices["speed"]._actions}
+    assert flags - {"help", "model"} == {f.name for f in dataclasses.fields(bench.BenchConfig)}
+
+
+def test_bench_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="unknown modes"):
+        bench.BenchConfig(modes=("prefill", "fast"))
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        bench.BenchConfig(repeats=0)
+    with pytest.raises(ValueError, match="every value of ks must be >= 1"):
+        bench.BenchConfig(ks=(0, 4))

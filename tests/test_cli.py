@@ -64,8 +64,9 @@ def test_train_eval_generate_resume(tmp_path, base_dir, capsys):
                  "--eval-examples", "8", "--out", str(run)]) == 0
     hist = json.loads((run / "history.json").read_text())["history"]
     assert hist[-1]["step"] == 3 and hist[-1]["k"] == 4
-    with pytest.raises(SystemExit, match="already holds a checkpoint"):
-        main(["train", *common, "--k", "4", "--steps", "5", "--out", str(run)])
+    capsys.readouterr()
+    assert main(["train", *common, "--k", "4", "--steps", "5", "--out", str(run)]) == 2
+    assert "already holds a checkpoint: pass --resume" in capsys.readouterr().err
     assert main(["train", *common, "--k", "4", "--steps", "5", "--batch-size", "4",
                  "--eval-examples", "8", "--out", str(run), "--resume"]) == 0
     out = capsys.readouterr().out

@@ -56,13 +56,15 @@ def test_static_steps_equal_eager_steps(make_model, buckets):
     embeds, mask = _merged(m, PROMPTS)
     dec = StaticDecoder(m, None, prompt_bucket=buckets[0], cache_bucket=buckets[1])
     with torch.inference_mode():
-        ref, ref_step = m._eager_start(embeds, mask, use_cache=True)
+        cache = m.new_cache()
+        ref = m.logits(m.decode(embeds, mask, cache).last_hidden_state[:, -1])
+        ref_step = m._cached_steps(cache, mask)
         got, step = dec.start(embeds, mask, 6)
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
         gen = torch.Generator().manual_seed(0)
         for _ in range(5):
             nxt = torch.randint(3, 60, (len(PROMPTS), 1), generator=gen)
-            e = m._embedding(nxt)
+            e = m.embed(nxt)
             ref, got = ref_step(e), step(e)
             torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
@@ -73,7 +75,7 @@ def test_static_decoder_refuses_more_steps_than_it_holds(make_model):
     dec = StaticDecoder(m, None, prompt_bucket=1, cache_bucket=1)
     with torch.inference_mode():
         _, step = dec.start(embeds, mask, 2)
-        e = m._embedding(torch.tensor([[5]]))
+        e = m.embed(torch.tensor([[5]]))
         step(e), step(e)
         with pytest.raises(RuntimeError, match="holds 2 new tokens"):
             step(e)

@@ -42,7 +42,7 @@ def test_lines_layout_merges_each_piece_from_its_start(mod, make_model):
     merged = m.merge_ids(ids)[0]
     # pieces "a\n" (2), "cdef," (5), "gh" (2) -> 1 + 2 + 1 blocks, against ceil(9 / 3) = 3
     assert fixed.shape[0] == 3 and merged.shape[0] == sum(num_blocks(n, 3) for n in (2, 5, 2)) == 4
-    emb = m._embedding(torch.tensor(ids[0]))
+    emb = m.embed(torch.tensor(ids[0]))
     assert torch.allclose(merged[1], emb[2:5].mean(0), atol=1e-6)  # "cde"
     assert torch.allclose(merged[2], emb[5:7].mean(0), atol=1e-6)  # "f," (partial: mean of its tokens)
     assert not torch.allclose(merged[1], fixed[1])
@@ -56,7 +56,7 @@ def test_tail_layout_leaves_tokens_unmerged(mod, make_model):
     ids = m.tokenize(["abcdefgh"])
     merged = m.merge_ids(ids)[0]
     assert merged.shape[0] == 2 + 3
-    assert torch.allclose(merged[-3:], m._embedding(torch.tensor(ids[0][-3:])), atol=1e-6)
+    assert torch.allclose(merged[-3:], m.embed(torch.tensor(ids[0][-3:])), atol=1e-6)
 
 
 def test_attention_pool_starts_as_the_mean_and_learns_weights(mod, make_model):

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from ktm.blocks import num_blocks
 from ktm.objectives import (
     RECON_CUE,
+    add_auxiliary,
     distill_positions,
     distillation_loss,
     reconstruction_loss,
@@ -18,6 +19,12 @@ from ktm.objectives import (
 
 PROMPTS = ["abcdefghij", "xyz", "hello world!"]
 ANSWERS = ["yes", "no", "maybe"]
+
+
+def run(model, **aux):
+    """A forward pass on PROMPTS / ANSWERS with the auxiliary terms added, as the trainer does."""
+    out = model(PROMPTS, ANSWERS, all_layers=bool(aux.get("align")))
+    return add_auxiliary(model, out, **aux)
 
 
 @given(st.lists(st.integers(1, 40), min_size=1, max_size=6), st.integers(1, 9))
@@ -45,7 +52,7 @@ def test_reconstruction_targets_follow_the_cue(lengths, cue, data):
 def test_distillation_is_zero_when_student_and_teacher_read_the_same_input(make_model):
     m = make_model(k=1)  # fresh LoRA adapters are zero: student == teacher
     m.train()
-    out = m(PROMPTS, ANSWERS, distill=1.0)
+    out = run(m, distill=1.0)
     assert out.parts["distill"].abs().item() < 1e-5
     torch.testing.assert_close(out.loss, out.parts["task"] + out.parts["distill"])
 
@@ -53,7 +60,7 @@ def test_distillation_is_zero_when_student_and_teacher_read_the_same_input(make_
 def test_distillation_is_positive_for_merged_prompts_and_has_gradients(make_model):
     m = make_model(k=4)
     m.train()
-    out = m(PROMPTS, ANSWERS, distill=1.0)
+    out = run(m, distill=1.0)
     assert out.parts["distill"].item() > 1e-4
     out.loss.backward()
     enc = [p.grad for p in m.encoder.parameters() if p.grad is not None]
@@ -66,9 +73,9 @@ def test_distillation_equals_a_hand_computed_kl(make_model):
     merged = m.merge_ids(ids)
     terms = []
     for x, e in zip(ids, merged):
-        s_h = m._decoder(inputs_embeds=e[None]).last_hidden_state[0]
+        s_h = m.decode(e[None], torch.ones(1, e.shape[0], dtype=torch.long)).last_hidden_state[0]
         with m.lm.disable_adapter():
-            t_h = m._decoder(input_ids=torch.tensor([x])).last_hidden_state[0]
+            t_h = m.decode(m.embed(torch.tensor([x])), torch.ones(1, len(x), dtype=torch.long)).last_hidden_state[0]
         for j in range(e.shape[0] - 1):
             p = F.log_softmax(m._lm_head(t_h[(j + 1) * 3 - 1]), -1)
             q = F.log_softmax(m._lm_head(s_h[j]), -1)
@@ -103,7 +110,7 @@ def test_reconstruction_equals_per_prompt_cross_entropy(make_model):
 def test_forward_adds_weighted_terms(make_model):
     m = make_model(k=2)
     plain = m(PROMPTS, ANSWERS)
-    out = m(PROMPTS, ANSWERS, reconstruct=0.5, distill=0.25)
+    out = run(m, reconstruct=0.5, distill=0.25)
     assert set(out.parts) == {"task", "reconstruct", "distill"}
     torch.testing.assert_close(out.parts["task"], plain.loss)
     torch.testing.assert_close(
@@ -128,10 +135,10 @@ def test_reconstruction_on_the_first_rows_only(make_model):
 
 def test_alignment_is_zero_at_k1_and_positive_when_merged(make_model):
     same = make_model(k=1)
-    out = same(PROMPTS, ANSWERS, align=1.0)
+    out = run(same, align=1.0)
     assert out.parts["align"].abs().item() < 1e-5
     merged = make_model(k=4)
-    out = merged(PROMPTS, ANSWERS, align=1.0)
+    out = run(merged, align=1.0)
     assert out.parts["align"].item() > 1e-4
     out.loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in merged.encoder.parameters())
@@ -145,14 +152,14 @@ def _align_after_training(model, mode, steps=8):
     opt = torch.optim.AdamW(params, lr=1e-3)
     for _ in range(steps):
         opt.zero_grad()
-        model(PROMPTS, ANSWERS, align=1000.0, align_mode=mode).loss.backward()
+        run(model, align=1000.0, align_mode=mode).loss.backward()
         opt.step()
-    return model(PROMPTS, ANSWERS, align=1.0, align_mode=mode).parts["align"].item()
+    return run(model, align=1.0, align_mode=mode).parts["align"].item()
 
 
 def test_explicit_teacher_reading_the_same_input_gives_zero(make_model):
     student, teacher = make_model(k=1), make_model(k=1)  # same seed: identical weights
-    out = student(PROMPTS, ANSWERS, distill=1.0, align=1.0, teacher=teacher)
+    out = run(student, distill=1.0, align=1.0, teacher=teacher)
     assert out.parts["distill"].abs().item() < 1e-5
     assert out.parts["align"].abs().item() < 1e-5
 
@@ -163,7 +170,7 @@ def test_a_trained_teacher_changes_the_targets(make_model):
         for name, p in teacher.lm.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)
-    out = student(PROMPTS, ANSWERS, distill=1.0, align=1.0, teacher=teacher)
+    out = run(student, distill=1.0, align=1.0, teacher=teacher)
     assert out.parts["distill"].item() > 1e-4 and out.parts["align"].item() > 1e-4
 
 
@@ -171,7 +178,7 @@ def test_load_teacher_checks_k_and_base(make_model, tokenizer, tmp_path):
     from conftest import tiny_llama
 
     from ktm.model import CheckpointError
-    from ktm.objectives import load_teacher
+    from ktm.model import load_teacher
 
     student = make_model(k=4)
     make_model(k=4).save_pretrained(tmp_path / "k4")
@@ -183,24 +190,24 @@ def test_load_teacher_checks_k_and_base(make_model, tokenizer, tmp_path):
     make_model(k=1).save_pretrained(tmp_path / "k1")
     teacher = load_teacher(tmp_path / "k1", student, base=tiny_llama(len(tokenizer)))
     assert teacher.k == 1 and not any(p.requires_grad for p in teacher.parameters())
-    out = make_model(k=1)(PROMPTS, ANSWERS, distill=1.0, teacher=teacher)
+    out = run(make_model(k=1), distill=1.0, teacher=teacher)
     assert out.parts["distill"].abs().item() < 1e-5
 
 
 def test_distillation_is_the_same_with_or_without_alignment(make_model):
     m = make_model(k=3)
-    alone = m(PROMPTS, ANSWERS, distill=1.0).parts["distill"]
-    both = m(PROMPTS, ANSWERS, distill=1.0, align=1.0).parts["distill"]
+    alone = run(m, distill=1.0).parts["distill"]
+    both = run(m, distill=1.0, align=1.0).parts["distill"]
     torch.testing.assert_close(both, alone)
 
 
 @pytest.mark.parametrize("mode", ["cosine", "standardized"])
 def test_alignment_modes_zero_when_teacher_reads_the_same_input(make_model, mode):
     student, teacher = make_model(k=1), make_model(k=1)
-    out = student(PROMPTS, ANSWERS, align=1.0, align_mode=mode, teacher=teacher)
+    out = run(student, align=1.0, align_mode=mode, teacher=teacher)
     assert out.parts["align"].abs().item() < 1e-5
     merged = make_model(k=2)
-    out = merged(PROMPTS, ANSWERS, align=1.0, align_mode=mode, teacher=teacher)
+    out = run(merged, align=1.0, align_mode=mode, teacher=teacher)
     assert out.parts["align"].item() > 1e-4
 
 
@@ -230,3 +237,16 @@ def test_standardized_alignment_by_hand_and_without_the_sink(make_model):
     assert not torch.allclose(alignment_loss(m, ids, s_states, t_states, "cosine"), cosine)
     with pytest.raises(ValueError, match="alignment mode"):
         alignment_loss(m, ids, s_states, t_states, "l2")
+
+
+def test_forward_returns_the_task_loss_and_the_auxiliary_terms_add_to_it(make_model):
+    m = make_model(k=2)
+    out = m(PROMPTS, ANSWERS, all_layers=True)
+    assert out.parts == {"task": out.loss.detach()} and len(out.hidden_states) == 3  # embeddings + 2 layers
+    assert [len(x) for x in out.prompt_ids] == [len(p) for p in PROMPTS] and len(out.merged) == 3
+    both = add_auxiliary(m, out, distill=0.5, align=2.0)
+    total = out.loss + 0.5 * both.parts["distill"] + 2.0 * both.parts["align"]
+    torch.testing.assert_close(both.loss, total)
+    assert add_auxiliary(m, out) is out
+    with pytest.raises(ValueError, match="all_layers=True"):
+        add_auxiliary(m, m(PROMPTS, ANSWERS), align=1.0)

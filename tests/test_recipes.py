@@ -90,7 +90,7 @@ def test_encoder_stages_must_multiply_to_k():
 
 
 def test_hierarchical_recipe_and_default_stages():
-    from ktm.trainer import with_default_stages
+    from ktm.phases import with_default_stages
 
     t = get_recipe("hierarchical").train_config()
     assert (t.teacher, t.grow_from, t.align) == ("auto", "auto", 1.0)

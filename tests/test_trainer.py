@@ -40,7 +40,7 @@ def test_lr_schedule():
 def test_cosine_restarts_each_curriculum_round(make_model):
     """The cosine horizon is a round, not the whole run: a later stage starts at the full
     rate instead of training at the floor (the bug: it spanned cfg.steps only)."""
-    from ktm.trainer import train_curriculum
+    from ktm.phases import train_curriculum
 
     cfg = TrainConfig(steps=4, batch_size=2, eval_examples=4, eval_every=0, lr=1e-2, warmup_steps=0,
                       decay="cosine")
@@ -145,7 +145,7 @@ def test_checkpoint_is_whole_or_absent(make_model, tmp_path):
 
 
 def test_curriculum_repeats_a_stage_until_its_threshold_and_resumes(make_model, tmp_path):
-    from ktm.trainer import train_curriculum
+    from ktm.phases import train_curriculum
 
     cfg = TrainConfig(steps=2, batch_size=4, eval_examples=8, lr=1e-4)
     t = Trainer(make_model(k=2), cfg, output_dir=tmp_path, progress=False, log=lambda s: None)
@@ -160,7 +160,7 @@ def test_curriculum_repeats_a_stage_until_its_threshold_and_resumes(make_model, 
 
 
 def test_curriculum_finishes_an_interrupted_round(make_model, tmp_path):
-    from ktm.trainer import train_curriculum
+    from ktm.phases import train_curriculum
 
     cfg = TrainConfig(steps=4, batch_size=4, eval_examples=8, lr=1e-4)
     t = Trainer(make_model(k=2), cfg, output_dir=tmp_path, progress=False, log=lambda s: None)
@@ -175,7 +175,7 @@ def test_curriculum_finishes_an_interrupted_round(make_model, tmp_path):
 
 
 def test_curriculum_threshold_needs_an_accuracy_task(make_model):
-    from ktm.trainer import train_curriculum
+    from ktm.phases import train_curriculum
 
     class Perplexity(LastChar):
         metric = "perplexity"
@@ -206,6 +206,7 @@ def test_auxiliary_losses_train_and_are_logged(make_model):
     ([0.5, 0.6, 0.7, 0.99], 6, True),  # never reached within 3 rounds: warns, goes on
 ])
 def test_phase_trains_more_rounds_until_its_threshold(make_model, tmp_path, monkeypatch, values, steps, warned):
+    import ktm.phases as phases_mod
     import ktm.trainer as trainer_mod
 
     scripted = iter(values)
@@ -213,7 +214,7 @@ def test_phase_trains_more_rounds_until_its_threshold(make_model, tmp_path, monk
                         lambda model, task, **kw: {"metric": "accuracy", "value": next(scripted), "n": 1})
     lines = []
     cfg = TrainConfig(steps=2, batch_size=4, phase_threshold=0.95, phase_rounds=3)
-    _, trainer = trainer_mod._train_phase(make_model(k=2), cfg, tmp_path / "phase", [LastChar()], 2,
+    _, trainer = phases_mod._train_phase(make_model(k=2), cfg, tmp_path / "phase", [LastChar()], 2,
                                           lines.append, "teacher")
     assert trainer.step == steps
     assert [row["step"] for row in trainer.history] == list(range(2, steps + 1, 2))
@@ -222,13 +223,13 @@ def test_phase_trains_more_rounds_until_its_threshold(make_model, tmp_path, monk
 
 
 def test_phase_threshold_needs_an_accuracy_task(make_model, tmp_path):
-    import ktm.trainer as trainer_mod
+    import ktm.phases as phases_mod
 
     class Perplexity(LastChar):
         metric = "perplexity"
 
     with pytest.raises(ValueError, match="held-out accuracy"):
-        trainer_mod._train_phase(make_model(k=2), TrainConfig(steps=2, phase_threshold=0.9), tmp_path,
+        phases_mod._train_phase(make_model(k=2), TrainConfig(steps=2, phase_threshold=0.9), tmp_path,
                                  [Perplexity()], 2, print)
     with pytest.raises(ValueError, match="phase_threshold"):
         TrainConfig(phase_threshold=1.5)

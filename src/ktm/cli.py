@@ -11,11 +11,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
+import math
+import os
 import sys
 from pathlib import Path
 
-from .config import ModelConfig, TrainConfig, add_arguments, overrides, save_json, to_dict
+from .config import ModelConfig, TrainConfig, add_arguments, overrides, save_json
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -27,18 +31,65 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+# ---------------------------------------------------------------- argument types
+def int_at_least(low: int):
+    """argparse type: an integer >= ``low`` (a one-line argparse error otherwise)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def probability(text: str) -> float:
+    """argparse type: a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 < value <= 1.0:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+positive_int, nonnegative_int = int_at_least(1), int_at_least(0)
+
+TRUST_HELP = ("let transformers run Python code shipped with the model folder, checkpoint or hub "
+              "repository (an auto_map in its config). That code runs with your permissions: "
+              "use it only for models you trust (default: never run it)")
+
+
 # ---------------------------------------------------------------- shared options
 def _add_task_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("task")
     g.add_argument("--task", choices=["tree", "jsonl"], default="tree", help="task (default: tree)")
     g.add_argument("--stage", default=["small"], nargs="+",
                    help="tree stage, or several in order for a curriculum (train)")
-    g.add_argument("--num-trees", type=int, default=2000, help="trees generated per tree stage (default: 2000)")
+    g.add_argument("--num-trees", type=positive_int, default=2000,
+                   help="trees generated per tree stage (default: 2000)")
     g.add_argument("--data-seed", type=int, default=0, help="seed of the tree generator (default: 0)")
     g.add_argument("--data", help="jsonl task: folder with train.jsonl and test.jsonl")
     g.add_argument("--metric", choices=["accuracy", "perplexity"], default="accuracy",
                    help="jsonl task: how answers are scored (default: accuracy)")
-    g.add_argument("--max-new-tokens", type=int, default=None,
+    g.add_argument("--max-new-tokens", type=positive_int, default=None,
                    help="jsonl accuracy task: tokens generated per answer (default: 8)")
 
 
@@ -48,6 +99,7 @@ def _add_base_args(p: argparse.ArgumentParser) -> None:
                    help="base model: hub id, folder, .gguf file (default: embedded SmolLM2-135M-Instruct)")
     g.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
     g.add_argument("--dtype", default="auto", help="float32, bfloat16 or auto (bf16 on GPU; default: auto)")
+    g.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
 
 
 def _tasks(args) -> list:
@@ -82,60 +134,28 @@ def cmd_data(args) -> int:
     return 0
 
 
-def build_model(args, model_cfg: ModelConfig, grow_from: str | None = None):
-    from .model import KTokenMerging
-
-    if getattr(args, "init_from", None):
-        m = KTokenMerging.from_pretrained(args.init_from, base=args.model, device=args.device, dtype=args.dtype)
-        if m.k != model_cfg.k:
-            raise SystemExit(f"ktm: --init-from {args.init_from} is for K = {m.k}, not K = {model_cfg.k}")
-        return m
-    m = KTokenMerging.from_base(args.model, device=args.device, dtype=args.dtype,
-                                seed=args.seed if args.seed is not None else 0, **vars(model_cfg))
-    if getattr(args, "init_adapter_from", None):
-        m.load_trained(args.init_adapter_from, adapter_only=True)
-    if grow_from:
-        m.grow_from(grow_from)
-    return m
-
-
 def cmd_train(args) -> int:
-    from .recipes import get_recipe
     from tqdm.auto import tqdm
 
-    from .trainer import CHECKPOINT_DIR, Trainer, clear_output, prepare_phases, train_curriculum
+    from .phases import train_run
+    from .recipes import get_recipe
 
     recipe = get_recipe(args.recipe)
     model_cfg = recipe.model_config(**overrides(args, ModelConfig))
     train_cfg = recipe.train_config(**overrides(args, TrainConfig))
-    out = Path(args.out)
-    if not args.resume and (out / CHECKPOINT_DIR).exists():
-        if not args.overwrite:
-            raise SystemExit(f"ktm: {out} already holds a checkpoint: pass --resume to continue it, "
-                             f"or --overwrite to start over")
-        clear_output(out)
-    out.mkdir(parents=True, exist_ok=True)
     tasks = _tasks(args)
-    model_cfg, train_cfg = prepare_phases(tasks, out, model_cfg, train_cfg, args.model, device=args.device,
-                                          dtype=args.dtype, log=tqdm.write)
-    save_json(out / "run_config.json", {"recipe": recipe.name, "model": to_dict(model_cfg),
-                                        "train": to_dict(train_cfg), "argv": sys.argv[1:]})
-    model = build_model(args, model_cfg, train_cfg.grow_from)
-    trainer = Trainer(model, train_cfg, output_dir=out)
-    if args.resume and not trainer.resume():
-        print(f"no checkpoint in {out}; starting from scratch")
     print(f"recipe {recipe.name}: K = {model_cfg.k}, lr {train_cfg.lr}, batch {train_cfg.batch_size}, "
           f"{train_cfg.steps} steps" + (f" per round, curriculum {args.stage}" if len(tasks) > 1 else ""))
-    if len(tasks) > 1:
-        thresholds = [args.threshold] * (len(tasks) - 1) + [args.final_threshold]
-        train_curriculum(trainer, list(zip(tasks, thresholds)), train_cfg.steps, args.max_rounds)
-    else:
-        trainer.fit(tasks[0])
-    path = trainer.save_final()
-    last = trainer.history[-1]
+    thresholds = [args.threshold] * (len(tasks) - 1) + [args.final_threshold]
+    run = train_run(model_cfg, train_cfg, tasks, args.out, base=args.model, device=args.device, dtype=args.dtype,
+                    resume=args.resume, overwrite=args.overwrite, init_from=args.init_from,
+                    init_adapter_from=args.init_adapter_from, thresholds=thresholds, max_rounds=args.max_rounds,
+                    record={"recipe": recipe.name}, log=tqdm.write,
+                    trust_remote_code=getattr(args, "trust_remote_code", None))
+    last = run.trainer.history[-1]
     print(f"final {last['metric']} {last['value']:.4f}" +
           (f" (majority {last['majority_rate']:.4f})" if "majority_rate" in last else ""))
-    print(f"saved {path}; history in {out / 'history.json'}")
+    print(f"saved {run.path}; history in {Path(args.out) / 'history.json'}")
     return 0
 
 
@@ -143,7 +163,8 @@ def cmd_eval(args) -> int:
     from .evaluate import evaluate
     from .model import KTokenMerging
 
-    model = KTokenMerging.from_pretrained(args.checkpoint, base=args.model, device=args.device, dtype=args.dtype)
+    model = KTokenMerging.from_pretrained(args.checkpoint, base=args.model, device=args.device, dtype=args.dtype,
+                                          trust_remote_code=args.trust_remote_code)
     results = []
     for task in _tasks(args):
         res = evaluate(model, task, split=args.split, max_examples=args.max_examples,
@@ -161,12 +182,19 @@ def cmd_eval(args) -> int:
 def cmd_generate(args) -> int:
     import torch
 
-    from .model import KTokenMerging
+    from .model import KTokenMerging, check_sampling, read_checkpoint_config
 
+    check_sampling(args.sample, args.temperature, args.top_k, args.top_p)
     if args.checkpoint:
-        model = KTokenMerging.from_pretrained(args.checkpoint, base=args.model, device=args.device, dtype=args.dtype)
+        saved_k = read_checkpoint_config(Path(args.checkpoint))["model"].get("k")
+        if args.k is not None and args.k != saved_k:
+            raise ValueError(f"--k {args.k} does not match --checkpoint {args.checkpoint}, which was trained "
+                             f"for K = {saved_k} (the checkpoint fixes K): leave --k out")
+        model = KTokenMerging.from_pretrained(args.checkpoint, base=args.model, device=args.device, dtype=args.dtype,
+                                              trust_remote_code=args.trust_remote_code)
     else:
-        model = KTokenMerging.from_base(args.model, k=args.k, device=args.device, dtype=args.dtype)
+        model = KTokenMerging.from_base(args.model, k=args.k or 4, device=args.device, dtype=args.dtype,
+                                        trust_remote_code=args.trust_remote_code)
     prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     gen = torch.Generator(device=model.device).manual_seed(args.seed) if args.sample else None
     outs = model.generate(prompts, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
@@ -188,22 +216,19 @@ def cmd_demo(args) -> int:
 
 
 # ---------------------------------------------------------------- parser
-def build_parser() -> argparse.ArgumentParser:
-    from . import __version__, bench
-    from .recipes import DEFAULT_RECIPE, RECIPES
-
-    p = argparse.ArgumentParser(prog="ktm", description="K-Token Merging: latent-space prompt compression.")
-    p.add_argument("--version", action="version", version=f"ktm {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
-
+def _add_data_parser(sub) -> None:
     d = sub.add_parser("data", help="write task data as JSONL")
     dsub = d.add_subparsers(dest="dataset", required=True)
     t = dsub.add_parser("tree", help="a Textualized Tree stage: FOLDER/train.jsonl and FOLDER/test.jsonl")
     t.add_argument("--stage", default="small", help="small, xsmall, medium, xmedium, large or x3large")
-    t.add_argument("--num-trees", type=int, default=2000, help="trees to generate (split 98/2 by tree)")
+    t.add_argument("--num-trees", type=positive_int, default=2000, help="trees to generate (split 98/2 by tree)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", required=True, help="output folder")
     t.set_defaults(func=cmd_data)
+
+
+def _add_train_parser(sub) -> None:
+    from .recipes import DEFAULT_RECIPE, RECIPES
 
     tr = sub.add_parser("train", help="train LoRA + encoder on a task (accelerate launch for multi-GPU)",
                         formatter_class=HelpFormatter)
@@ -218,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "trained on the task); the encoder starts fresh")
     tr.add_argument("--threshold", type=float, default=0.85, help="curriculum: pass mark of each stage")
     tr.add_argument("--final-threshold", type=float, default=0.95, help="curriculum: pass mark of the last stage")
-    tr.add_argument("--max-rounds", type=int, default=3, help="curriculum: most rounds per stage")
+    tr.add_argument("--max-rounds", type=positive_int, default=3, help="curriculum: most rounds per stage")
     _add_task_args(tr)
     _add_base_args(tr)
     default = RECIPES[DEFAULT_RECIPE]
@@ -227,53 +252,141 @@ def build_parser() -> argparse.ArgumentParser:
                       title=f"{cls.__name__} (defaults shown: recipe {DEFAULT_RECIPE!r}; --recipe changes them)")
     tr.set_defaults(func=cmd_train)
 
+
+def _add_eval_parser(sub) -> None:
     ev = sub.add_parser("eval", help="score a saved model on a task's held-out split")
     ev.add_argument("--checkpoint", required=True, help="a folder written by ktm train (OUT/model)")
     ev.add_argument("--split", default="test")
-    ev.add_argument("--max-examples", type=int, default=0, help="evaluate a fixed random subset (0: all)")
-    ev.add_argument("--batch-size", type=int, default=32)
-    ev.add_argument("--show", type=int, default=5, help="print this many predictions")
+    ev.add_argument("--max-examples", type=nonnegative_int, default=0, help="evaluate a fixed random subset (0: all)")
+    ev.add_argument("--batch-size", type=positive_int, default=32)
+    ev.add_argument("--show", type=nonnegative_int, default=5, help="print this many predictions")
     ev.add_argument("--json", help="also write the numbers to this JSON file")
     _add_task_args(ev)
     _add_base_args(ev)
     ev.set_defaults(func=cmd_eval)
 
+
+def _add_generate_parser(sub) -> None:
     g = sub.add_parser("generate", help="answer prompts (arguments, or one per line on stdin)")
     g.add_argument("prompt", nargs="*")
     g.add_argument("--checkpoint", help="a saved ktm model folder (default: an untrained model)")
-    g.add_argument("--k", type=int, default=4, help="K for an untrained model")
-    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--k", type=positive_int, default=None,
+                   help="K for an untrained model (default: 4); with --checkpoint it must be the checkpoint's K")
+    g.add_argument("--max-new-tokens", type=positive_int, default=32)
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature (needs --sample)")
+    g.add_argument("--top-k", type=positive_int, default=None, help="sample from the K likeliest tokens (needs --sample)")
+    g.add_argument("--top-p", type=probability, default=None,
+                   help="nucleus sampling: the likeliest tokens up to this probability, in (0, 1] (needs --sample)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--json", action="store_true", help="one JSON object per prompt")
     _add_base_args(g)
     g.set_defaults(func=cmd_generate)
 
+
+def _add_demo_parser(sub) -> None:
+    from .recipes import DEFAULT_RECIPE, RECIPES
+
     dm = sub.add_parser("demo", help="end to end on the embedded model: data, train K=4, eval, timing",
                         formatter_class=HelpFormatter)
-    dm.add_argument("--k", type=int, default=4)
-    dm.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's budget)")
-    dm.add_argument("--num-trees", type=int, default=2000)
-    dm.add_argument("--eval-examples", type=int, default=200)
+    dm.add_argument("--k", type=positive_int, default=4)
+    dm.add_argument("--steps", type=positive_int, default=None, help="training steps (default: the demo's budget)")
+    dm.add_argument("--num-trees", type=positive_int, default=2000)
+    dm.add_argument("--eval-examples", type=nonnegative_int, default=200, help="held-out examples (0: all)")
     dm.add_argument("--recipe", default=DEFAULT_RECIPE, choices=sorted(RECIPES))
     dm.add_argument("--out", default="runs/demo", help="run folder")
     dm.add_argument("--model", default=None, help="base model (default: embedded SmolLM2-135M-Instruct)")
     dm.add_argument("--device", default="auto")
+    dm.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     dm.set_defaults(func=cmd_demo)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``ktm`` parser: one sub-command per ``_add_*_parser``, plus ``bench``."""
+    from . import __version__, bench
+
+    p = argparse.ArgumentParser(prog="ktm", description="K-Token Merging: latent-space prompt compression.")
+    p.add_argument("--version", action="version", version=f"ktm {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in (_add_data_parser, _add_train_parser, _add_eval_parser, _add_generate_parser, _add_demo_parser):
+        add(sub)
     bench.register(sub)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def user_error(e: BaseException) -> str | None:
+    """The one-line message for an exception caused by the user's input or machine (a path,
+    a permission, a full disk, a bad checkpoint or value), or None for anything else: a bug,
+    whose traceback must stay visible."""
+    from safetensors import SafetensorError
+
+    from .model import CheckpointError
+
+    where = getattr(e, "filename", None)
+    if isinstance(e, CheckpointError):
+        return (f"{_one_line(e)} (--checkpoint must be a folder written by ktm train, e.g. OUT/model, "
+                f"used with the base model it was trained on)")
+    if isinstance(e, (ValueError, FileNotFoundError)):
+        return _one_line(e)
+    if isinstance(e, PermissionError):
+        return (f"permission denied: {where or _one_line(e)}: choose a file or folder you can write to "
+                f"(e.g. another --out) or read from, or change its permissions")
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return (f"no space left on the device{f' writing {where}' if where else ''}: free some space, "
+                f"or write to another disk (e.g. another --out)")
+    if isinstance(e, OSError):
+        return f"{_one_line(e)} (check the paths and model names given)"
+    if isinstance(e, SafetensorError):
+        return (f"a .safetensors file could not be read or written ({_one_line(e)}): it is corrupt or "
+                f"incomplete; re-save or re-train the checkpoint, or check the disk")
+    return None
+
+
+@contextlib.contextmanager
+def _remote_code_allowed(allowed: bool):
+    """With ``--trust-remote-code``, models loaded anywhere in the command (teacher and growth
+    phases, the demo) may run code shipped with them: KTM_TRUST_REMOTE_CODE=1 meanwhile."""
+    from .loading import TRUST_REMOTE_CODE_ENV
+
+    if not allowed:
+        yield
+        return
+    before = os.environ.get(TRUST_REMOTE_CODE_ENV)
+    os.environ[TRUST_REMOTE_CODE_ENV] = "1"
     try:
-        return args.func(args) or 0
-    except (ValueError, FileNotFoundError) as e:
-        print(f"ktm: error: {e}", file=sys.stderr)
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(TRUST_REMOTE_CODE_ENV, None)
+        else:
+            os.environ[TRUST_REMOTE_CODE_ENV] = before
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``ktm`` command line; returns the exit status.
+
+    Mistakes in the arguments, paths, permissions, disk space or checkpoints end with one
+    line ``ktm: error: ...`` on stderr and status 2 (argparse's own errors also return 2);
+    any other exception is a bug and propagates with its traceback.
+    """
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse: --help / --version exit 0, bad arguments exit 2
+        if e.code in (0, None):
+            raise
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        with _remote_code_allowed(getattr(args, "trust_remote_code", False)):
+            return args.func(args) or 0
+    except Exception as e:
+        message = user_error(e)
+        if message is None:
+            raise
+        print(f"ktm: error: {message}", file=sys.stderr)
         return 2
 
 

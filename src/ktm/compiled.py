@@ -109,9 +109,7 @@ class StaticDecoder:
 
     def _forward_last(self, embeds, mask, pos, cache):
         m = self.model
-        h = m._decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
-                       past_key_values=cache, use_cache=True).last_hidden_state
-        return m._lm_head(h[:, -1]).float()
+        return m.logits(m.decode(embeds, mask, cache, positions=pos).last_hidden_state[:, -1])
 
     def _cache(self, batch: int, total: int, dtype, device):
         """A reset StaticCache for (batch, total) slots, made once and reused."""
@@ -120,7 +118,7 @@ class StaticDecoder:
         key = (batch, total, dtype, device)
         cache = self._caches.get(key)
         if cache is None:
-            cfg = self.model._decoder.config
+            cfg = self.model.llm_config
             heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
             head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
             cache = StaticCache(config=cfg, max_cache_len=total)

@@ -18,7 +18,14 @@ from pathlib import Path
 
 from .blocks import check_k
 from .encoder import INITS
-from .objectives import ALIGN_MODES
+
+#: the choices of the string options, as types (argparse offers exactly these)
+EncoderInit = typing.Literal["mean", "paper", "random"]
+Decay = typing.Literal["constant", "cosine"]
+AlignMode = typing.Literal["cosine", "standardized"]
+#: hidden-state alignment modes (ktm.objectives.alignment_loss)
+ALIGN_MODES = typing.get_args(AlignMode)
+assert typing.get_args(EncoderInit) == INITS
 
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -35,7 +42,7 @@ class ModelConfig:
     encoder_hidden: int | None = _help(
         "encoder MLP width h (default: the paper's int(a*K)*d)", default=None
     )
-    encoder_init: str = _help(f"encoder initialisation, one of {INITS}", default="mean")
+    encoder_init: EncoderInit = _help(f"encoder initialisation, one of {INITS}", default="mean")
     encoder_norm: bool = _help(
         "rescale each merged embedding to the mean norm of its block's token embeddings",
         default=False)
@@ -84,7 +91,7 @@ class TrainConfig:
     encoder_lr: float | None = _help("learning rate for the encoder (default: lr)", default=None)
     weight_decay: float = _help("AdamW weight decay", default=0.0)
     warmup_steps: int = _help("linear warm-up steps", default=0)
-    decay: str = _help("learning-rate schedule after warm-up: constant or cosine", default="constant")
+    decay: Decay = _help("learning-rate schedule after warm-up: constant or cosine", default="constant")
     max_grad_norm: float | None = _help("gradient clipping norm (none: off)", default=1.0)
     eval_every: int = _help("evaluate every N steps (0: only at the end)", default=0)
     eval_examples: int = _help("held-out examples per evaluation (0: all)", default=400)
@@ -103,7 +110,7 @@ class TrainConfig:
     align: float = _help(
         "weight of hidden-state alignment with the teacher at every block end and layer "
         "(0: off; ktm.objectives)", default=0.0)
-    align_mode: str = _help(
+    align_mode: AlignMode = _help(
         "alignment distance: 'cosine' on the raw hidden states, or 'standardized' (per-dimension "
         "standardised by the teacher's batch statistics, attention-sink position left out)",
         default="cosine")
@@ -185,12 +192,22 @@ def _base_type(tp):
         return t, True, tup
     if origin is tuple:
         return typing.get_args(tp)[0], False, True
+    if origin is typing.Literal:
+        return type(typing.get_args(tp)[0]), False, False
     return tp, False, False
+
+
+def _literal_choices(tp) -> tuple | None:
+    """The values of a ``Literal[...]`` annotation (also inside ``Optional``), else None."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    return typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else None
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (), shown=None,
                   title: str | None = None) -> None:
     """Add one ``--field-name`` option per dataclass field; defaults stay None (= unset).
+    A field's metadata gives its ``help`` and, optionally, its ``choices``.
 
     The help shows each field's value in ``shown`` (a ``cls`` instance, e.g. the default
     recipe's config), else the dataclass default."""
@@ -210,12 +227,13 @@ def add_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = 
         help_ = f.metadata.get("help", "")
         if "default" not in help_:
             help_ += f" (default: {default})"
+        choices = f.metadata.get("choices") or _literal_choices(hints[f.name])
         if t is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
         elif tup:
-            group.add_argument(flag, dest=f.name, nargs="+", type=t, default=None, help=help_)
+            group.add_argument(flag, dest=f.name, nargs="+", type=t, default=None, choices=choices, help=help_)
         else:
-            group.add_argument(flag, dest=f.name, type=t, default=None, help=help_)
+            group.add_argument(flag, dest=f.name, type=t, default=None, choices=choices, help=help_)
 
 
 def overrides(args: argparse.Namespace, cls) -> dict:

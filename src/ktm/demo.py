@@ -17,7 +17,7 @@ from .config import save_json
 from .evaluate import evaluate, subsample
 from .recipes import get_recipe
 from .tasks.tree import TreeTask, parse_question
-from .trainer import Trainer, clear_output, prepare_phases
+from .phases import train_run
 
 #: training steps that fit the demo's ~10 minute budget on 2 CPU cores (K = 4, batch 16)
 DEMO_STEPS = 250
@@ -27,8 +27,6 @@ def run_demo(steps: int | None = None, k: int = 4, out: str = "runs/demo", num_t
              recipe: str | None = None, eval_examples: int = 200, model=None, device="auto",
              stage: str = "small", log=print) -> dict:
     """Run the demo; returns the numbers it prints."""
-    from .model import KTokenMerging
-
     t_start = time.perf_counter()
     rec = get_recipe(recipe)
     steps = steps or DEMO_STEPS
@@ -40,17 +38,12 @@ def run_demo(steps: int | None = None, k: int = 4, out: str = "runs/demo", num_t
 
     log("loading the embedded base model ...")
     tcfg = rec.train_config(steps=steps, eval_every=max(50, steps // 5), eval_examples=eval_examples)
-    clear_output(out)
-    # recipes with a K = 1 teacher or hierarchical growth train those phases first
-    mcfg, tcfg = prepare_phases([task], out, rec.model_config(k=k), tcfg, model, device=device, log=log)
-    m = KTokenMerging.from_base(model, device=device, seed=0, **vars(mcfg))
-    if tcfg.grow_from:
-        m.grow_from(tcfg.grow_from)
-    trainer = Trainer(m, tcfg, output_dir=out)
     t_train = time.perf_counter()
-    trainer.fit(task)
+    # recipes with a K = 1 teacher or hierarchical growth train those phases first
+    run = train_run(rec.model_config(k=k), tcfg, task, out, base=model, device=device, overwrite=True,
+                    record={"recipe": rec.name}, log=log)
     train_s = time.perf_counter() - t_train
-    trainer.save_final()
+    m, trainer = run.model, run.trainer
 
     res = evaluate(m, task, max_examples=eval_examples, progress=False, keep_predictions=0)
     acc, maj = res["value"], res["majority_rate"]

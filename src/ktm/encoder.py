@@ -42,11 +42,46 @@ from .blocks import check_k, fill_blocks
 
 INITS = ("mean", "paper", "random")
 
+#: Largest encoder :func:`build_encoder` builds, in bytes of float32 parameters. The paper's
+#: width grows as K^2 (K = 64 on the 576-wide SmolLM2 would need about 15 GiB); above this a
+#: smaller ``encoder_hidden`` must be given.
+MAX_ENCODER_BYTES = 4 * 2**30
+
 
 def default_hidden(k: int, dim: int) -> int:
     """The paper's hidden width ``int(a * K) * d`` (a = 2.0 for K <= 3, else 1.5)."""
     a = 2.0 if check_k(k) <= 3 else 1.5
     return int(a * k) * dim
+
+
+def encoder_parameters(k: int, dim: int, hidden: int | None = None, stages=None) -> int:
+    """Parameter count of the encoder :func:`build_encoder` would build (nothing allocated)."""
+    total = 0
+    for s in (tuple(stages) if stages else (k,)):
+        h = default_hidden(s, dim) if hidden is None else int(hidden)
+        total += (s * dim * h + h) + (h * s * dim + s * dim) + (s * dim * dim + dim)
+    return total
+
+
+def check_encoder_size(k: int, dim: int, hidden: int | None = None, stages=None,
+                       limit: int | None = None) -> int:
+    """Raise ValueError if the encoder would exceed ``limit`` bytes of float32 parameters
+    (default :data:`MAX_ENCODER_BYTES`); returns its parameter count."""
+    limit = MAX_ENCODER_BYTES if limit is None else limit
+    n = encoder_parameters(k, dim, hidden, stages)
+    if 4 * n <= limit:
+        return n
+    widest = max(tuple(stages) if stages else (k,))
+    fixed = widest * dim + widest * dim * dim + dim  # the parameters that do not scale with h
+    fit = (limit // 4 // len(tuple(stages) if stages else (k,)) - fixed) // (2 * widest * dim + 1)
+    width = "the paper's width int(a*K)*d" if hidden is None else f"encoder_hidden = {hidden}"
+    advice = (f"pass a smaller encoder_hidden (--encoder-hidden), at most about {fit} here"
+              if fit >= 1 else "use a smaller K, or encoder_stages (--encoder-stages) of smaller blocks")
+    raise ValueError(
+        f"the merge encoder for K = {k} on d = {dim} with {width} would have "
+        f"{n / 1e9:.2f} billion parameters ({4 * n / 2**30:.1f} GiB in float32), more than the "
+        f"{limit / 2**30:g} GiB limit (ktm.encoder.MAX_ENCODER_BYTES): {advice}"
+    )
 
 
 class MergeEncoder(nn.Module):
@@ -160,14 +195,17 @@ def build_encoder(k: int, dim: int, hidden: int | None = None, init: str = "mean
                   norm: bool = False, stages=None) -> nn.Module:
     """The encoder a :class:`ktm.config.ModelConfig` describes: one :class:`MergeEncoder`,
     or a :class:`StackedEncoder` when ``stages`` (whose product must be ``k``) has more
-    than one entry."""
+    than one entry. Raises ValueError, before allocating anything, when the encoder would
+    exceed :data:`MAX_ENCODER_BYTES` of float32 parameters (see :func:`check_encoder_size`)."""
     check_k(k)
     if stages is None or len(stages) == 1:
         if stages is not None and tuple(stages) != (k,):
             raise ValueError(f"encoder stages {tuple(stages)} do not multiply to K = {k}")
+        check_encoder_size(k, dim, hidden)
         return MergeEncoder(k, dim, hidden, init, norm)
     if math.prod(stages) != k:
         raise ValueError(f"encoder stages {tuple(stages)} multiply to {math.prod(stages)}, not K = {k}")
+    check_encoder_size(k, dim, hidden, stages)
     return StackedEncoder(stages, dim, hidden, init, norm)
 
 

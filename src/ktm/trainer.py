@@ -24,14 +24,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .config import ModelConfig, TrainConfig, save_json, to_dict
+from .config import TrainConfig, save_json, to_dict
 from .evaluate import evaluate
-from .model import CheckpointError, KTokenMerging, replace_dir
+from .model import CheckpointError, KTokenMerging, load_teacher, replace_dir
+from .objectives import add_auxiliary
 from .tasks.base import Example, Task
 
 CHECKPOINT_DIR = "checkpoint"
-TEACHER_DIR = "teacher"
-GROW_PREFIX = "grow-k"  # OUT/grow-k2: the smaller model that --grow-from auto trains
 FINAL_DIR = "model"
 STATE_NAME = "trainer_state.json"
 OPTIM_NAME = "optimizer.safetensors"
@@ -104,11 +103,9 @@ class Trainer:
 
         self.output_dir = Path(self.output_dir) if self.output_dir else None
         if self.teacher is None and self.cfg.teacher == "auto":
-            raise ValueError("teacher='auto' is resolved by `ktm train`; from Python, call "
-                             "ktm.trainer.train_teacher(...) and pass the folder it returns as teacher")
+            raise ValueError("teacher='auto' trains a K = 1 teacher first: use ktm.phases.train_run (which "
+                             "resolves it), or pass the folder of a trained K = 1 model as teacher")
         if self.teacher is None and self.cfg.teacher:
-            from .objectives import load_teacher
-
             self.teacher = load_teacher(self.cfg.teacher, self.model)
         cuda = torch.cuda.is_available() and self.model.device.type == "cuda"
         mp = "bf16" if cuda and self.model.dtype == torch.float32 else "no"
@@ -158,10 +155,10 @@ class Trainer:
                 chunk = batch[j:j + micro]
                 with acc.accumulate(self.wrapped), acc.autocast():
                     out = self.wrapped([e.prompt for e in chunk], [e.answer for e in chunk],
-                                       reconstruct=cfg.reconstruct, distill=cfg.distill,
-                                       reconstruct_rows=cfg.reconstruct_rows, align=cfg.align,
-                                       align_mode=cfg.align_mode,
-                                       teacher=self.teacher)
+                                       all_layers=bool(cfg.align))
+                    out = add_auxiliary(self.model, out, reconstruct=cfg.reconstruct, distill=cfg.distill,
+                                        align=cfg.align, reconstruct_rows=cfg.reconstruct_rows,
+                                        align_mode=cfg.align_mode, teacher=self.teacher)
                     acc.backward(out.loss)
                     if acc.sync_gradients and cfg.max_grad_norm:
                         acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
@@ -280,175 +277,3 @@ def _load_optimizer(opt, tensors: dict[str, torch.Tensor], groups: list[dict]) -
     if [len(g["params"]) for g in groups] != [len(g["params"]) for g in current]:
         raise CheckpointError("the checkpoint's optimiser state does not fit this model's parameters")
     opt.load_state_dict({"state": dict(state), "param_groups": groups})
-
-
-def train_curriculum(trainer: Trainer, stages: list[tuple[Task, float | None]], steps_per_round: int,
-                     max_rounds: int = 3, name: str = "curriculum") -> list[dict]:
-    """Train stage after stage, in rounds of ``steps_per_round`` steps; a stage is repeated
-    until its held-out accuracy reaches its threshold or ``max_rounds`` rounds were run
-    (then a warning is logged and the next stage starts).
-
-    ``stages``: list of (task, threshold); a threshold of None means one round, unchecked.
-    The position (stage, round, and the step at which the running round ends) is kept in
-    the checkpoint, so a resumed curriculum finishes an interrupted round and goes on.
-    Serves both ``ktm train --stage A B C`` and the phases of a chain (teacher, smaller K).
-    """
-    for task, threshold in stages:
-        if threshold is not None and task.metric != "accuracy":
-            raise ValueError(f"a threshold is a held-out accuracy; task {task.name!r} is scored by {task.metric}")
-    pos = trainer.extra_state.setdefault("curriculum", {"stage": 0, "round": 0})
-    while pos["stage"] < len(stages):
-        task, threshold = stages[pos["stage"]]
-        pos.setdefault("end", trainer.step + steps_per_round)
-        # each round is one cosine cycle: a later stage does not train at the floor rate
-        trainer.schedule_cycle = (pos["end"] - steps_per_round, steps_per_round)
-        if trainer.step < pos["end"]:
-            trainer.fit(task, steps=pos["end"] - trainer.step)
-        del pos["end"]
-        pos["round"] += 1
-        value = trainer.history[-1]["value"]
-        passed = threshold is None or value >= threshold
-        where = f"{name}: {task.name} (stage {pos['stage'] + 1} of {len(stages)}) round {pos['round']}"
-        if passed or pos["round"] >= max_rounds:
-            if not passed and trainer.is_main:
-                trainer.log(f"{where}: WARNING: held-out accuracy {value:.4f} is still below {threshold} "
-                            f"after {max_rounds} rounds; going on")
-            elif threshold is not None and trainer.is_main:
-                trainer.log(f"{where}: held-out accuracy {value:.4f} >= {threshold}")
-            pos["stage"], pos["round"] = pos["stage"] + 1, 0
-        elif trainer.is_main:
-            trainer.log(f"{where}: held-out accuracy {value:.4f} < {threshold}, one more round "
-                        f"(round {pos['round'] + 1} of {max_rounds})")
-        trainer.save_checkpoint()
-    return trainer.history
-
-
-def clear_output(output_dir: str | Path) -> None:
-    """Remove a previous run's checkpoint and automatic teacher (``ktm train --overwrite``)."""
-    shutil.rmtree(Path(output_dir) / CHECKPOINT_DIR, ignore_errors=True)
-    shutil.rmtree(Path(output_dir) / TEACHER_DIR, ignore_errors=True)
-    for smaller in Path(output_dir).glob(f"{GROW_PREFIX}*"):
-        shutil.rmtree(smaller, ignore_errors=True)
-
-
-def _train_phase(model, cfg: TrainConfig, folder: Path, tasks: list[Task], steps_per_task: int,
-                 log, name: str = "phase") -> tuple[Path, "Trainer"]:
-    """Train ``model`` in ``folder`` for ``steps_per_task`` steps on each task in turn,
-    resuming from the folder's checkpoint; returns the final model folder and the trainer.
-
-    With ``cfg.phase_threshold``, rounds of ``steps_per_task`` more steps on the last task
-    follow while its held-out accuracy is below the threshold, up to ``cfg.phase_rounds``
-    rounds on it in all (:func:`train_curriculum`)."""
-    trainer = Trainer(model, cfg, output_dir=folder, log=log)
-    trainer.resume()
-    stages = [(task, None) for task in tasks[:-1]] + [(tasks[-1], cfg.phase_threshold)]
-    train_curriculum(trainer, stages, steps_per_task, cfg.phase_rounds, name)
-    return trainer.save_final(), trainer
-
-
-def train_teacher(tasks: list[Task], output_dir: str | Path, model_cfg: ModelConfig,
-                  train_cfg: TrainConfig, base=None, *, device=None, dtype=None,
-                  log=print) -> Path:
-    """Train the K = 1 teacher of a run with ``teacher="auto"``; returns its model folder.
-
-    The teacher is the same base model and LoRA settings at K = 1 (no encoder stages, no
-    norm matching), trained with ``train_cfg``'s optimiser settings for
-    ``train_cfg.teacher_steps`` steps per task, without auxiliary losses. It lives in
-    ``OUTPUT/teacher`` and is reused if already finished there; an interrupted teacher
-    resumes from its own checkpoint.
-    """
-    import dataclasses
-
-    folder = Path(output_dir) / TEACHER_DIR
-    if (folder / FINAL_DIR / "ktm_config.json").is_file():
-        log(f"teacher: reusing {folder / FINAL_DIR}")
-        return folder / FINAL_DIR
-    t_model = dataclasses.replace(model_cfg, k=1, encoder_stages=None, encoder_norm=False)
-    t_train = dataclasses.replace(train_cfg, steps=train_cfg.teacher_steps * len(tasks), teacher=None,
-                                  align=0.0, distill=0.0, reconstruct=0.0)
-    options = {k: v for k, v in to_dict(t_model).items() if k != "k"}
-    model = KTokenMerging.from_base(base, k=1, device=device, dtype=dtype, seed=t_train.seed, **options)
-    log(f"teacher: training K = 1 for {t_train.steps} steps in {folder}")
-    path, trainer = _train_phase(model, t_train, folder, tasks, train_cfg.teacher_steps, log, "teacher")
-    last = trainer.history[-1] if trainer.history else {}
-    if "value" in last:
-        note = f" (majority {last['majority_rate']:.4f})" if "majority_rate" in last else ""
-        log(f"teacher: held-out {last['metric']} {last['value']:.4f}{note}")
-        if last.get("majority_rate") is not None and last["value"] <= last["majority_rate"]:
-            log("teacher: WARNING: the teacher did not beat the majority class; consider more --teacher-steps")
-    return path
-
-
-def with_default_stages(model_cfg: ModelConfig) -> ModelConfig:
-    """The model config with hierarchical stages: as given, or pairs (2, 2, ...) when K is a
-    power of two >= 4. Raises ``ValueError`` when there are fewer than two stages."""
-    import dataclasses
-
-    stages = model_cfg.encoder_stages
-    if stages is None:
-        k = model_cfg.k
-        if k < 4 or k & (k - 1):
-            raise ValueError(f"growing needs encoder stages: give --encoder-stages for K = {k} "
-                             f"(pairs are the default only for K = 4, 8, 16, ...)")
-        stages = (2,) * (k.bit_length() - 1)
-    if len(stages) < 2:
-        raise ValueError(f"growing needs at least two encoder stages, got {tuple(stages)}")
-    return dataclasses.replace(model_cfg, encoder_stages=tuple(stages))
-
-
-def train_smaller(tasks: list[Task], output_dir: str | Path, model_cfg: ModelConfig,
-                  train_cfg: TrainConfig, base=None, *, device=None, dtype=None, log=print) -> Path:
-    """Train the model a hierarchical run grows from (``grow_from="auto"``); returns its folder.
-
-    For stages (s_1, ..., s_n) this is the model of K' = s_1 * ... * s_(n-1) with stages
-    (s_1, ..., s_(n-1)), itself grown the same way when it has two stages or more (K = 8 as
-    2 2 2 trains K = 2, then K = 4, then K = 8). Each smaller model trains with ``train_cfg``
-    (same optimiser and teacher; ``grow_steps`` steps per task, default ``steps``) on each
-    task in turn, in ``OUTPUT/grow-k<K'>``; a finished one is reused and an interrupted one
-    resumes.
-    """
-    import dataclasses
-    import math
-
-    stages = tuple(model_cfg.encoder_stages)
-    sub_stages = stages[:-1]
-    sub_k = math.prod(sub_stages)
-    folder = Path(output_dir) / f"{GROW_PREFIX}{sub_k}"
-    if (folder / FINAL_DIR / "ktm_config.json").is_file():
-        log(f"grow: reusing the K = {sub_k} model in {folder / FINAL_DIR}")
-        return folder / FINAL_DIR
-    sub_cfg = dataclasses.replace(model_cfg, k=sub_k, encoder_stages=sub_stages if len(sub_stages) > 1 else None)
-    start = train_smaller(tasks, output_dir, sub_cfg, train_cfg, base, device=device, dtype=dtype,
-                          log=log) if len(sub_stages) > 1 else None
-    options = {k: v for k, v in to_dict(sub_cfg).items() if k != "k"}
-    model = KTokenMerging.from_base(base, k=sub_k, device=device, dtype=dtype, seed=train_cfg.seed, **options)
-    if start is not None:
-        model.grow_from(start)
-    per_task = train_cfg.grow_steps or train_cfg.steps
-    cfg = dataclasses.replace(train_cfg, steps=per_task * len(tasks), grow_from=None)
-    log(f"grow: training K = {sub_k} (stages {list(sub_stages)}) for {cfg.steps} steps in {folder}")
-    path, trainer = _train_phase(model, cfg, folder, tasks, per_task, log, f"grow K = {sub_k}")
-    if trainer.history:
-        last = trainer.history[-1]
-        log(f"grow: K = {sub_k} held-out {last['metric']} {last['value']:.4f}")
-    return path
-
-
-def prepare_phases(tasks: list[Task], output_dir: str | Path, model_cfg: ModelConfig,
-                   train_cfg: TrainConfig, base=None, *, device=None, dtype=None,
-                   log=print) -> tuple[ModelConfig, TrainConfig]:
-    """Run the phases a recipe asks for before the main run and return the configs with them
-    resolved: ``teacher="auto"`` trains the K = 1 teacher (:func:`train_teacher`) and
-    ``grow_from="auto"`` the smaller models (:func:`train_smaller`); both become folders."""
-    import dataclasses
-
-    if train_cfg.teacher == "auto":
-        if model_cfg.k == 1:
-            raise ValueError("teacher 'auto' trains a K = 1 teacher for a merged model; this run has K = 1")
-        teacher = train_teacher(tasks, output_dir, model_cfg, train_cfg, base, device=device, dtype=dtype, log=log)
-        train_cfg = dataclasses.replace(train_cfg, teacher=str(teacher))
-    if train_cfg.grow_from == "auto":
-        model_cfg = with_default_stages(model_cfg)
-        smaller = train_smaller(tasks, output_dir, model_cfg, train_cfg, base, device=device, dtype=dtype, log=log)
-        train_cfg = dataclasses.replace(train_cfg, grow_from=str(smaller))
-    return model_cfg, train_cfg

@@ -1,0 +1,68 @@
+"""ktm.phases.train_run: one training run from Python, chains included, resumable."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import char_tokenizer, tiny_llama
+from ktm.config import ModelConfig, TrainConfig
+from ktm.phases import train_run
+from ktm.tasks import TreeTask
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    tok = char_tokenizer()
+    d = tmp_path_factory.mktemp("base")
+    tiny_llama(len(tok), max_position_embeddings=512).save_pretrained(d)
+    tok.save_pretrained(d)
+    return str(d)
+
+
+TASK = TreeTask("small", num_trees=40, seed=0)
+
+
+def _configs(**train):
+    model = ModelConfig(k=2, lora_r=4, lora_dropout=0.1)  # dropout: the RNG state must resume too
+    cfg = dict(steps=4, batch_size=4, eval_examples=4, eval_every=2, save_every=1, lr=1e-3,
+               teacher="auto", teacher_steps=3, align=1.0, distill=0.5)
+    return model, TrainConfig(**{**cfg, **train})
+
+
+def _weights(folder):
+    return {**load_file(str(folder / "encoder.safetensors")),
+            **load_file(str(folder / "adapter" / "adapter_model.safetensors"))}
+
+
+def test_teacher_auto_works_from_python(tmp_path, base_dir):
+    run = train_run(*_configs(), TASK, tmp_path / "run", base=base_dir, device="cpu", log=lambda line: None)
+    assert run.trainer.teacher is not None and run.model.k == 2
+    assert (tmp_path / "run" / "teacher" / "model" / "ktm_config.json").is_file()
+    assert run.path == tmp_path / "run" / "model" and run.trainer.history[-1]["step"] == 4
+    with pytest.raises(ValueError, match="already holds a checkpoint"):
+        train_run(*_configs(), TASK, tmp_path / "run", base=base_dir, device="cpu", log=lambda line: None)
+
+
+class Stop(Exception):
+    pass
+
+
+def test_a_resumed_chain_equals_an_uninterrupted_one(tmp_path, base_dir):
+    whole = train_run(*_configs(), TASK, tmp_path / "whole", base=base_dir, device="cpu", log=lambda line: None)
+    seen = []
+
+    def stop_in_the_main_phase(line):  # the teacher logs "teacher: ..." when it is done
+        seen.append(line)
+        if any(s.startswith("teacher: held-out") for s in seen) and line.startswith("step 2:"):
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_run(*_configs(), TASK, tmp_path / "cut", base=base_dir, device="cpu", log=stop_in_the_main_phase)
+    assert not (tmp_path / "cut" / "model").exists() and (tmp_path / "cut" / "checkpoint").is_dir()
+    lines = []
+    resumed = train_run(*_configs(), TASK, tmp_path / "cut", base=base_dir, device="cpu", resume=True,
+                        log=lines.append)
+    assert any("teacher: reusing" in s for s in lines) and any("resumed from" in s for s in lines)
+    a, b = _weights(whole.path), _weights(resumed.path)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["value"] for r in resumed.trainer.history] == [r["value"] for r in whole.trainer.history]
