@@ -66,8 +66,8 @@ def make_model(tokenizer):
 
     def make(k=4, seed=0, tie=True, init="mean", **options):
         base = tiny_llama(len(tokenizer), seed=seed, tie=tie)
-        m = KTokenMerging.from_base(base, k=k, tokenizer=tokenizer, seed=seed,
-                                    encoder_init=init, lora_dropout=0.0, **options)
+        options.setdefault("lora_dropout", 0.0)
+        m = KTokenMerging.from_base(base, k=k, tokenizer=tokenizer, seed=seed, encoder_init=init, **options)
         return m.eval()
 
     return make

@@ -182,11 +182,12 @@ def cmd_eval(args) -> int:
 def cmd_generate(args) -> int:
     import torch
 
-    from .model import KTokenMerging, check_sampling, read_checkpoint_config
+    from .checkpoint import read_config
+    from .model import KTokenMerging, check_sampling
 
     check_sampling(args.sample, args.temperature, args.top_k, args.top_p)
     if args.checkpoint:
-        saved_k = read_checkpoint_config(Path(args.checkpoint))["model"].get("k")
+        saved_k = read_config(args.checkpoint)["model"].get("k")
         if args.k is not None and args.k != saved_k:
             raise ValueError(f"--k {args.k} does not match --checkpoint {args.checkpoint}, which was trained "
                              f"for K = {saved_k} (the checkpoint fixes K): leave --k out")
@@ -324,7 +325,7 @@ def user_error(e: BaseException) -> str | None:
     whose traceback must stay visible."""
     from safetensors import SafetensorError
 
-    from .model import CheckpointError
+    from .checkpoint import CheckpointError
 
     where = getattr(e, "filename", None)
     if isinstance(e, CheckpointError):

@@ -19,16 +19,13 @@ from __future__ import annotations
 import math
 import numbers
 import os
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from . import __version__
@@ -41,19 +38,23 @@ from .blocks import (
     pad_sequences,
     position_ids,
 )
+from .checkpoint import (
+    ADAPTER_DIR,
+    ADAPTER_FIELDS,
+    FUNCTION_FIELDS,
+    ADAPTER_FILE,
+    CONFIG_NAME,
+    ENCODER_NAME,
+    TOKENIZER_DIR,
+    CheckpointError,
+    check_compatible,
+    load_tensors,
+    read_config,
+    write_dir,
+)
 from .config import ModelConfig, from_dict, save_json, to_dict
 from .encoder import build_encoder, encoder_stages
 from .loading import describe_base, embedding_fingerprint, load_base, load_tokenizer
-
-CONFIG_NAME = "ktm_config.json"
-ENCODER_NAME = "encoder.safetensors"
-ADAPTER_DIR = "adapter"
-TOKENIZER_DIR = "tokenizer"
-
-
-class CheckpointError(ValueError):
-    """A saved ktm folder that cannot be used as asked (missing, corrupt or mismatched)."""
-
 
 @dataclass
 class LossOutput:
@@ -443,20 +444,14 @@ class KTokenMerging(nn.Module):
         The folder is written beside its destination and renamed into place, so an
         interrupted save never leaves a half-written checkpoint.
         """
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
+        def write(tmp: Path) -> None:
             self.lm.save_pretrained(tmp / ADAPTER_DIR, safe_serialization=True, save_embedding_layers=False)
             save_file({k: v.detach().cpu().contiguous() for k, v in self.encoder.state_dict().items()},
                       str(tmp / ENCODER_NAME))
             self.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
             save_json(tmp / CONFIG_NAME, self.describe())
-            replace_dir(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return path
+
+        return write_dir(path, write)
 
     def describe(self) -> dict:
         """The content of ``ktm_config.json``."""
@@ -488,10 +483,9 @@ class KTokenMerging(nn.Module):
         base model whose embedding table differs from the one the checkpoint was trained on.
         """
         path = Path(path)
-        meta = read_checkpoint_config(path)
+        meta = read_config(path)
+        check_compatible(meta, path, k=k)
         config = from_dict(ModelConfig, meta["model"])
-        if k is not None and k != config.k:
-            raise CheckpointError(f"{path} was trained for K = {config.k}, not K = {k}")
         if tokenizer is None and (path / TOKENIZER_DIR).is_dir():
             tokenizer = load_tokenizer(path / TOKENIZER_DIR, trust_remote_code=trust_remote_code)
         ref = base if base is not None else meta["base"]["reference"]
@@ -499,14 +493,12 @@ class KTokenMerging(nn.Module):
             print(f"ktm: loading the base model of checkpoint {path}: {describe_base(ref)}", file=sys.stderr)
         base_model, tokenizer, ref_str = load_base(ref, tokenizer, dtype=dtype, device=device,
                                                    trust_remote_code=trust_remote_code)
-        saved_fp = meta["base"]["embedding_fingerprint"]
         got_fp = embedding_fingerprint(base_model)
-        if got_fp != saved_fp:
+        if got_fp != meta["base"]["embedding_fingerprint"]:
             raise CheckpointError(
                 f"{path} was trained on base model {meta['base']['reference']!r} (embedding "
-                f"fingerprint {saved_fp}), but the base model given ({ref_str!r}) has fingerprint "
-                f"{got_fp}: a different model or different weights"
-            )
+                f"fingerprint {meta['base']['embedding_fingerprint']}), but the base model given "
+                f"({ref_str!r}) has fingerprint {got_fp}: a different model or different weights")
         model = cls._assemble(base_model, tokenizer, config, meta["base"]["reference"], got_fp)
         model.load_trained(path)
         return model
@@ -520,26 +512,14 @@ class KTokenMerging(nn.Module):
         K = 1 model trained on the task, to start a K = 4 model from), and the encoder is
         left as it is.
         """
-        from peft import set_peft_model_state_dict
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
         path = Path(path)
-        meta = read_checkpoint_config(path)
-        saved = from_dict(ModelConfig, meta["model"])
-        if saved.k != self.k and not adapter_only:
-            raise CheckpointError(f"{path} was trained for K = {saved.k}, this model has K = {self.k}")
-        if meta["base"]["embedding_fingerprint"] != self.base_fingerprint:
-            raise CheckpointError(
-                f"{path} was trained on another base model ({meta['base']['reference']!r}, "
-                f"fingerprint {meta['base']['embedding_fingerprint']}; this model's base has "
-                f"fingerprint {self.base_fingerprint})"
-            )
-        if (saved.lora_r, saved.lora_targets) != (self.config.lora_r, self.config.lora_targets):
-            raise CheckpointError(
-                f"{path} has LoRA rank {saved.lora_r} on {list(saved.lora_targets)}, this model "
-                f"rank {self.config.lora_r} on {list(self.config.lora_targets)}"
-            )
+        meta = read_config(path)
+        check_compatible(meta, path, fingerprint=self.base_fingerprint, config=self.config,
+                         fields=ADAPTER_FIELDS if adapter_only else FUNCTION_FIELDS)
         if not adapter_only:
-            enc_state = _load_safetensors(path / ENCODER_NAME)
+            enc_state = load_tensors(path / ENCODER_NAME)
             want = {k: tuple(v.shape) for k, v in self.encoder.state_dict().items()}
             got = {k: tuple(v.shape) for k, v in enc_state.items()}
             if want != got:
@@ -548,10 +528,14 @@ class KTokenMerging(nn.Module):
                     f"d = {self.encoder.dim}: expected {want}, found {got}"
                 )
             self.encoder.load_state_dict(enc_state)
-        adapter = _load_safetensors(path / ADAPTER_DIR / "adapter_model.safetensors")
-        result = set_peft_model_state_dict(self.lm, adapter)
-        if getattr(result, "unexpected_keys", None):
-            raise CheckpointError(f"adapter weights do not fit this base model: {result.unexpected_keys[:3]}")
+        adapter = load_tensors(path / ADAPTER_DIR / ADAPTER_FILE)
+        expected = set(get_peft_model_state_dict(self.lm))
+        missing, unexpected = sorted(expected - set(adapter)), sorted(set(adapter) - expected)
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{path / ADAPTER_DIR / ADAPTER_FILE} does not hold this model's LoRA weights: "
+                f"{len(missing)} missing (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})")
+        set_peft_model_state_dict(self.lm, adapter)
 
     def grow_from(self, path: str | os.PathLike) -> None:
         """Start from a trained model of a smaller block size (hierarchical merging).
@@ -564,7 +548,7 @@ class KTokenMerging(nn.Module):
         model's, or the encoders differ in norm matching or residual.
         """
         path = Path(path)
-        meta = read_checkpoint_config(path)
+        meta = read_config(path)
         saved = from_dict(ModelConfig, meta["model"])
         src = tuple(saved.encoder_stages or (saved.k,))
         mine = encoder_stages(self.encoder)
@@ -581,7 +565,7 @@ class KTokenMerging(nn.Module):
                 f"encoder_init={self.config.encoder_init!r}: the stages would compute differently"
             )
         self.load_trained(path, adapter_only=True)
-        state = _load_safetensors(path / ENCODER_NAME)
+        state = load_tensors(path / ENCODER_NAME)
         if len(src) == 1:
             state = {f"stages.0.{k}": v for k, v in state.items()}
         want = self.encoder.state_dict()
@@ -598,54 +582,19 @@ def load_teacher(path, student, base=None):
     embedding fingerprint), or positions and vocabularies would not line up. ``base``: as in
     :meth:`KTokenMerging.from_pretrained` (default: the reference saved with the teacher).
     """
-    cfg = read_checkpoint_config(Path(path))
-    k = cfg.get("model", {}).get("k")
-    if k != 1:
-        raise CheckpointError(f"{path}: a teacher must read plain prompts (K = 1), this model has K = {k}")
-    if cfg.get("base", {}).get("embedding_fingerprint") != student.base_fingerprint:
-        raise CheckpointError(f"{path}: the teacher was trained on another base model than the student")
+    meta = read_config(path)
+    if meta["model"].get("k") != 1:
+        raise CheckpointError(f"{path}: a teacher must read plain prompts (K = 1), this model has "
+                              f"K = {meta['model'].get('k')}")
+    check_compatible(meta, path, fingerprint=student.base_fingerprint)
     teacher = KTokenMerging.from_pretrained(path, base=base, device=student.device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
 
 
-def read_checkpoint_config(path: Path) -> dict:
-    """Read and check ``ktm_config.json`` of a saved folder."""
-    cfg = Path(path) / CONFIG_NAME
-    if not Path(path).is_dir():
-        raise CheckpointError(f"no ktm checkpoint folder at {path}")
-    if not cfg.is_file():
-        raise CheckpointError(f"{path} is not a ktm checkpoint: {CONFIG_NAME} is missing")
-    import json
-
-    try:
-        meta = json.loads(cfg.read_text())
-        meta["model"], meta["base"]["embedding_fingerprint"], meta["base"]["reference"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{cfg} is corrupt or not a ktm config ({e})") from e
-    return meta
-
-
-def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
-    if not file.is_file():
-        raise CheckpointError(f"{file} is missing")
-    try:
-        return load_file(str(file))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{file} is corrupt ({e})") from e
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move folder ``src`` to ``dst``, replacing an existing ``dst`` with minimal exposure."""
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
+#: the name this function had before ktm.checkpoint existed (scripts may use it)
+read_checkpoint_config = read_config
 
 
 def _tied(model) -> bool:

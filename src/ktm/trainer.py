@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 from .config import TrainConfig, save_json, to_dict
 from .evaluate import evaluate
-from .model import CheckpointError, KTokenMerging, load_teacher, replace_dir
+from .checkpoint import CheckpointError, replace_dir
+from .model import KTokenMerging, load_teacher
 from .objectives import add_auxiliary
 from .tasks.base import Example, Task
 

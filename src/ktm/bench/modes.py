@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ..blocks import num_blocks
 from .inputs import id_prompts, texts_of_length, tree_examples
 from .report import _mib, derive_compile, derive_decode, derive_memory, derive_prefill, derive_train
 from .timing import _sync, measure, median, summary
@@ -93,7 +94,7 @@ def bench_prefill(model, stream: Sequence[int], *, lengths: Sequence[int], ks: S
             ids = id_prompts(stream, L, B)
             fns = {}
             for k, m in models.items():
-                n = -(-L // k)
+                n = num_blocks(L, k)
                 fns[f"ktm{k}"] = lambda m=m: prefill(m, ids)
                 fns[f"merge{k}"] = lambda m=m: m.merge_ids(ids)
                 fns[f"plain{k}"] = lambda n=n: plain_prefill(model, [x[:n] for x in ids])
@@ -101,7 +102,7 @@ def bench_prefill(model, stream: Sequence[int], *, lengths: Sequence[int], ks: S
             times = measure(fns, warmup=warmup, repeats=repeats, device=model.device)
             for k in ks:
                 enc = models[k].encoder
-                rows.append({"batch_size": B, "length": L, "k": k, "positions": -(-L // k),
+                rows.append({"batch_size": B, "length": L, "k": k, "positions": num_blocks(L, k),
                              "encoder_hidden": enc.hidden, "encoder_params": sum(p.numel() for p in enc.parameters()),
                              "ktm": summary(times[f"ktm{k}"]), "merge": summary(times[f"merge{k}"]),
                              "plain": summary(times[f"plain{k}"])})
@@ -129,7 +130,7 @@ def bench_decode(model, stream: Sequence[int], *, ks: Sequence[int], length: int
     rows = []
     for k in ks:
         m = with_k(model, k)
-        if not _fits(m, -(-max(got) // k) + new_tokens):
+        if not _fits(m, num_blocks(max(got), k) + new_tokens):
             log(f"decode K={k}: skipped (prompt + new tokens exceed the model's {m.max_length} positions)")
             continue
 
@@ -155,7 +156,7 @@ def bench_decode(model, stream: Sequence[int], *, ks: Sequence[int], length: int
                                                   stop_at_end=False)}
             times.update(measure(rel, warmup=0, repeats=release_repeats, device=m.device))
             release = summary(times["release"])
-        row = {"k": k, "batch_size": batch_size, "length": int(median(got)), "positions": -(-max(got) // k),
+        row = {"k": k, "batch_size": batch_size, "length": int(median(got)), "positions": num_blocks(max(got), k),
                "new_tokens": new_tokens, "release": release,
                **{name: summary(times[name]) for name in ("ktm", "ktm_first", "hf", "hf_first")}}
         rows.append(row)
@@ -190,7 +191,7 @@ def bench_train(model, stream: Sequence[int], *, ks: Sequence[int], batch_size: 
             fns = {}
             for k in ks:
                 m = with_k(model, k).train()
-                if not _fits(m, max(-(-p // k) + a for p, a in zip(p_tok, a_tok))):
+                if not _fits(m, max(num_blocks(p, k) + a for p, a in zip(p_tok, a_tok))):
                     log(f"train {kind} K={k}: skipped (too long for the model)")
                     continue
                 params = [p for group in m.trainable_parameters().values() for p in group]
@@ -207,7 +208,7 @@ def bench_train(model, stream: Sequence[int], *, ks: Sequence[int], batch_size: 
             for k in fns:
                 rows.append({"kind": kind, "k": k, "batch_size": batch_size,
                              "prompt_tokens": int(median(p_tok)), "tokens": sum(p_tok) + sum(a_tok),
-                             "positions": sum(-(-p // k) + a - 1 for p, a in zip(p_tok, a_tok)),
+                             "positions": sum(num_blocks(p, k) + a - 1 for p, a in zip(p_tok, a_tok)),
                              "step": summary(times[k])})
             derive_train(rows)
             for r in rows[-len(fns):]:
@@ -312,7 +313,7 @@ def bench_memory(model, stream: Sequence[int], *, lengths: Sequence[int], ks: Se
                 peak, (_, cache), what = peak_memory(lambda m=models[k]: prefill(m, ids), model.device)
                 kv = cache_nbytes(cache)
                 del cache
-                rows.append({"batch_size": B, "length": L, "k": k, "positions": -(-L // k),
+                rows.append({"batch_size": B, "length": L, "k": k, "positions": num_blocks(L, k),
                              "peak_bytes": peak, "kv_cache_bytes": kv, "measured": what})
                 log(f"memory B={B} L={L} K={k}: peak {_mib(peak)} MiB, KV cache {_mib(kv)} MiB")
     return derive_memory(rows)
@@ -375,7 +376,7 @@ def bench_compile(model, stream: Sequence[int], *, compile_modes: Sequence[str],
                         f"compiled {1000 * r['compiled']['median']:.1f} ms ({r['speedup']:.2f}x; "
                         f"first call {r['first_call_s']:.1f} s)")
         for k, m in models.items():
-            if not _fits(m, -(-decode_length // k) + new_tokens):
+            if not _fits(m, num_blocks(decode_length, k) + new_tokens):
                 continue
             rows.append(_compiled_decode_row(m, decoder, prompts, new_tokens, mode, timing))
             derive_compile(rows)
@@ -400,7 +401,7 @@ def _compiled_prefill_row(m, decoder, ids, mode, timing) -> dict:
     first = _first_call(lambda: static_prefill(m, decoder, ids), m.device)
     times = measure({"eager": lambda: prefill(m, ids), "compiled": lambda: static_prefill(m, decoder, ids)}, **timing)
     L, B = len(ids[0]), len(ids)
-    return {"what": "prefill", "mode": mode, "batch_size": B, "length": L, "k": m.k, "positions": -(-L // m.k),
+    return {"what": "prefill", "mode": mode, "batch_size": B, "length": L, "k": m.k, "positions": num_blocks(L, m.k),
             "first_call_s": first, "eager": summary(times["eager"]), "compiled": summary(times["compiled"])}
 
 
@@ -416,6 +417,6 @@ def _compiled_decode_row(m, decoder, prompts, new_tokens, mode, timing) -> dict:
                      "compiled": lambda: compiled_generate(m, decoder, prompts, new_tokens)}, **timing)
     length = len(m.tokenize(prompts)[0])
     return {"what": "decode", "mode": mode, "batch_size": 1, "length": length, "k": m.k,
-            "positions": -(-length // m.k), "new_tokens": new_tokens, "first_call_s": first,
+            "positions": num_blocks(length, m.k), "new_tokens": new_tokens, "first_call_s": first,
             "agree": sum(a == b for a, b in zip(got[0], ref[0])) / new_tokens,
             "eager": summary(times["eager"]), "compiled": summary(times["compiled"])}

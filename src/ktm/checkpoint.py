@@ -1,0 +1,129 @@
+"""ktm's saved folders: file names, errors, atomic writes and the one compatibility check.
+
+A saved model folder (``KTokenMerging.save_pretrained``) holds::
+
+    ktm_config.json          ktm version, ModelConfig, encoder shape, base reference + fingerprint
+    encoder.safetensors      the merge encoder
+    adapter/                 the LoRA adapter (peft's format, safetensors)
+    tokenizer/               the tokenizer
+
+A training checkpoint (``OUT/checkpoint``) is such a folder plus the optimiser state. Every
+folder is written beside its destination and renamed into place (:func:`write_dir`), so a
+reader sees the old folder or the new one, never half of one. Whether a saved folder fits a
+model is decided in one place, :func:`check_compatible`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+CONFIG_NAME = "ktm_config.json"
+ENCODER_NAME = "encoder.safetensors"
+ADAPTER_DIR = "adapter"
+ADAPTER_FILE = "adapter_model.safetensors"
+TOKENIZER_DIR = "tokenizer"
+
+#: ModelConfig fields that change what trained weights compute: a folder saved with other
+#: values must not be loaded into a model built with these
+FUNCTION_FIELDS = ("k", "lora_r", "lora_alpha", "lora_targets", "lora_lm_head", "encoder_hidden",
+                   "encoder_init", "encoder_norm", "encoder_stages")
+#: the fields that shape the LoRA adapter alone (loading an adapter into a model of any K)
+ADAPTER_FIELDS = ("lora_r", "lora_alpha", "lora_targets", "lora_lm_head")
+
+
+class CheckpointError(ValueError):
+    """A saved ktm folder that cannot be used as asked (missing, corrupt or mismatched)."""
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    """Read and check ``ktm_config.json`` of a saved folder."""
+    path = Path(path)
+    cfg = path / CONFIG_NAME
+    if not path.is_dir():
+        raise CheckpointError(f"no ktm checkpoint folder at {path}")
+    if not cfg.is_file():
+        raise CheckpointError(f"{path} is not a ktm checkpoint: {CONFIG_NAME} is missing")
+    try:
+        meta = json.loads(cfg.read_text())
+        meta["model"], meta["base"]["embedding_fingerprint"], meta["base"]["reference"]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg} is corrupt or not a ktm config ({e})") from e
+    return meta
+
+
+def load_tensors(file: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; :class:`CheckpointError` when missing or corrupt."""
+    file = Path(file)
+    if not file.is_file():
+        raise CheckpointError(f"{file} is missing")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{file} is corrupt ({e})") from e
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move folder ``src`` to ``dst``, replacing an existing ``dst`` with minimal exposure."""
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+def write_dir(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Write a folder atomically: ``write(tmp)`` fills a temporary folder beside ``path``,
+    which then replaces ``path``; on any error the temporary folder is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        write(tmp)
+        replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _show(value) -> str:
+    return repr(list(value) if isinstance(value, tuple) else value)
+
+
+def check_compatible(meta: dict, path, *, fingerprint: str | None = None, config=None,
+                     fields: Iterable[str] = FUNCTION_FIELDS, k: int | None = None) -> None:
+    """Raise :class:`CheckpointError` unless the saved folder ``path`` (its ``meta``, from
+    :func:`read_config`) fits: the same base model (``fingerprint``), the same value of
+    every one of ``fields`` as ``config`` (a :class:`~ktm.config.ModelConfig`), and K = ``k``.
+    The message names the first field that differs and both values."""
+    saved = meta["model"]
+    if k is not None and saved.get("k") != k:
+        raise CheckpointError(f"{path} was trained for K = {saved.get('k')}, not K = {k}")
+    if fingerprint is not None and meta["base"]["embedding_fingerprint"] != fingerprint:
+        raise CheckpointError(
+            f"{path} was trained on another base model ({meta['base']['reference']!r}, embedding "
+            f"fingerprint {meta['base']['embedding_fingerprint']}; this model's base has fingerprint {fingerprint})")
+    if config is None:
+        return
+    defaults = type(config)()  # a field missing from an older folder had its default value
+    for name in fields:
+        mine = getattr(config, name)
+        theirs = saved.get(name, getattr(defaults, name))
+        if isinstance(mine, tuple) and isinstance(theirs, list):
+            theirs = tuple(theirs)
+        if theirs != mine:
+            what = f"K = {theirs}, this model has K = {mine}" if name == "k" else \
+                f"{name} = {_show(theirs)}, this model has {name} = {_show(mine)}"
+            raise CheckpointError(f"{path} was saved with {what}: the weights would compute another function")
