@@ -103,8 +103,8 @@ def test_perplexity_task_from_jsonl(tmp_path, base_dir, capsys):
 def test_errors_are_reported_not_raised(tmp_path, base_dir, capsys):
     assert main(["data", "tree", "--stage", "huge", "--out", str(tmp_path)]) == 2
     assert "stage" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["train", "--task", "jsonl", "--out", str(tmp_path / "r"), "--model", base_dir])
+    assert main(["train", "--task", "jsonl", "--out", str(tmp_path / "r"), "--model", base_dir]) == 2
+    assert "the jsonl task needs --data FOLDER" in capsys.readouterr().err
     assert main(["train", "--k", "0", "--out", str(tmp_path / "r"), "--model", base_dir]) == 2
     assert "K must be >= 1" in capsys.readouterr().err
 
@@ -199,3 +199,25 @@ def test_hierarchical_recipe_grows_k8_from_k4_from_k2(tmp_path, base_dir, capsys
     assert main(args + ["--resume", "--steps", "3"]) == 0
     printed = capsys.readouterr().out
     assert "teacher: reusing" in printed and "grow: reusing the K = 4 model" in printed
+
+
+def test_each_task_declares_its_options():
+    """--task choices and the task flags come from ktm.tasks.TASKS and each task's Options."""
+    import dataclasses
+
+    from ktm.cli import _tasks
+    from ktm.tasks import TASKS, JsonlTask, TreeTask
+
+    p = build_parser()
+    train = p._subparsers._group_actions[0].choices["train"]
+    dests = {a.dest for a in train._actions}
+    assert all(f.name in dests for cls in TASKS.values() for f in dataclasses.fields(cls.Options))
+    assert next(a for a in train._actions if a.dest == "task").choices == sorted(TASKS)
+    args = p.parse_args(["train", "--out", "x", "--stage", "small", "xsmall", "--num-trees", "30"])
+    tasks = _tasks(args)
+    assert [t.label for t in tasks] == ["tree small", "tree xsmall"] and all(isinstance(t, TreeTask) for t in tasks)
+    assert tasks[0].num_trees == 30
+    with pytest.raises(SystemExit):
+        p.parse_args(["train", "--out", "x", "--task", "jsonl", "--metric", "bleu"])
+    assert JsonlTask.Options().metric == "accuracy"
+

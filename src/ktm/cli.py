@@ -79,18 +79,13 @@ TRUST_HELP = ("let transformers run Python code shipped with the model folder, c
 
 # ---------------------------------------------------------------- shared options
 def _add_task_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("task")
-    g.add_argument("--task", choices=["tree", "jsonl"], default="tree", help="task (default: tree)")
-    g.add_argument("--stage", default=["small"], nargs="+",
-                   help="tree stage, or several in order for a curriculum (train)")
-    g.add_argument("--num-trees", type=positive_int, default=2000,
-                   help="trees generated per tree stage (default: 2000)")
-    g.add_argument("--data-seed", type=int, default=0, help="seed of the tree generator (default: 0)")
-    g.add_argument("--data", help="jsonl task: folder with train.jsonl and test.jsonl")
-    g.add_argument("--metric", choices=["accuracy", "perplexity"], default="accuracy",
-                   help="jsonl task: how answers are scored (default: accuracy)")
-    g.add_argument("--max-new-tokens", type=positive_int, default=None,
-                   help="jsonl accuracy task: tokens generated per answer (default: 8)")
+    """``--task`` and every task's own options (``Task.Options``), one group per task."""
+    from .tasks import TASKS
+
+    p.add_argument_group("task").add_argument("--task", choices=sorted(TASKS), default="tree",
+                                              help="task (default: tree)")
+    for name, cls in TASKS.items():
+        add_arguments(p, cls.Options, title=f"{name} task")
 
 
 def _add_base_args(p: argparse.ArgumentParser) -> None:
@@ -103,13 +98,11 @@ def _add_base_args(p: argparse.ArgumentParser) -> None:
 
 
 def _tasks(args) -> list:
-    from .tasks import JsonlTask, TreeTask
+    """The task(s) the options name: one, or several in order for a curriculum."""
+    from .tasks import TASKS
 
-    if args.task == "jsonl":
-        if not args.data:
-            raise SystemExit("ktm: --task jsonl needs --data FOLDER (with train.jsonl / test.jsonl)")
-        return [JsonlTask(args.data, metric=args.metric, max_new_tokens=args.max_new_tokens or 8)]
-    return [TreeTask(s, num_trees=args.num_trees, seed=args.data_seed) for s in args.stage]
+    cls = TASKS[args.task]
+    return cls.from_options(cls.Options(**overrides(args, cls.Options)))
 
 
 def _fmt_result(res: dict) -> str:
@@ -169,7 +162,7 @@ def cmd_eval(args) -> int:
     for task in _tasks(args):
         res = evaluate(model, task, split=args.split, max_examples=args.max_examples,
                        batch_size=args.batch_size, keep_predictions=args.show)
-        print(f"== {task.name} ({getattr(task, 'stage', None) and task.stage.name or args.split})")
+        print(f"== {task.label} ({args.split})")
         print(_fmt_result(res))
         for p in res.get("predictions", [])[: args.show]:
             print(f"  {p['prompt'][-60:]!r} -> {p['prediction']!r} (reference {p['answer']!r})")

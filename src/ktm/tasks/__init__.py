@@ -1,6 +1,8 @@
 """Tasks: each says how its examples load and how they are scored (see ``base.Task``).
 
-``TASKS`` maps a name to its class; ``ktm train --task NAME`` and ``ktm eval`` use it.
+``TASKS`` maps a name to its class; ``ktm train --task NAME`` and ``ktm eval`` use it, with
+the task's own options (``Task.Options``) as flags. Adding a task is one module and one
+entry here.
 """
 
 from .base import Example, Task, majority_rate, read_jsonl, write_jsonl

@@ -33,14 +33,37 @@ class Example:
         return {"prompt": self.prompt, "answer": self.answer, **self.meta}
 
 
+@dataclass(frozen=True)
+class NoOptions:
+    """The options of a task that has none."""
+
+
 class Task:
-    """Base class: subclasses set ``name``/``metric`` and implement ``examples``."""
+    """Base class: subclasses set ``name``/``metric`` and implement ``examples``.
+
+    A task that the command line can build declares its options as a dataclass ``Options``
+    (each field becomes a ``--field-name`` flag of ``ktm train`` / ``ktm eval``, with the
+    field's ``help`` metadata) and builds itself, or a curriculum of itself, with
+    :meth:`from_options`. Adding a task is adding one module and one entry in
+    ``ktm.tasks.TASKS``.
+    """
 
     name: str = "task"
     metric: str = "accuracy"
     #: at least this many new tokens are generated when scoring accuracy (the evaluator
     #: raises it to fit the longest reference answer and its end token)
     max_new_tokens: int = 8
+    Options = NoOptions
+
+    @classmethod
+    def from_options(cls, options) -> list["Task"]:
+        """The tasks to train on in order (several for a curriculum) from ``Options``."""
+        return [cls()]
+
+    @property
+    def label(self) -> str:
+        """A short name for reports (``tree small``, ``jsonl reviews``)."""
+        return self.name
 
     def examples(self, split: str) -> list[Example]:
         """Examples of ``split`` (``"train"`` or ``"test"``)."""

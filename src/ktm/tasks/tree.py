@@ -66,7 +66,7 @@ import random
 import re
 import string
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from itertools import product
 from pathlib import Path
@@ -404,6 +404,21 @@ class TreeTask(Task):
     name = "tree"
     metric = "accuracy"
     max_new_tokens = 3
+
+    @dataclass(frozen=True)
+    class Options:
+        stage: tuple[str, ...] = field(default=("small",), metadata={
+            "help": "tree stage, or several in order for a curriculum (train)"})
+        num_trees: int = field(default=2000, metadata={"help": "trees generated per tree stage"})
+        data_seed: int = field(default=0, metadata={"help": "seed of the tree generator"})
+
+    @classmethod
+    def from_options(cls, options: "TreeTask.Options") -> list["TreeTask"]:
+        return [cls(stage, num_trees=options.num_trees, seed=options.data_seed) for stage in options.stage]
+
+    @property
+    def label(self) -> str:
+        return f"tree {self.stage.name}"
 
     def __init__(self, stage: str = "small", num_trees: int = 2000, seed: int = 0,
                  test_fraction: float = 0.02):
