@@ -1,4 +1,4 @@
-"""benchmarks/merge_variants.py: block layouts, attention pooling, mixed K and the probe."""
+"""benchmarks/merge_variants.py: block layouts and the probe."""
 
 import json
 
@@ -38,47 +38,23 @@ def test_lines_layout_merges_each_piece_from_its_start(mod, make_model):
     m = make_model(k=3)
     ids = m.tokenize(["a\ncdef,gh"])
     fixed = m.merge_ids(ids)[0]
-    mod.use_layout(m, "lines")
-    merged = m.merge_ids(ids)[0]
+    merged = mod.merge_in_pieces(m, ids, "lines")[0]
     # pieces "a\n" (2), "cdef," (5), "gh" (2) -> 1 + 2 + 1 blocks, against ceil(9 / 3) = 3
     assert fixed.shape[0] == 3 and merged.shape[0] == sum(num_blocks(n, 3) for n in (2, 5, 2)) == 4
     emb = m.embed(torch.tensor(ids[0]))
     assert torch.allclose(merged[1], emb[2:5].mean(0), atol=1e-6)  # "cde"
     assert torch.allclose(merged[2], emb[5:7].mean(0), atol=1e-6)  # "f," (partial: mean of its tokens)
     assert not torch.allclose(merged[1], fixed[1])
-    mod.use_layout(m, "fixed")
-    assert torch.equal(m.merge_ids(ids)[0], fixed)
+    assert torch.equal(mod.merge_in_pieces(m, ids, "fixed")[0], fixed)
+    assert torch.equal(m.merge_ids(ids)[0], fixed)  # the model itself is untouched
 
 
 def test_tail_layout_leaves_tokens_unmerged(mod, make_model):
     m = make_model(k=4)
-    mod.use_layout(m, "tail3")
     ids = m.tokenize(["abcdefgh"])
-    merged = m.merge_ids(ids)[0]
+    merged = mod.merge_in_pieces(m, ids, "tail3")[0]
     assert merged.shape[0] == 2 + 3
     assert torch.allclose(merged[-3:], m.embed(torch.tensor(ids[0][-3:])), atol=1e-6)
-
-
-def test_attention_pool_starts_as_the_mean_and_learns_weights(mod, make_model):
-    m = make_model(k=4)
-    m.encoder = mod.AttentionPool(m.encoder)
-    x = torch.randn(5, 4, m.encoder.dim)
-    assert torch.allclose(m.encoder(x), x.mean(-2), atol=1e-6)
-    out = m(["abcdefg"], ["x"])
-    out.loss.backward()
-    assert m.encoder.v.grad is not None and m.encoder.v.grad.abs().sum() > 0
-
-
-def test_mixed_k_trains_on_both_halves_and_evaluates_merged(mod, make_model):
-    m = make_model(k=2)
-    mod.use_mixed_k(m, 0.5)
-    m.train()
-    out = m(["abcd", "efgh", "ijkl", "mnop"], ["x", "y", "z", "w"])
-    assert set(out.parts) == {"task", "plain"}
-    assert out.targets.numel() == 4  # the merged half: 2 rows x (answer + end)
-    assert m.k == 2
-    m.eval()
-    assert m(["abcd"], ["x"]).parts.keys() == {"task"}
 
 
 def test_probe_accuracy_separates_separable_data(mod):

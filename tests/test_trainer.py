@@ -235,3 +235,11 @@ def test_phase_threshold_needs_an_accuracy_task(make_model, tmp_path):
         TrainConfig(phase_threshold=1.5)
     with pytest.raises(ValueError, match="phase_rounds"):
         TrainConfig(phase_rounds=0)
+
+
+def test_on_evaluate_sees_every_evaluation(make_model):
+    rows = []
+    cfg = TrainConfig(steps=4, batch_size=2, eval_examples=4, eval_every=2)
+    trainer = Trainer(make_model(k=2), cfg, progress=False, log=lambda line: None, on_evaluate=rows.append)
+    trainer.fit(LastChar())
+    assert [r["step"] for r in rows] == [2, 4] and rows == trainer.history

@@ -97,6 +97,7 @@ class Trainer:
     extra_state: dict = field(default_factory=dict)
     teacher: object = None  # K = 1 KTokenMerging for distillation/alignment (default: cfg.teacher)
     schedule_cycle: tuple = (0, None)  # (start, span) of the cosine cycle: the whole run by default
+    on_evaluate: object = None  # called with each evaluation's history row (e.g. to probe or stop early)
 
     # ------------------------------------------------------------------ setup
     def __post_init__(self):
@@ -202,6 +203,8 @@ class Trainer:
             # written at every evaluation, so a run stopped between checkpoints keeps its curve
             self.output_dir.mkdir(parents=True, exist_ok=True)
             save_json(self.output_dir / "history.json", {"history": self.history})
+        if self.on_evaluate is not None:
+            self.on_evaluate(row)
         if self.is_main:
             extra = (f" (majority {res['majority_rate']:.3f})" if "majority_rate" in res else "")
             self.log(f"step {self.step}: {res['metric']} {res['value']:.4f}{extra}, "
