@@ -225,7 +225,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = 
         if isinstance(default, tuple):
             default = " ".join(map(str, default))
         help_ = f.metadata.get("help", "")
-        if "default" not in help_:
+        if "default" not in help_ and default is not None:
             help_ += f" (default: {default})"
         choices = f.metadata.get("choices") or _literal_choices(hints[f.name])
         if t is bool:
