@@ -83,14 +83,57 @@ def replace_dir(src: Path, dst: Path) -> None:
         os.replace(src, dst)
 
 
+def recover_dir(path: str | os.PathLike) -> bool:
+    """Put back the previous version of a folder that :func:`replace_dir` was replacing when
+    the process was killed (``path`` gone, ``.NAME.old`` left); returns whether it did."""
+    path = Path(path)
+    old = path.with_name(f".{path.name}.old")
+    if not path.exists() and old.is_dir():
+        os.replace(old, path)
+        return True
+    return False
+
+
+def clean_stale(folder: str | os.PathLike, name: str) -> list[Path]:
+    """Remove the temporary folders that interrupted writes of ``folder/name`` left behind
+    (``.NAME.xxxx``; not ``.NAME.old``, which :func:`recover_dir` may still need while
+    ``NAME`` is missing). Call it only when no other process writes there."""
+    folder, removed = Path(folder), []
+    keep = {f".{name}.old"} if not (folder / name).exists() else set()
+    for p in folder.glob(f".{name}.*"):
+        if p.is_dir() and p.name not in keep:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def _publish(folder: Path) -> None:
+    """Give a finished temporary folder the permissions of a normally made one (mkdtemp's
+    are private), and flush its files to disk, so that a rename publishes complete data."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for root, dirs, files in os.walk(folder):
+        os.chmod(root, 0o777 & ~umask)
+        for name in files:
+            file = os.path.join(root, name)
+            os.chmod(file, 0o666 & ~umask)
+            fd = os.open(file, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
 def write_dir(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Write a folder atomically: ``write(tmp)`` fills a temporary folder beside ``path``,
-    which then replaces ``path``; on any error the temporary folder is removed."""
+    whose files are then given normal permissions and flushed to disk, and which then
+    replaces ``path``; on any error the temporary folder is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         write(tmp)
+        _publish(tmp)
         replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

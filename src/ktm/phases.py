@@ -12,7 +12,9 @@ Layout of a run folder ``OUT``: ``run_config.json``, ``history.json``, ``checkpo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .checkpoint import clean_stale, recover_dir
 from .config import ModelConfig, TrainConfig, save_json, to_dict
 from .model import KTokenMerging
 from .tasks.base import Task
@@ -27,6 +30,48 @@ from .trainer import CHECKPOINT_DIR, FINAL_DIR, Trainer
 
 TEACHER_DIR = "teacher"
 GROW_PREFIX = "grow-k"  # OUT/grow-k2: the smaller model that grow_from="auto" trains
+
+
+LOCK_NAME = ".lock"
+
+
+@contextlib.contextmanager
+def run_lock(out: Path):
+    """Hold ``OUT/.lock`` (with this process's id) while a run writes ``out``: a second run
+    on the same folder fails at once instead of colliding. A lock left by a process that no
+    longer exists is taken over."""
+    lock = out / LOCK_NAME
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid != os.getpid() and _alive(pid):
+                raise ValueError(f"{out} is in use by another ktm run (process {pid}); wait for it to "
+                                 f"finish, or choose another output folder") from None
+            lock.unlink(missing_ok=True)  # left by a run that no longer exists
+    else:
+        raise ValueError(f"could not lock {out} ({lock})")
+    try:
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @dataclass
@@ -73,12 +118,23 @@ def train_run(model_cfg: ModelConfig, train_cfg: TrainConfig, tasks: Task | list
     """
     tasks = [tasks] if isinstance(tasks, Task) else list(tasks)
     out = Path(out)
-    if not resume and (out / CHECKPOINT_DIR).exists():
-        if not overwrite:
-            raise ValueError(f"{out} already holds a checkpoint: pass --resume (resume=True) to continue it, "
-                             f"or --overwrite (overwrite=True) to start over")
-        clear_output(out)
     out.mkdir(parents=True, exist_ok=True)
+    with run_lock(out):
+        recover_dir(out / CHECKPOINT_DIR)
+        if not resume and (out / CHECKPOINT_DIR).exists():
+            if not overwrite:
+                raise ValueError(f"{out} already holds a checkpoint: pass --resume (resume=True) to continue it, "
+                                 f"or --overwrite (overwrite=True) to start over")
+            clear_output(out)
+        for name in (CHECKPOINT_DIR, FINAL_DIR):
+            clean_stale(out, name)
+        return _train_in(out, model_cfg, train_cfg, tasks, base=base, device=device, dtype=dtype, resume=resume,
+                         init_from=init_from, init_adapter_from=init_adapter_from, thresholds=thresholds,
+                         max_rounds=max_rounds, record=record, log=log, **load_options)
+
+
+def _train_in(out: Path, model_cfg, train_cfg, tasks, *, base, device, dtype, resume, init_from,
+              init_adapter_from, thresholds, max_rounds, record, log, **load_options) -> RunResult:
     model_cfg, train_cfg = prepare_phases(tasks, out, model_cfg, train_cfg, base, device=device, dtype=dtype,
                                           log=log)
     save_json(out / "run_config.json", {"model": to_dict(model_cfg), "train": to_dict(train_cfg),

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -26,9 +25,10 @@ from tqdm.auto import tqdm
 
 from .config import TrainConfig, save_json, to_dict
 from .evaluate import evaluate
-from .checkpoint import CheckpointError, replace_dir
+from .checkpoint import CheckpointError, recover_dir, write_dir
 from .model import KTokenMerging, load_teacher
 from .objectives import add_auxiliary
+from .blocks import num_blocks
 from .tasks.base import Example, Task
 
 CHECKPOINT_DIR = "checkpoint"
@@ -73,6 +73,39 @@ def batch_indices(examples: list[Example], step: int, cfg: TrainConfig, labels: 
     if cfg.batch_size <= len(examples):
         return rng.sample(range(len(examples)), cfg.batch_size)
     return [rng.randrange(len(examples)) for _ in range(cfg.batch_size)]
+
+
+#: a prompt with more characters than this many per position the model reads cannot fit
+#: (no token is that long), so it is refused before the tokenizer sees it
+MAX_CHARS_PER_POSITION = 64
+
+
+def check_examples(model, examples: list[Example], what: str) -> None:
+    """Raise ``ValueError`` for the first example that cannot be trained on or scored: an
+    empty prompt, one with no tokens, or a prompt + answer too long for the model once
+    merged. The message names the example's ``file:line`` (or its index in ``what``)."""
+    if not examples:
+        raise ValueError(f"{what}: no examples")
+    where = [e.source or f"{what} example {i}" for i, e in enumerate(examples)]
+    limit = model.max_length
+    for w, e in zip(where, examples):
+        if not e.prompt.strip():
+            raise ValueError(f"{w}: the prompt is empty")
+        if limit and len(e.prompt) + len(e.answer) > limit * MAX_CHARS_PER_POSITION:
+            raise ValueError(f"{w}: the example has {len(e.prompt) + len(e.answer):,} characters, far more "
+                             f"than the {limit} positions the model reads can hold")
+    for start in range(0, len(examples), 512):
+        chunk = examples[start:start + 512]
+        prompts = model.tokenizer([e.prompt for e in chunk], add_special_tokens=False)["input_ids"]
+        answers = model.tokenizer([e.answer for e in chunk], add_special_tokens=False)["input_ids"]
+        for w, p, a in zip(where[start:], prompts, answers):
+            if not p:
+                raise ValueError(f"{w}: the prompt has no tokens")
+            need = num_blocks(len(p), model.k) + len(a)  # merged prompt + answer (+ end, - last input)
+            if limit and need > limit:
+                raise ValueError(f"{w}: the prompt's {len(p)} tokens merge to {num_blocks(len(p), model.k)} "
+                                 f"embeddings, + {len(a)} answer tokens = {need} > {limit} positions the "
+                                 f"model reads")
 
 
 @dataclass
@@ -137,6 +170,12 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         end = self.step + steps if steps is not None else cfg.steps
         train = task.examples("train")
+        # every example is checked before the first step: a bad one must not end a run later
+        checked = self.__dict__.setdefault("_checked", set())
+        for t, split in ((task, "train"), (eval_task or task, "test")):
+            if (id(t), split) not in checked:
+                check_examples(self.model, t.examples(split), f"{t.label} {split}")
+                checked.add((id(t), split))
         labels = task.labels(train) if task.metric == "accuracy" else None
         world, rank = acc.num_processes, acc.process_index
         micro = cfg.batch_size // cfg.grad_accum
@@ -182,9 +221,10 @@ class Trainer:
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < end:
                 self.save_checkpoint()
         bar.close()
+        self.save_checkpoint()  # before the final evaluation: a failure there loses no training
         if not self.history or self.history[-1]["step"] != self.step:
             self._evaluate(eval_task or task, ema)
-        self.save_checkpoint()
+            self._save_state()
         return self.history
 
     def _evaluate(self, task: Task, losses: dict | None = None) -> dict:
@@ -220,24 +260,35 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         if not self.is_main:
             return None
-        ckpt = self.output_dir / CHECKPOINT_DIR
-        tmp = self.output_dir / f".{CHECKPOINT_DIR}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.model.save_pretrained(tmp)
-        tensors, groups = _optimizer_tensors(self.optimizer)
-        tensors["rng.cpu"] = torch.get_rng_state()
-        save_file(tensors, str(tmp / OPTIM_NAME))
-        save_json(tmp / STATE_NAME, {"step": self.step, "history": self.history, "param_groups": groups,
-                                     "train_config": to_dict(self.cfg), "extra": self.extra_state})
-        replace_dir(tmp, ckpt)  # the whole folder appears at once: never half a checkpoint
+        def write(tmp: Path) -> None:
+            self.model.save_pretrained(tmp)
+            tensors, _ = _optimizer_tensors(self.optimizer)
+            tensors["rng.cpu"] = torch.get_rng_state()
+            save_file(tensors, str(tmp / OPTIM_NAME))
+            self._save_state(tmp)
+
+        # the whole folder appears at once: never half a checkpoint
+        ckpt = write_dir(self.output_dir / CHECKPOINT_DIR, write)
         save_json(self.output_dir / "history.json", {"history": self.history})
         return ckpt
+
+    def _save_state(self, folder: Path | None = None) -> None:
+        """Write ``trainer_state.json`` (step, history, optimiser groups, configuration) into
+        ``folder`` (default: the current checkpoint, after an evaluation that followed it)."""
+        if self.output_dir is None or not self.is_main:
+            return
+        folder = folder or self.output_dir / CHECKPOINT_DIR
+        _, groups = _optimizer_tensors(self.optimizer, with_state=False)
+        save_json(folder / STATE_NAME, {"step": self.step, "history": self.history, "param_groups": groups,
+                                        "train_config": to_dict(self.cfg), "extra": self.extra_state})
 
     def resume(self) -> bool:
         """Continue from ``OUTPUT/checkpoint`` if there is one; returns whether it did."""
         if self.output_dir is None:
             return False
         ckpt = self.output_dir / CHECKPOINT_DIR
+        if recover_dir(ckpt) and self.is_main:
+            self.log(f"{ckpt} was being replaced when the run stopped: continuing from the previous checkpoint")
         if not (ckpt / STATE_NAME).is_file():
             return False
         try:
@@ -250,9 +301,25 @@ class Trainer:
         torch.set_rng_state(tensors["rng.cpu"])
         self.step, self.history = state["step"], state["history"]
         self.extra_state = state.get("extra", {})
+        self._apply_changed_settings(state.get("train_config", {}))
         if self.is_main:
             self.log(f"resumed from {ckpt} at step {self.step}")
         return True
+
+    def _apply_changed_settings(self, saved: dict) -> None:
+        """Settings given anew on resume win over the checkpoint's: the learning rates are
+        applied to the restored optimiser, and every change is logged and recorded in the
+        checkpoint's ``extra.resumed`` (what really ran). The model's settings cannot change:
+        :meth:`KTokenMerging.load_trained` refuses those."""
+        now = to_dict(self.cfg)
+        changed = {k: [saved[k], now[k]] for k in now if k in saved and saved[k] != now[k]}
+        for g in self.optimizer.param_groups:
+            g["base_lr"] = (self.cfg.encoder_lr or self.cfg.lr) if g.get("name") == "encoder" else self.cfg.lr
+        if changed:
+            self.extra_state.setdefault("resumed", []).append({"step": self.step, "changed": changed})
+            if self.is_main:
+                self.log("resume: settings changed since the checkpoint, applied from step "
+                         f"{self.step}: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
 
     def save_final(self) -> Path | None:
         """Write the trained model to ``OUTPUT/model`` (loadable with from_pretrained)."""
@@ -261,10 +328,10 @@ class Trainer:
         return self.model.save_pretrained(self.output_dir / FINAL_DIR)
 
 
-def _optimizer_tensors(opt) -> tuple[dict[str, torch.Tensor], list[dict]]:
+def _optimizer_tensors(opt, with_state: bool = True) -> tuple[dict[str, torch.Tensor], list[dict]]:
     sd = opt.state_dict()
     tensors = {}
-    for pid, st in sd["state"].items():
+    for pid, st in (sd["state"].items() if with_state else ()):
         for name, value in st.items():
             t = value if torch.is_tensor(value) else torch.tensor(value)
             tensors[f"state.{pid}.{name}"] = t.detach().cpu().contiguous()

@@ -23,11 +23,13 @@ METRICS = ("accuracy", "perplexity")
 
 @dataclass(frozen=True)
 class Example:
-    """One prompt and its reference answer; ``meta`` carries task fields (e.g. tree_id)."""
+    """One prompt and its reference answer; ``meta`` carries task fields (e.g. tree_id);
+    ``source`` says where it was read (``file:line``), for error messages."""
 
     prompt: str
     answer: str
     meta: dict = field(default_factory=dict, compare=False, hash=False)
+    source: str = field(default="", compare=False, hash=False)
 
     def to_json(self) -> dict:
         return {"prompt": self.prompt, "answer": self.answer, **self.meta}
@@ -88,23 +90,38 @@ def majority_rate(examples: Sequence[Example], normalise=Task.normalise) -> tupl
 
 
 def read_jsonl(path: str | Path) -> list[Example]:
-    """Read ``{"prompt": ..., "answer": ..., ...}`` lines; other fields go to ``meta``."""
+    """Read ``{"prompt": ..., "answer": ..., ...}`` lines; other fields go to ``meta``.
+
+    Any line that is not UTF-8, not JSON, not an object, or lacks a string ``prompt`` and
+    ``answer`` raises ``ValueError`` naming ``file:line``; blank lines are skipped.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such JSONL file: {path}")
     out = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            where = f"{path}:{n}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r})") from e
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-                prompt, answer = row.pop("prompt"), row.pop("answer")
-            except (json.JSONDecodeError, KeyError, AttributeError) as e:
-                raise ValueError(f"{path}:{n}: expected a JSON object with 'prompt' and 'answer' ({e})") from e
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from e
+            if not isinstance(row, dict):
+                raise ValueError(f"{where}: expected a JSON object with 'prompt' and 'answer', "
+                                 f"got a JSON {type(row).__name__}")
+            missing = [k for k in ("prompt", "answer") if k not in row]
+            if missing:
+                raise ValueError(f"{where}: the object has no {' or '.join(repr(k) for k in missing)}")
+            prompt, answer = row.pop("prompt"), row.pop("answer")
             if not isinstance(prompt, str) or not isinstance(answer, str):
-                raise ValueError(f"{path}:{n}: 'prompt' and 'answer' must be strings")
-            out.append(Example(prompt, answer, row))
+                raise ValueError(f"{where}: 'prompt' and 'answer' must be strings")
+            out.append(Example(prompt, answer, row, source=where))
     return out
 
 
