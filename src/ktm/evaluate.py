@@ -26,6 +26,27 @@ def subsample(examples: Sequence[Example], n: int, seed: int = 0) -> list[Exampl
     return random.Random(seed).sample(list(examples), n)
 
 
+def macro_f1(references: Sequence[str], predictions: Sequence[str]) -> float:
+    """Mean over the reference labels of each label's F1 (a prediction outside the labels
+    counts as wrong for every label). A model that always answers the majority label
+    gets 1 / (number of labels) x its F1 on that label, so imbalanced data cannot hide it.
+
+    >>> macro_f1(["a", "a", "b", "b"], ["a", "a", "a", "a"])  # F1(a) = 2/3, F1(b) = 0
+    0.3333333333333333
+    >>> macro_f1(["a", "b"], ["a", "b"])
+    1.0
+    """
+    if len(references) != len(predictions) or not references:
+        raise ValueError("macro-F1 needs equally many references and predictions, at least one")
+    scores = []
+    for label in sorted(set(references)):
+        tp = sum(r == label and p == label for r, p in zip(references, predictions))
+        fp = sum(r != label and p == label for r, p in zip(references, predictions))
+        fn = sum(r == label and p != label for r, p in zip(references, predictions))
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return sum(scores) / len(scores)
+
+
 def _batches(items: list, size: int):
     for i in range(0, len(items), size):
         yield items[i:i + size]
@@ -39,8 +60,8 @@ def evaluate(model, task: Task, examples: Sequence[Example] | None = None, *, sp
 
     Returns a dict with ``metric``, ``value`` (accuracy in [0, 1] or perplexity),
     ``n``, ``prompt_tokens`` and ``merged_length`` (means), ``k``, and for accuracy tasks
-    ``majority_label`` / ``majority_rate`` and a few ``predictions`` (prompt, answer,
-    prediction).
+    ``macro_f1``, ``majority_label`` / ``majority_rate`` and a few ``predictions`` (prompt,
+    answer, prediction).
     """
     examples = subsample(examples if examples is not None else task.examples(split), max_examples, seed)
     if not examples:
@@ -64,9 +85,11 @@ def evaluate(model, task: Task, examples: Sequence[Example] | None = None, *, sp
                 outs = model.generate([examples[i].prompt for i in idx], max_new_tokens=new_tokens)
                 preds.update(zip(idx, outs))
                 bar.update(len(idx))
-            correct = [task.normalise(preds[i]) == task.normalise(e.answer) for i, e in enumerate(examples)]
+            refs = [task.normalise(e.answer) for e in examples]
+            got = [task.normalise(preds[i]) for i in range(len(examples))]
             label, rate = majority_rate(examples, task.normalise)
-            result.update(value=sum(correct) / len(correct), majority_label=label, majority_rate=rate,
+            result.update(value=sum(r == g for r, g in zip(refs, got)) / len(refs), macro_f1=macro_f1(refs, got),
+                          majority_label=label, majority_rate=rate,
                           predictions=[{"prompt": e.prompt, "answer": e.answer, "prediction": preds[i]}
                                        for i, e in enumerate(examples[:keep_predictions])])
         elif task.metric == "perplexity":

@@ -5,11 +5,12 @@ the task's own options (``Task.Options``) as flags. Adding a task is one module 
 entry here.
 """
 
+from .amazon import AmazonTask
 from .base import Example, Task, majority_rate, read_jsonl, write_jsonl
 from .jsonl import JsonlTask
 from .tree import STAGE_ORDER, STAGES, TreeTask
 
-TASKS = {"tree": TreeTask, "jsonl": JsonlTask}
+TASKS = {"tree": TreeTask, "jsonl": JsonlTask, "amazon": AmazonTask}
 
-__all__ = ["Example", "Task", "TASKS", "TreeTask", "JsonlTask", "STAGES", "STAGE_ORDER",
+__all__ = ["Example", "Task", "TASKS", "TreeTask", "JsonlTask", "AmazonTask", "STAGES", "STAGE_ORDER",
            "majority_rate", "read_jsonl", "write_jsonl"]

@@ -1,0 +1,85 @@
+"""The amazon review task: the paper's prompt and label rule, splits by product, errors."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ktm.evaluate import macro_f1
+from ktm.tasks import TASKS, AmazonTask
+from ktm.tasks.amazon import review_prompt, sentiment
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon"
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_prompt_and_label_rule():
+    assert review_prompt("fits well") == "Review: fits well, Label:"
+    assert [sentiment(r) for r in (1, 2.0, 3, 3.4, 3.5, 4, 5)] == ["negative"] * 4 + ["positive"] * 3
+
+
+def test_a_folder_gives_its_splits_and_cuts_texts(tmp_path):
+    _write(tmp_path / "train.jsonl", [{"rating": 5.0, "text": " great  ", "title": "t"}, {"rating": 1, "text": "bad"}])
+    _write(tmp_path / "dev.jsonl", [{"rating": 4.0, "text": "a long review text"}])
+    task = AmazonTask(tmp_path, max_chars=6)
+    train, test = task.examples("train"), task.examples("test")
+    assert [(e.prompt, e.answer) for e in train] == [("Review: great, Label:", "positive"),
+                                                     ("Review: bad, Label:", "negative")]
+    assert test[0].prompt == "Review: a long, Label:" and test[0].meta["rating"] == 4.0
+    assert train[0].meta == {"rating": 5.0, "title": "t"} and train[1].source.endswith("train.jsonl:2")
+
+
+def test_one_file_is_split_by_product(tmp_path):
+    rows = [{"rating": 1 + i % 5, "text": f"review {i}", "parent_asin": f"P{i % 40}"} for i in range(400)]
+    task = AmazonTask(_write(tmp_path / "all.jsonl", rows), test_fraction=0.25)
+    train, test = task.examples("train"), task.examples("test")
+    assert len(train) + len(test) == 400 and 0 < len(test) < 200
+    assert not {e.meta["parent_asin"] for e in train} & {e.meta["parent_asin"] for e in test}
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"rating": "five", "text": "x"}', "'rating' must be a number"),
+    ('{"text": "x"}', "numeric 'rating' and a string 'text'"),
+    ('[1, 2]', "numeric 'rating' and a string 'text'"),
+    ('{"rating": 5', "not a UTF-8 JSON line"),
+])
+def test_bad_lines_name_file_and_line(tmp_path, line, message):
+    (tmp_path / "r.jsonl").write_text('{"rating": 5, "text": "ok"}\n' + line + "\n")
+    with pytest.raises(ValueError, match=f"r.jsonl:2: .*{message}" if "UTF-8" not in message else message):
+        AmazonTask(tmp_path / "r.jsonl").examples("train")
+
+
+def test_the_cli_builds_it_from_its_options(tmp_path):
+    from ktm.cli import _tasks, build_parser
+
+    assert TASKS["amazon"] is AmazonTask
+    _write(tmp_path / "train.jsonl", [{"rating": 5, "text": "a"}])
+    _write(tmp_path / "test.jsonl", [{"rating": 1, "text": "b"}])
+    args = build_parser().parse_args(["train", "--out", "x", "--task", "amazon", "--reviews", str(tmp_path),
+                                      "--review-chars", "100"])
+    (task,) = _tasks(args)
+    assert task.label == f"amazon {tmp_path.name}" and task.max_chars == 100
+    with pytest.raises(ValueError, match="needs --reviews"):
+        _tasks(build_parser().parse_args(["train", "--out", "x", "--task", "amazon"]))
+    with pytest.raises(FileNotFoundError, match="no such review file or folder"):
+        AmazonTask(tmp_path / "missing")
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="the project's shared review data is not beside this checkout")
+def test_the_shared_reviews_follow_the_rule():
+    task = AmazonTask(SHARED)
+    train, test = task.examples("train"), task.examples("test")
+    assert (len(train), len(test)) == (12_000, 1_000)
+    assert all(e.answer == e.meta["label"] for e in train + test)  # the files' own label, same rule
+
+
+def test_macro_f1_sees_a_constant_answer():
+    refs = ["positive"] * 90 + ["negative"] * 10
+    assert macro_f1(refs, ["positive"] * 100) == pytest.approx((2 * 90 / 190) / 2)
+    assert macro_f1(refs, refs) == 1.0
+    with pytest.raises(ValueError):
+        macro_f1(["a"], [])
