@@ -43,13 +43,13 @@ def test_one_file_is_split_by_product(tmp_path):
 
 @pytest.mark.parametrize("line,message", [
     ('{"rating": "five", "text": "x"}', "'rating' must be a number"),
-    ('{"text": "x"}', "numeric 'rating' and a string 'text'"),
-    ('[1, 2]', "numeric 'rating' and a string 'text'"),
-    ('{"rating": 5', "not a UTF-8 JSON line"),
+    ('{"text": "x"}', "expected a numeric 'rating' and a string 'text'"),
+    ('[1, 2]', "expected a JSON object, got a JSON list"),
+    ('{"rating": 5', "not valid JSON"),
 ])
 def test_bad_lines_name_file_and_line(tmp_path, line, message):
     (tmp_path / "r.jsonl").write_text('{"rating": 5, "text": "ok"}\n' + line + "\n")
-    with pytest.raises(ValueError, match=f"r.jsonl:2: .*{message}" if "UTF-8" not in message else message):
+    with pytest.raises(ValueError, match=f"r.jsonl:2: .*{message}"):
         AmazonTask(tmp_path / "r.jsonl").examples("train")
 
 

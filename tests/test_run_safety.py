@@ -41,7 +41,7 @@ def _run(task, out, base_dir, **train):
 
 
 @pytest.mark.parametrize("content,message", [
-    (b'{"prompt": "a", "answer": "b"}\n[1, 2]\n', r"x.jsonl:2: expected a JSON object .* got a JSON list"),
+    (b'{"prompt": "a", "answer": "b"}\n[1, 2]\n', r"x.jsonl:2: expected a JSON object, got a JSON list"),
     (b'{"prompt": "a", "answer": "b"}\n{"prompt": "\xff\xfe"}\n', r"x.jsonl:2: not UTF-8 text"),
     (b'{"prompt": "a", "answer": "b"\n', r"x.jsonl:1: not valid JSON"),
     (b'\n{"prompt": "a"}\n', r"x.jsonl:2: the object has no 'answer'"),

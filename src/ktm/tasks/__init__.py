@@ -7,10 +7,11 @@ entry here.
 
 from .amazon import AmazonTask
 from .base import Example, Task, majority_rate, read_jsonl, write_jsonl
+from .commits import CommitsTask
 from .jsonl import JsonlTask
 from .tree import STAGE_ORDER, STAGES, TreeTask
 
-TASKS = {"tree": TreeTask, "jsonl": JsonlTask, "amazon": AmazonTask}
+TASKS = {"tree": TreeTask, "jsonl": JsonlTask, "amazon": AmazonTask, "commits": CommitsTask}
 
-__all__ = ["Example", "Task", "TASKS", "TreeTask", "JsonlTask", "AmazonTask", "STAGES", "STAGE_ORDER",
+__all__ = ["Example", "Task", "TASKS", "TreeTask", "JsonlTask", "AmazonTask", "CommitsTask", "STAGES", "STAGE_ORDER",
            "majority_rate", "read_jsonl", "write_jsonl"]

@@ -14,16 +14,15 @@ Example::
 
     >>> review_prompt("Great shoes"), sentiment(4.0), sentiment(3.0)
     ('Review: Great shoes, Label:', 'positive', 'negative')
+
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .base import Example, Task
+from .base import Example, Task, iter_json_objects, split_by_key
 
 POSITIVE, NEGATIVE = "positive", "negative"
 PRODUCT_FIELDS = ("parent_asin", "asin", "product_id")
@@ -39,42 +38,22 @@ def sentiment(rating: float) -> str:
     return POSITIVE if float(rating) >= 3.5 else NEGATIVE
 
 
-def in_test_split(key: str, test_fraction: float) -> bool:
-    """Whether ``key`` (a product id or a review) falls in the test split: a fixed hash of
-    the key, so that the split does not depend on the order of the file.
-
-    >>> sum(in_test_split(str(i), 0.1) for i in range(10_000)) / 10_000
-    0.1018
-    """
-    h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
-    return h / 2**64 < test_fraction
-
-
 def read_reviews(path: Path, max_chars: int = 0) -> list[Example]:
     """Reviews of a JSONL file as examples; ``max_chars`` > 0 cuts each text to that many
     characters. Bad lines raise ``ValueError`` naming ``file:line``."""
     out = []
-    with Path(path).open("rb") as f:
-        for n, raw in enumerate(f, 1):
-            where = f"{path}:{n}"
-            try:
-                line = raw.decode("utf-8")
-                if not line.strip():
-                    continue
-                row = json.loads(line)
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise ValueError(f"{where}: not a UTF-8 JSON line ({e})") from e
-            if not isinstance(row, dict) or "rating" not in row or not isinstance(row.get("text"), str):
-                raise ValueError(f"{where}: expected a JSON object with a numeric 'rating' and a string 'text'")
-            try:
-                answer = sentiment(row["rating"])
-            except (TypeError, ValueError) as e:
-                raise ValueError(f"{where}: 'rating' must be a number, got {row['rating']!r}") from e
-            text = row["text"].strip()
-            if max_chars > 0:
-                text = text[:max_chars]
-            meta = {k: v for k, v in row.items() if k != "text"}
-            out.append(Example(review_prompt(text), answer, meta, source=where))
+    for where, row in iter_json_objects(path):
+        if "rating" not in row or not isinstance(row.get("text"), str):
+            raise ValueError(f"{where}: expected a numeric 'rating' and a string 'text'")
+        try:
+            answer = sentiment(row["rating"])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: 'rating' must be a number, got {row['rating']!r}") from e
+        text = row["text"].strip()
+        if max_chars > 0:
+            text = text[:max_chars]
+        meta = {k: v for k, v in row.items() if k != "text"}
+        out.append(Example(review_prompt(text), answer, meta, source=where))
     if not out:
         raise ValueError(f"{path} holds no reviews")
     return out
@@ -135,8 +114,6 @@ class AmazonTask(Task):
                 raise FileNotFoundError(f"{self.source} needs train.jsonl and test.jsonl (or dev.jsonl)")
             return {"train": read_reviews(self.source / "train.jsonl", self.max_chars),
                     "test": read_reviews(test, self.max_chars)}
-        splits: dict[str, list[Example]] = {"train": [], "test": []}
-        for e in read_reviews(self.source, self.max_chars):
-            key = next((str(e.meta[f]) for f in PRODUCT_FIELDS if e.meta.get(f)), e.prompt)
-            splits["test" if in_test_split(key, self.test_fraction) else "train"].append(e)
-        return splits
+        reviews = read_reviews(self.source, self.max_chars)
+        return split_by_key(reviews, lambda e: next((e.meta[f] for f in PRODUCT_FIELDS if e.meta.get(f)), e.prompt),
+                            self.test_fraction)

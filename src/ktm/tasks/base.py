@@ -89,16 +89,12 @@ def majority_rate(examples: Sequence[Example], normalise=Task.normalise) -> tupl
     return label, n / len(examples)
 
 
-def read_jsonl(path: str | Path) -> list[Example]:
-    """Read ``{"prompt": ..., "answer": ..., ...}`` lines; other fields go to ``meta``.
-
-    Any line that is not UTF-8, not JSON, not an object, or lacks a string ``prompt`` and
-    ``answer`` raises ``ValueError`` naming ``file:line``; blank lines are skipped.
-    """
+def iter_json_objects(path: str | Path):
+    """``(file:line, object)`` for every non-blank line of a JSONL file. A line that is not
+    UTF-8, not JSON or not a JSON object raises ``ValueError`` naming ``file:line``."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such JSONL file: {path}")
-    out = []
     with path.open("rb") as f:
         for n, raw in enumerate(f, 1):
             where = f"{path}:{n}"
@@ -113,15 +109,38 @@ def read_jsonl(path: str | Path) -> list[Example]:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from e
             if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object with 'prompt' and 'answer', "
-                                 f"got a JSON {type(row).__name__}")
-            missing = [k for k in ("prompt", "answer") if k not in row]
-            if missing:
-                raise ValueError(f"{where}: the object has no {' or '.join(repr(k) for k in missing)}")
-            prompt, answer = row.pop("prompt"), row.pop("answer")
-            if not isinstance(prompt, str) or not isinstance(answer, str):
-                raise ValueError(f"{where}: 'prompt' and 'answer' must be strings")
-            out.append(Example(prompt, answer, row, source=where))
+                raise ValueError(f"{where}: expected a JSON object, got a JSON {type(row).__name__}")
+            yield where, row
+
+
+def read_jsonl(path: str | Path) -> list[Example]:
+    """Read ``{"prompt": ..., "answer": ..., ...}`` lines; other fields go to ``meta``.
+
+    Any line that is not UTF-8, not JSON, not an object, or lacks a string ``prompt`` and
+    ``answer`` raises ``ValueError`` naming ``file:line``; blank lines are skipped.
+    """
+    out = []
+    for where, row in iter_json_objects(path):
+        missing = [k for k in ("prompt", "answer") if k not in row]
+        if missing:
+            raise ValueError(f"{where}: the object has no {' or '.join(repr(k) for k in missing)}")
+        prompt, answer = row.pop("prompt"), row.pop("answer")
+        if not isinstance(prompt, str) or not isinstance(answer, str):
+            raise ValueError(f"{where}: 'prompt' and 'answer' must be strings")
+        out.append(Example(prompt, answer, row, source=where))
+    return out
+
+
+def split_by_key(examples: Sequence[Example], key, test_fraction: float) -> dict[str, list[Example]]:
+    """``{"train": [...], "test": [...]}``: an example is in test when a fixed hash of
+    ``key(example)`` (e.g. its product or repository) falls below ``test_fraction``, so
+    examples with the same key stay together and the split does not depend on file order."""
+    import hashlib
+
+    out: dict[str, list[Example]] = {"train": [], "test": []}
+    for e in examples:
+        h = int.from_bytes(hashlib.sha256(str(key(e)).encode()).digest()[:8], "big")
+        out["test" if h / 2**64 < test_fraction else "train"].append(e)
     return out
 
 
