@@ -35,9 +35,18 @@ def test_an_adapter_only_load_compares_the_adapter_alone(make_model, tmp_path):
         make_model(k=4, lora_alpha=2.0).load_trained(tmp_path / "k1", adapter_only=True)
 
 
+def _forget_hashes(folder):
+    """A folder saved before weight hashes were recorded: only the tensor names can tell."""
+    cfg = folder / "ktm_config.json"
+    meta = json.loads(cfg.read_text())
+    meta.pop("files")
+    cfg.write_text(json.dumps(meta))
+
+
 @pytest.mark.parametrize("drop", ["some", "all"])
 def test_an_adapter_missing_tensors_is_refused(make_model, tmp_path, drop):
     make_model(k=2).save_pretrained(tmp_path / "ck")
+    _forget_hashes(tmp_path / "ck")
     file = tmp_path / "ck" / ADAPTER_DIR / ADAPTER_FILE
     tensors = load_file(str(file))
     kept = dict(list(tensors.items())[: len(tensors) // 2]) if drop == "some" else {}
@@ -50,6 +59,7 @@ def test_an_adapter_with_foreign_tensors_is_refused(make_model, tmp_path):
     import torch
 
     make_model(k=2).save_pretrained(tmp_path / "ck")
+    _forget_hashes(tmp_path / "ck")
     file = tmp_path / "ck" / ADAPTER_DIR / ADAPTER_FILE
     save_file({**load_file(str(file)), "base_model.model.extra.lora_A.weight": torch.zeros(2, 2)}, str(file))
     with pytest.raises(CheckpointError, match="0 missing .* 1 unexpected"):
@@ -91,3 +101,16 @@ def test_write_dir_is_all_or_nothing(tmp_path):
         write_dir(tmp_path / "d", broken)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # no temporary folder left
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["a.json"]  # the old folder intact
+
+
+@pytest.mark.parametrize("name", ["encoder.safetensors", "adapter/adapter_model.safetensors"])
+def test_a_flipped_byte_in_the_weights_is_caught_by_its_hash(make_model, tmp_path, name):
+    m = make_model(k=2)
+    m.save_pretrained(tmp_path / "ck")
+    assert set(read_config(tmp_path / "ck")["files"]) == {"encoder.safetensors", "adapter/adapter_model.safetensors"}
+    file = tmp_path / "ck" / name
+    data = bytearray(file.read_bytes())
+    data[-3] ^= 0x01  # inside the tensor data: safetensors' header check cannot see it
+    file.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="SHA-256 differs"):
+        make_model(k=2).load_trained(tmp_path / "ck")

@@ -221,3 +221,118 @@ def test_each_task_declares_its_options():
         p.parse_args(["train", "--out", "x", "--task", "jsonl", "--metric", "bleu"])
     assert JsonlTask.Options().metric == "accuracy"
 
+
+
+# ---------------------------------------------------------------- generate: one output line per input line
+@pytest.fixture(scope="module")
+def gen_ckpt(base_dir, tmp_path_factory):
+    """A K = 2 model of the tiny base, saved as ``ktm generate --checkpoint`` reads it."""
+    from ktm import KTokenMerging
+
+    d = tmp_path_factory.mktemp("gen") / "model"
+    KTokenMerging.from_base(base_dir, k=2, device="cpu", dtype="float32", seed=0,
+                            lora_dropout=0.0).save_pretrained(d)
+    return str(d)
+
+
+class _Stdin:
+    """stdin that records, for each line read, how many batches had been answered by then."""
+
+    def __init__(self, lines, calls):
+        self.lines, self.calls, self.seen = list(lines), calls, []
+
+    def __iter__(self):
+        for line in self.lines:
+            self.seen.append(len(self.calls))
+            yield line
+
+
+class _Stdout(__import__("io").StringIO):
+    def __init__(self):
+        super().__init__()
+        self.flushed = []  # the text written at each flush
+
+    def flush(self):
+        self.flushed.append(self.getvalue())
+        super().flush()
+
+
+def _fake_generate(calls):
+    def generate(self, prompts, max_new_tokens=16, **kw):
+        assert all(p.strip() for p in prompts)  # blank prompts never reach the model
+        calls.append(list(prompts))
+        return [f"a\\{p}\nsecond line\r" for p in prompts]
+    return generate
+
+
+def test_generate_text_mode_stays_line_aligned_and_streams_in_batches(gen_ckpt, monkeypatch):
+    import sys
+
+    from ktm import KTokenMerging
+
+    calls = []
+    monkeypatch.setattr(KTokenMerging, "generate", _fake_generate(calls))
+    lines = ["one\n", "\n", "two\r\n", "   \n", "three\n", "four\n", "five"]  # last line without \n
+    stdin, stdout = _Stdin(lines, calls), _Stdout()
+    monkeypatch.setattr(sys, "stdin", stdin)
+    monkeypatch.setattr(sys, "stdout", stdout)
+    assert main(["generate", "--checkpoint", gen_ckpt, "--batch-size", "3"]) == 0
+    out = stdout.getvalue().split("\n")[:-1]
+    assert out == ["a\\\\one\\nsecond line\\r", "", "a\\\\two\\nsecond line\\r", "", "a\\\\three\\nsecond line\\r",
+                   "a\\\\four\\nsecond line\\r", "a\\\\five\\nsecond line\\r"]
+    assert calls == [["one", "two"], ["three", "four"], ["five"]]  # batches of 3 lines, blank ones skipped
+    # stdin is read as the answers go out: line 4 only after the first batch was answered
+    assert stdin.seen == [0, 0, 0, 1, 1, 1, 2]
+    assert {3, 6, 7} <= {text.count("\n") for text in stdout.flushed}  # flushed after each batch
+
+
+def test_generate_json_mode_keeps_blank_lines_aligned(gen_ckpt, monkeypatch, capsys):
+    import io
+    import sys
+
+    from ktm import KTokenMerging
+
+    monkeypatch.setattr(KTokenMerging, "generate", _fake_generate([]))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("abc\n\ndefgh\n"))
+    assert main(["generate", "--checkpoint", gen_ckpt, "--json", "--batch-size", "2"]) == 0
+    rows = [json.loads(x) for x in capsys.readouterr().out.split("\n")[:-1]]
+    assert [(r["prompt"], r["merged_length"]) for r in rows] == [("abc", 2), ("", 0), ("defgh", 3)]
+    assert rows[0]["output"] == "a\\abc\nsecond line\r" and rows[1]["output"] == ""
+
+
+def test_generate_answers_each_stdin_line_as_the_model_does_alone(gen_ckpt, monkeypatch, capsys):
+    import io
+    import sys
+
+    from ktm import KTokenMerging
+    from ktm.cli import escape_line
+
+    prompts = ["Tree: a-b, b-c. Answer: ", "x", "", "hello world\tand tabs", "0123456789" * 5]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("".join(p + "\n" for p in prompts)))
+    assert main(["generate", "--checkpoint", gen_ckpt, "--max-new-tokens", "6", "--batch-size", "2"]) == 0
+    out = capsys.readouterr().out.split("\n")[:-1]
+    model = KTokenMerging.from_pretrained(gen_ckpt)
+    assert out == [escape_line(model.generate([p], 6)[0]) if p else "" for p in prompts]
+    assert main(["generate", "--checkpoint", gen_ckpt, "--max-new-tokens", "6", *prompts[:2]]) == 0
+    assert capsys.readouterr().out.split("\n")[:-1] == out[:2]  # prompt arguments still work
+
+
+def test_generate_names_the_input_line_of_a_prompt_too_long(gen_ckpt, monkeypatch, capsys):
+    import io
+    import sys
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("ab\ncd\nef\n" + "x" * 1100 + "\n"))
+    assert main(["generate", "--checkpoint", gen_ckpt, "--max-new-tokens", "2", "--batch-size", "2"]) == 2
+    captured = capsys.readouterr()
+    assert len(captured.out.split("\n")[:-1]) == 2  # the first batch was answered
+    assert "ktm: error: input line 4: the prompt is too long for the model: 1100 tokens" in captured.err
+    assert "the answers of the batches before it were written" in captured.err
+
+
+def test_escape_line_keeps_any_answer_on_one_line():
+    from ktm.cli import escape_line
+
+    text = "a\\b\nc\rd\x0be\x85f\u2028g\th"
+    assert escape_line(text) == "a\\\\b\\nc\\rd\\x0be\\x85f\\u2028g\th"
+    assert len(escape_line(text).splitlines()) == 1
+    assert escape_line(text).encode().decode("unicode_escape") == text

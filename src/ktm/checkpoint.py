@@ -15,6 +15,7 @@ model is decided in one place, :func:`check_compatible`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -139,6 +140,32 @@ def write_dir(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+#: the weight files whose SHA-256 ``ktm_config.json`` records (safetensors checks headers only)
+WEIGHT_FILES = (ENCODER_NAME, f"{ADAPTER_DIR}/{ADAPTER_FILE}")
+
+
+def file_sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def weight_hashes(folder: Path) -> dict[str, str]:
+    """``{relative path: SHA-256}`` of the weight files present in ``folder``."""
+    return {name: file_sha256(folder / name) for name in WEIGHT_FILES if (folder / name).is_file()}
+
+
+def verify_file(meta: dict, folder: Path, name: str) -> None:
+    """Raise :class:`CheckpointError` when ``folder/name`` differs from the SHA-256 recorded in
+    ``meta`` (folders saved before hashes were recorded are not checked)."""
+    want = meta.get("files", {}).get(name)
+    if want is not None and file_sha256(Path(folder) / name) != want:
+        raise CheckpointError(f"{Path(folder) / name} is corrupt: its SHA-256 differs from the one recorded "
+                              f"in {CONFIG_NAME} when it was saved")
 
 
 def _show(value) -> str:

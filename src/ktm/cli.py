@@ -172,7 +172,44 @@ def cmd_eval(args) -> int:
     return 0
 
 
+#: text-mode escapes of ``ktm generate``: every character that would end a line (for
+#: ``str.splitlines``) and the backslash, so that each answer stays on its own line
+_LINE_ESCAPES = {ord("\\"): "\\\\", ord("\n"): "\\n", ord("\r"): "\\r",
+                 **{ord(c): f"\\x{ord(c):02x}" for c in "\x0b\x0c\x1c\x1d\x1e\x85"},
+                 **{ord(c): f"\\u{ord(c):04x}" for c in "\u2028\u2029"}}
+
+
+def escape_line(text: str) -> str:
+    """``text`` on one line: a backslash becomes ``\\\\``, a newline ``\\n``, a carriage return
+    ``\\r``, and the other line-breaking characters ``\\xNN`` / ``\\uNNNN`` (Python's escapes)."""
+    return text.translate(_LINE_ESCAPES)
+
+
+def _generate_inputs(args):
+    """(where, prompt) pairs: the prompt arguments, else stdin's lines as they arrive (each
+    without its line ending); ``where`` names it in error messages."""
+    if args.prompt:
+        for i, p in enumerate(args.prompt, 1):
+            yield f"prompt argument {i}", p
+        return
+    for n, line in enumerate(sys.stdin, 1):
+        yield f"input line {n}", line.removesuffix("\n").removesuffix("\r")
+
+
+def _batches(items, size: int):
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def cmd_generate(args) -> int:
+    import re
+
     import torch
 
     from .checkpoint import read_config
@@ -189,15 +226,29 @@ def cmd_generate(args) -> int:
     else:
         model = KTokenMerging.from_base(args.model, k=args.k or 4, device=args.device, dtype=args.dtype,
                                         trust_remote_code=args.trust_remote_code)
-    prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     gen = torch.Generator(device=model.device).manual_seed(args.seed) if args.sample else None
-    outs = model.generate(prompts, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
-                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=gen)
-    for p, o in zip(prompts, outs):
-        if args.json:
-            print(json.dumps({"prompt": p, "output": o, "merged_length": model.compressed_length(p)}))
-        else:
-            print(o)
+    # one output line per input line, in order, written batch by batch as the input arrives
+    for batch in _batches(_generate_inputs(args), args.batch_size):
+        todo = [item for item in batch if item[1].strip()]  # a blank prompt gets an empty answer
+        try:
+            outs = model.generate([p for _, p in todo], max_new_tokens=args.max_new_tokens,
+                                  do_sample=args.sample, temperature=args.temperature, top_k=args.top_k,
+                                  top_p=args.top_p, generator=gen) if todo else []
+        except ValueError as e:  # "prompt 3 is too long ...": name the input line, not the batch row
+            m = re.match(r"prompt (\d+) (.*)", str(e), re.S)
+            if m is None or int(m[1]) >= len(todo):
+                raise
+            raise ValueError(f"{todo[int(m[1])][0]}: the prompt {m[2]} (the answers of the batches "
+                             f"before it were written; shorten or leave out that prompt)") from e
+        answers = iter(outs)
+        for _, p in batch:
+            o = next(answers) if p.strip() else ""
+            if args.json:
+                print(json.dumps({"prompt": p, "output": o,
+                                  "merged_length": model.compressed_length(p) if p.strip() else 0}))
+            else:
+                print(escape_line(o))
+        sys.stdout.flush()
     return 0
 
 
@@ -261,8 +312,21 @@ def _add_eval_parser(sub) -> None:
 
 
 def _add_generate_parser(sub) -> None:
-    g = sub.add_parser("generate", help="answer prompts (arguments, or one per line on stdin)")
-    g.add_argument("prompt", nargs="*")
+    g = sub.add_parser(
+        "generate", help="answer prompts (arguments, or one per line on stdin)",
+        description="Answer each prompt: the prompt arguments, or else each line of stdin. Exactly one "
+                    "output line per prompt, in order: a blank prompt (empty or only whitespace) is not "
+                    "run and gets an empty line. In text mode an answer's backslashes are written as "
+                    "\\\\, its newlines as \\n, its carriage returns as \\r and other line-breaking "
+                    "characters as \\xNN or \\uNNNN, so every answer stays on one line; --json writes one "
+                    "JSON object per line instead. stdin is answered in batches of --batch-size lines as "
+                    "they arrive, and each batch's answers are flushed before the next is read. A prompt "
+                    "the model rejects (too long) ends the command with an error naming its line; the "
+                    "answers before its batch have been written.")
+    g.add_argument("prompt", nargs="*", help="prompts to answer (default: one per line of stdin)")
+    g.add_argument("--batch-size", type=positive_int, default=16,
+                   help="prompts answered together; a batch of stdin lines is answered once it is full "
+                        "or stdin ends (use 1 to answer each line as soon as it is typed; default: 16)")
     g.add_argument("--checkpoint", help="a saved ktm model folder (default: an untrained model)")
     g.add_argument("--k", type=positive_int, default=None,
                    help="K for an untrained model (default: 4); with --checkpoint it must be the checkpoint's K")

@@ -50,6 +50,8 @@ from .checkpoint import (
     check_compatible,
     load_tensors,
     read_config,
+    verify_file,
+    weight_hashes,
     write_dir,
 )
 from .config import ModelConfig, from_dict, save_json, to_dict
@@ -449,7 +451,7 @@ class KTokenMerging(nn.Module):
             save_file({k: v.detach().cpu().contiguous() for k, v in self.encoder.state_dict().items()},
                       str(tmp / ENCODER_NAME))
             self.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
-            save_json(tmp / CONFIG_NAME, self.describe())
+            save_json(tmp / CONFIG_NAME, {**self.describe(), "files": weight_hashes(tmp)})
 
         return write_dir(path, write)
 
@@ -484,8 +486,11 @@ class KTokenMerging(nn.Module):
         """
         path = Path(path)
         meta = read_config(path)
+        try:
+            config = from_dict(ModelConfig, meta["model"])
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{path / CONFIG_NAME} holds invalid model settings: {e}") from e
         check_compatible(meta, path, k=k)
-        config = from_dict(ModelConfig, meta["model"])
         if tokenizer is None and (path / TOKENIZER_DIR).is_dir():
             tokenizer = load_tokenizer(path / TOKENIZER_DIR, trust_remote_code=trust_remote_code)
         ref = base if base is not None else meta["base"]["reference"]
@@ -519,6 +524,7 @@ class KTokenMerging(nn.Module):
         check_compatible(meta, path, fingerprint=self.base_fingerprint, config=self.config,
                          fields=ADAPTER_FIELDS if adapter_only else FUNCTION_FIELDS)
         if not adapter_only:
+            verify_file(meta, path, ENCODER_NAME)
             enc_state = load_tensors(path / ENCODER_NAME)
             want = {k: tuple(v.shape) for k, v in self.encoder.state_dict().items()}
             got = {k: tuple(v.shape) for k, v in enc_state.items()}
@@ -528,6 +534,7 @@ class KTokenMerging(nn.Module):
                     f"d = {self.encoder.dim}: expected {want}, found {got}"
                 )
             self.encoder.load_state_dict(enc_state)
+        verify_file(meta, path, f"{ADAPTER_DIR}/{ADAPTER_FILE}")
         adapter = load_tensors(path / ADAPTER_DIR / ADAPTER_FILE)
         expected = set(get_peft_model_state_dict(self.lm))
         missing, unexpected = sorted(expected - set(adapter)), sorted(set(adapter) - expected)
@@ -565,6 +572,7 @@ class KTokenMerging(nn.Module):
                 f"encoder_init={self.config.encoder_init!r}: the stages would compute differently"
             )
         self.load_trained(path, adapter_only=True)
+        verify_file(meta, path, ENCODER_NAME)
         state = load_tensors(path / ENCODER_NAME)
         if len(src) == 1:
             state = {f"stages.0.{k}": v for k, v in state.items()}

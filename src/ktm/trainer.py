@@ -191,22 +191,7 @@ class Trainer:
             # every process draws the same global batch and takes its own share
             idx = batch_indices(train, self.step * world + rank, cfg, labels)
             batch = [train[i] for i in idx]
-            step_parts: dict[str, float] = {}
-            for j in range(0, len(batch), micro):
-                chunk = batch[j:j + micro]
-                with acc.accumulate(self.wrapped), acc.autocast():
-                    out = self.wrapped([e.prompt for e in chunk], [e.answer for e in chunk],
-                                       all_layers=bool(cfg.align))
-                    out = add_auxiliary(self.model, out, reconstruct=cfg.reconstruct, distill=cfg.distill,
-                                        align=cfg.align, reconstruct_rows=cfg.reconstruct_rows,
-                                        align_mode=cfg.align_mode, teacher=self.teacher)
-                    acc.backward(out.loss)
-                    if acc.sync_gradients and cfg.max_grad_norm:
-                        acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                for name, value in out.parts.items():
-                    step_parts[name] = step_parts.get(name, 0.0) + value.item() / cfg.grad_accum
+            step_parts = self._train_step(batch, micro)
             self.step += 1
             seen += len(batch) * world
             # "loss" is the task loss alone, comparable across runs with and without aux terms
@@ -226,6 +211,27 @@ class Trainer:
             self._evaluate(eval_task or task, ema)
             self._save_state()
         return self.history
+
+    def _train_step(self, batch: list[Example], micro: int) -> dict[str, float]:
+        """One optimiser step on ``batch`` in micro-batches of ``micro`` (gradient
+        accumulation); returns each loss term, averaged over the micro-batches."""
+        cfg, acc = self.cfg, self.accelerator
+        parts: dict[str, float] = {}
+        for j in range(0, len(batch), micro):
+            chunk = batch[j:j + micro]
+            with acc.accumulate(self.wrapped), acc.autocast():
+                out = self.wrapped([e.prompt for e in chunk], [e.answer for e in chunk], all_layers=bool(cfg.align))
+                out = add_auxiliary(self.model, out, reconstruct=cfg.reconstruct, distill=cfg.distill,
+                                    align=cfg.align, reconstruct_rows=cfg.reconstruct_rows,
+                                    align_mode=cfg.align_mode, teacher=self.teacher)
+                acc.backward(out.loss)
+                if acc.sync_gradients and cfg.max_grad_norm:
+                    acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            for name, value in out.parts.items():
+                parts[name] = parts.get(name, 0.0) + value.item() / cfg.grad_accum
+        return parts
 
     def _evaluate(self, task: Task, losses: dict | None = None) -> dict:
         res = evaluate(self.model, task, max_examples=self.cfg.eval_examples, seed=self.cfg.seed,
