@@ -25,6 +25,7 @@ from .encoder import INITS
 EncoderInit = typing.Literal["mean", "paper", "random"]
 Decay = typing.Literal["constant", "cosine"]
 AlignMode = typing.Literal["cosine", "standardized"]
+Method = typing.Literal["merge", "mean", "keep-first", "keep-last", "stride", "random-drop"]
 #: hidden-state alignment modes (ktm.objectives.alignment_loss)
 ALIGN_MODES = typing.get_args(AlignMode)
 assert typing.get_args(EncoderInit) == INITS
@@ -41,6 +42,10 @@ class ModelConfig:
     """How the merged model is built around a base causal LM."""
 
     k: int = _help("block size K: tokens merged into one embedding (1 = uncompressed)", default=4)
+    method: Method = _help(
+        "how a prompt is shortened K-fold (ktm.methods): merge (K-Token Merging), mean (the block "
+        "mean, not trained), or a token-space baseline keeping ceil(n/K) tokens: keep-first, keep-last, "
+        "stride, random-drop", default="merge")
     encoder_hidden: int | None = _help(
         "encoder MLP width h (default: the paper's int(a*K)*d)", default=None
     )
@@ -74,6 +79,9 @@ class ModelConfig:
                 raise ValueError(
                     f"encoder_stages {self.encoder_stages} multiply to {math.prod(self.encoder_stages)}, "
                     f"not K = {self.k}")
+        if self.method != "merge" and (self.encoder_stages or self.encoder_norm or self.encoder_init != "mean"):
+            raise ValueError(f"method {self.method!r} does not train an encoder: leave encoder_stages, "
+                             f"encoder_norm and encoder_init (must be 'mean') at their defaults")
         if self.encoder_hidden is not None and self.encoder_hidden < 1:
             raise ValueError(f"encoder_hidden must be >= 1, got {self.encoder_hidden}")
         if self.lora_r < 1:

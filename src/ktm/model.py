@@ -57,6 +57,7 @@ from .checkpoint import (
 from .config import ModelConfig, from_dict, save_json, to_dict
 from .encoder import build_encoder, encoder_stages
 from .loading import describe_base, embedding_fingerprint, load_base, load_tokenizer
+from .methods import TOKEN_METHODS, select_tokens
 
 @dataclass
 class LossOutput:
@@ -157,6 +158,8 @@ class KTokenMerging(nn.Module):
         encoder = build_encoder(config.k, dim, config.encoder_hidden, config.encoder_init,
                                 config.encoder_norm, config.encoder_stages)
         encoder.to(base.get_input_embeddings().weight.device)
+        if config.method != "merge":  # the block mean, or no encoder at all: nothing to train
+            encoder.requires_grad_(False)
         return cls(lm, tokenizer, encoder, config, ref, fingerprint)
 
     # ------------------------------------------------------------------ properties
@@ -241,6 +244,7 @@ class KTokenMerging(nn.Module):
         encoder = build_encoder(k, self.encoder.dim, config.encoder_hidden, config.encoder_init,
                                 config.encoder_norm)
         encoder.to(device=self.device, dtype=enc_dtype)
+        encoder.requires_grad_(config.method == "merge")
         m = KTokenMerging(self.lm, self.tokenizer, encoder, config, self.base_reference, self.base_fingerprint)
         return m.train(self.training)
 
@@ -263,8 +267,14 @@ class KTokenMerging(nn.Module):
         """Merged embeddings of each prompt: list of (ceil(n_i / K), d) tensors.
 
         All prompts' blocks go through the encoder as one flat batch; each prompt's blocks
-        start at its own first token (no batch padding is ever merged).
+        start at its own first token (no batch padding is ever merged). With a token-space
+        ``config.method`` (a baseline, see :mod:`ktm.methods`) the embeddings of the
+        ``ceil(n_i / K)`` kept tokens are returned instead.
         """
+        if self.config.method in TOKEN_METHODS:  # a token-space baseline: kept tokens, read plainly
+            kept = select_tokens(ids, self.k, self.config.method)
+            flat = torch.tensor([t for x in kept for t in x], dtype=torch.long, device=self.device)
+            return list(self.embed(flat).split([len(x) for x in kept]))
         lengths = [len(x) for x in ids]
         index, valid, per = block_slots(lengths, self.k)
         flat = torch.tensor([t for x in ids for t in x], dtype=torch.long, device=self.device)
