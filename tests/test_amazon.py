@@ -83,3 +83,23 @@ def test_macro_f1_sees_a_constant_answer():
     assert macro_f1(refs, refs) == 1.0
     with pytest.raises(ValueError):
         macro_f1(["a"], [])
+
+
+def test_ktm_data_amazon_and_commits_write_both_splits(tmp_path, capsys):
+    from ktm.cli import main
+    from ktm.tasks.base import read_jsonl
+
+    _write(tmp_path / "reviews.jsonl", [{"rating": 1 + i % 5, "text": f"review number {i}", "asin": f"A{i % 9}"}
+                                        for i in range(60)])
+    assert main(["data", "amazon", "--source", str(tmp_path / "reviews.jsonl"), "--out", str(tmp_path / "a"),
+                 "--review-chars", "8"]) == 0
+    train, test = read_jsonl(tmp_path / "a" / "train.jsonl"), read_jsonl(tmp_path / "a" / "test.jsonl")
+    assert len(train) + len(test) == 60 and all(e.prompt == "Review: review n, Label:" for e in train)
+    assert all(e.answer == ("positive" if e.meta["rating"] >= 3.5 else "negative") for e in train + test)
+    commits = [{"old_contents": "o" * (5 + 40 * (i % 2)), "new_contents": "n", "subject": "s", "repos": f"r{i}"}
+               for i in range(200)]
+    _write(tmp_path / "commits.jsonl", commits)
+    assert main(["data", "commits", "--source", str(tmp_path / "commits.jsonl"), "--out", str(tmp_path / "c"),
+                 "--commit-chars", "20"]) == 0
+    assert "'skipped': 100" in capsys.readouterr().out
+    assert len(read_jsonl(tmp_path / "c" / "train.jsonl")) + len(read_jsonl(tmp_path / "c" / "test.jsonl")) == 100

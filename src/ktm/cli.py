@@ -127,6 +127,26 @@ def cmd_data(args) -> int:
     return 0
 
 
+def cmd_data_source(args) -> int:
+    """``ktm data amazon|commits``: the task's prompt/answer records, both splits, as JSONL."""
+    from .tasks import AmazonTask, CommitsTask
+    from .tasks.base import write_jsonl
+
+    if args.dataset == "amazon":
+        task = AmazonTask(args.source, max_chars=args.review_chars)
+    else:
+        task = CommitsTask(args.source, max_chars=args.commit_chars, policy=args.long_commits)
+    counts = {}
+    for split in ("train", "test"):
+        examples = task.examples(split)
+        write_jsonl(Path(args.out) / f"{split}.jsonl", examples)
+        counts[split] = len(examples)
+    note = f"; length policy: {task.report}" if getattr(task, "report", None) else ""
+    print(f"wrote {args.out}/train.jsonl ({counts['train']} examples) and {args.out}/test.jsonl "
+          f"({counts['test']} examples) from {args.source}{note}")
+    return 0
+
+
 def cmd_train(args) -> int:
     from tqdm.auto import tqdm
 
@@ -270,6 +290,21 @@ def _add_data_parser(sub) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", required=True, help="output folder")
     t.set_defaults(func=cmd_data)
+    for name, what in (("amazon", "reviews (rating, text, ...)"), ("commits", "commits in CommitPackFT's schema")):
+        r = dsub.add_parser(name, help=f"{name} task data from local JSONL {what}: "
+                                       "FOLDER/train.jsonl and FOLDER/test.jsonl with prompt and answer")
+        r.add_argument("--source", required=True, help="a folder with train.jsonl and test.jsonl (or dev.jsonl), "
+                                                       "or one .jsonl file (split here)")
+        r.add_argument("--out", required=True, help="output folder")
+        if name == "amazon":
+            r.add_argument("--review-chars", type=nonnegative_int, default=0,
+                           help="cut each review to this many characters (default: 0, whole reviews)")
+        else:
+            r.add_argument("--commit-chars", type=nonnegative_int, default=6000,
+                           help="budget of old + new contents per commit, in characters (0: none)")
+            r.add_argument("--long-commits", choices=["skip", "truncate"], default="skip",
+                           help="commits over the budget: skip them, or truncate their old contents")
+        r.set_defaults(func=cmd_data_source)
 
 
 def _add_train_parser(sub) -> None:

@@ -129,7 +129,8 @@ class CommitsTask(Task):
             self._splits = self._load()
         if not self._splits[split]:
             raise ValueError(f"{self.label}: no {split} commit fits the budget of {self.max_chars} characters "
-                             f"({self.report[split]}); raise --commit-chars or use --long-commits truncate")
+                             f"({self.report.get(split) or self.report.get('all')}); raise --commit-chars or "
+                             f"use --long-commits truncate")
         return self._splits[split]
 
     def _load(self) -> dict[str, list[Example]]:
