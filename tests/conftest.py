@@ -71,3 +71,18 @@ def make_model(tokenizer):
         return m.eval()
 
     return make
+
+
+def save_tiny_base(folder, max_positions=512):
+    """A tiny random Llama and the character tokenizer saved as a model folder; returns it."""
+    tok = char_tokenizer()
+    tiny_llama(len(tok), max_position_embeddings=max_positions).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """A tiny model folder (512 positions), shared by a test module's tests."""
+    return save_tiny_base(tmp_path_factory.mktemp("base"))
+

@@ -4,19 +4,9 @@ import json
 
 import pytest
 
-from conftest import tiny_llama
 from ktm.cli import build_parser, main
 
 
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    from conftest import char_tokenizer
-
-    tok = char_tokenizer()
-    d = tmp_path_factory.mktemp("base")
-    tiny_llama(len(tok), max_position_embeddings=512).save_pretrained(d)
-    tok.save_pretrained(d)
-    return str(d)
 
 
 def _tree_run_args(tmp_path, base_dir, *extra) -> list[str]:

@@ -4,19 +4,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import char_tokenizer, tiny_llama
 from ktm.config import ModelConfig, TrainConfig
 from ktm.phases import train_run
 from ktm.tasks import TreeTask
 
 
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    tok = char_tokenizer()
-    d = tmp_path_factory.mktemp("base")
-    tiny_llama(len(tok), max_position_embeddings=512).save_pretrained(d)
-    tok.save_pretrained(d)
-    return str(d)
 
 
 TASK = TreeTask("small", num_trees=40, seed=0)

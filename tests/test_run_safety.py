@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from conftest import char_tokenizer, tiny_llama
+from conftest import save_tiny_base
 from ktm.checkpoint import clean_stale, recover_dir, write_dir
 from ktm.config import ModelConfig, TrainConfig
 from ktm.phases import LOCK_NAME, run_lock, train_run
@@ -17,11 +17,8 @@ from ktm.tasks.base import read_jsonl
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    tok = char_tokenizer()
-    d = tmp_path_factory.mktemp("base")
-    tiny_llama(len(tok), max_position_embeddings=128).save_pretrained(d)
-    tok.save_pretrained(d)
-    return str(d)
+    """A tiny model folder that reads 128 positions: long prompts are easy to make."""
+    return save_tiny_base(tmp_path_factory.mktemp("base"), max_positions=128)
 
 
 def _data(folder, train_lines=None, test_lines=None):

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .base import Example, Task, iter_json_objects, split_by_key
+from .base import Example, FileTask, iter_json_objects
 
 POSITIVE, NEGATIVE = "positive", "negative"
 PRODUCT_FIELDS = ("parent_asin", "asin", "product_id")
@@ -59,7 +59,7 @@ def read_reviews(path: Path, max_chars: int = 0) -> list[Example]:
     return out
 
 
-class AmazonTask(Task):
+class AmazonTask(FileTask):
     """Sentiment of Amazon reviews (see the module's docstring for the sources).
 
     Args:
@@ -71,6 +71,7 @@ class AmazonTask(Task):
     name = "amazon"
     metric = "accuracy"
     max_new_tokens = 3
+    what = "review"
 
     @dataclass(frozen=True)
     class Options:
@@ -88,32 +89,13 @@ class AmazonTask(Task):
         return [cls(options.reviews, max_chars=options.review_chars)]
 
     def __init__(self, source: str | Path, max_chars: int = 0, test_fraction: float = 0.1):
-        self.source = Path(source)
-        if not self.source.exists():
-            raise FileNotFoundError(f"no such review file or folder: {self.source}")
-        if max_chars < 0 or not 0 < test_fraction < 1:
-            raise ValueError(f"max_chars must be >= 0 and test_fraction in (0, 1), got {max_chars}, {test_fraction}")
-        self.max_chars, self.test_fraction = max_chars, test_fraction
-        self._splits: dict[str, list[Example]] | None = None
+        super().__init__(source, test_fraction)
+        if max_chars < 0:
+            raise ValueError(f"max_chars must be >= 0, got {max_chars}")
+        self.max_chars = max_chars
 
-    @property
-    def label(self) -> str:
-        return f"amazon {self.source.name}"
+    def read(self, file: Path, split: str) -> list[Example]:
+        return read_reviews(file, self.max_chars)
 
-    def examples(self, split: str) -> list[Example]:
-        if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        if self._splits is None:
-            self._splits = self._load()
-        return self._splits[split]
-
-    def _load(self) -> dict[str, list[Example]]:
-        if self.source.is_dir():
-            test = next((self.source / n for n in ("test.jsonl", "dev.jsonl") if (self.source / n).is_file()), None)
-            if test is None or not (self.source / "train.jsonl").is_file():
-                raise FileNotFoundError(f"{self.source} needs train.jsonl and test.jsonl (or dev.jsonl)")
-            return {"train": read_reviews(self.source / "train.jsonl", self.max_chars),
-                    "test": read_reviews(test, self.max_chars)}
-        reviews = read_reviews(self.source, self.max_chars)
-        return split_by_key(reviews, lambda e: next((e.meta[f] for f in PRODUCT_FIELDS if e.meta.get(f)), e.prompt),
-                            self.test_fraction)
+    def split_key(self, example: Example) -> str:
+        return next((str(example.meta[f]) for f in PRODUCT_FIELDS if example.meta.get(f)), example.prompt)

@@ -81,6 +81,49 @@ class Task:
         return sorted({self.normalise(e.answer) for e in examples})
 
 
+class FileTask(Task):
+    """A task read from local JSONL: a folder with ``train.jsonl`` and ``test.jsonl`` (or
+    ``dev.jsonl``), used as split, or one file, split here by :meth:`split_key` (a product,
+    a repository) so that examples with the same key stay in one split. Subclasses implement
+    :meth:`read` (one file's examples) and :meth:`split_key`."""
+
+    what = "examples"
+
+    def __init__(self, source: str | Path, test_fraction: float = 0.1):
+        self.source = Path(source)
+        if not self.source.exists():
+            raise FileNotFoundError(f"no such {self.what} file or folder: {self.source}")
+        if not 0 < test_fraction < 1:
+            raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+        self.test_fraction = test_fraction
+        self._splits: dict[str, list[Example]] | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} {self.source.name}"
+
+    def read(self, file: Path, split: str) -> list[Example]:
+        raise NotImplementedError
+
+    def split_key(self, example: Example) -> str:
+        raise NotImplementedError
+
+    def examples(self, split: str) -> list[Example]:
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        if self._splits is None:
+            self._splits = self._load()
+        return self._splits[split]
+
+    def _load(self) -> dict[str, list[Example]]:
+        if not self.source.is_dir():
+            return split_by_key(self.read(self.source, "all"), self.split_key, self.test_fraction)
+        test = next((self.source / n for n in ("test.jsonl", "dev.jsonl") if (self.source / n).is_file()), None)
+        if test is None or not (self.source / "train.jsonl").is_file():
+            raise FileNotFoundError(f"{self.source} needs train.jsonl and test.jsonl (or dev.jsonl)")
+        return {"train": self.read(self.source / "train.jsonl", "train"), "test": self.read(test, "test")}
+
+
 def majority_rate(examples: Sequence[Example], normalise=Task.normalise) -> tuple[str, float]:
     """The most frequent answer and its share of ``examples``."""
     if not examples:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from .base import Example, Task, iter_json_objects, split_by_key
+from .base import Example, FileTask, iter_json_objects
 
 FIELDS = ("old_contents", "new_contents", "subject")
 POLICIES = ("skip", "truncate")
@@ -76,7 +76,7 @@ def read_commits(path: Path, max_chars: int = 0, policy: str = "skip") -> tuple[
     return out, counts
 
 
-class CommitsTask(Task):
+class CommitsTask(FileTask):
     """Commit edits scored by the perplexity of the new file (see the module's docstring).
 
     Args:
@@ -88,6 +88,7 @@ class CommitsTask(Task):
 
     name = "commits"
     metric = "perplexity"
+    what = "commit"
 
     @dataclass(frozen=True)
     class Options:
@@ -107,43 +108,24 @@ class CommitsTask(Task):
         return [cls(options.commits, max_chars=options.commit_chars, policy=options.long_commits)]
 
     def __init__(self, source: str | Path, max_chars: int = 6000, policy: str = "skip", test_fraction: float = 0.1):
-        self.source = Path(source)
-        if not self.source.exists():
-            raise FileNotFoundError(f"no such commit file or folder: {self.source}")
-        if max_chars < 0 or policy not in POLICIES or not 0 < test_fraction < 1:
-            raise ValueError(f"need max_chars >= 0, policy in {POLICIES} and test_fraction in (0, 1); got "
-                             f"{max_chars}, {policy!r}, {test_fraction}")
-        self.max_chars, self.policy, self.test_fraction = max_chars, policy, test_fraction
-        self._splits: dict[str, list[Example]] | None = None
-        #: per split: how many commits were kept, truncated or skipped by the length policy
+        super().__init__(source, test_fraction)
+        if max_chars < 0 or policy not in POLICIES:
+            raise ValueError(f"need max_chars >= 0 and policy in {POLICIES}; got {max_chars}, {policy!r}")
+        self.max_chars, self.policy = max_chars, policy
+        #: per split ("all" for one file): how many commits were kept, truncated or skipped
         self.report: dict[str, dict] = {}
 
-    @property
-    def label(self) -> str:
-        return f"commits {self.source.name}"
+    def read(self, file: Path, split: str) -> list[Example]:
+        examples, self.report[split] = read_commits(file, self.max_chars, self.policy)
+        return examples
+
+    def split_key(self, example: Example) -> str:
+        return example.meta.get("repos") or example.meta.get("commit") or example.prompt
 
     def examples(self, split: str) -> list[Example]:
-        if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        if self._splits is None:
-            self._splits = self._load()
-        if not self._splits[split]:
+        examples = super().examples(split)
+        if not examples:
             raise ValueError(f"{self.label}: no {split} commit fits the budget of {self.max_chars} characters "
                              f"({self.report.get(split) or self.report.get('all')}); raise --commit-chars or "
                              f"use --long-commits truncate")
-        return self._splits[split]
-
-    def _load(self) -> dict[str, list[Example]]:
-        if self.source.is_dir():
-            test = next((self.source / n for n in ("test.jsonl", "dev.jsonl") if (self.source / n).is_file()), None)
-            if test is None or not (self.source / "train.jsonl").is_file():
-                raise FileNotFoundError(f"{self.source} needs train.jsonl and test.jsonl (or dev.jsonl)")
-            splits = {}
-            for split, file in (("train", self.source / "train.jsonl"), ("test", test)):
-                splits[split], self.report[split] = read_commits(file, self.max_chars, self.policy)
-            return splits
-        examples, counts = read_commits(self.source, self.max_chars, self.policy)
-        splits = split_by_key(examples, lambda e: e.meta.get("repos") or e.meta.get("commit") or e.prompt,
-                              self.test_fraction)
-        self.report = {"all": counts}
-        return splits
+        return examples
