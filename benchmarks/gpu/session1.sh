@@ -6,12 +6,13 @@
 #   3. probe: step times of the tree runs of call 2, under the same parallel load
 #   4. ktm bench speed (prefill, decoding, training, memory) for K = 1, 2, 4, 8
 #   5. ktm bench speed --modes compile: torch.compile / CUDA graphs against eager
-# Everything is written under /tmp/res1 and packed into $OUT/call1.tgz; each step has a
+# Everything is written under $WORK/res1 and packed into $OUT/call1.tgz; each step has a
 # time limit so that the call ends inside its 600 s.
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/out1}
-RES=/tmp/res1
+WORK=${WORK:-/tmp}   # the device's scratch folder: model folders, the probe, results
+RES=$WORK/res1
 mkdir -p "$OUT" "$RES"
 LIMIT=${LIMIT:-430}   # seconds this script may use in all (device time is short: see README)
 left() { local l=$((LIMIT - SECONDS)); echo $((l < $1 ? l : $1)); }
@@ -25,27 +26,27 @@ export PYTHONPATH=/tmp/site:$PWD/src
   nproc; date -u
 } 2>&1 | tee "$RES/machine.txt"
 
-python3 benchmarks/gpu/model_folder.py .gpu/shape /tmp/smol-rand || exit 1
+python3 benchmarks/gpu/model_folder.py .gpu/shape "$WORK"/smol-rand || exit 1
 
 echo "== probe ($SECONDS s)"
-timeout "$(left 75)" python3 benchmarks/gpu/tree_runs.py probe --model /tmp/smol-rand --out /tmp/probe \
+timeout "$(left 75)" python3 benchmarks/gpu/tree_runs.py probe --model "$WORK"/smol-rand --out "$WORK"/probe \
   --steps 30 --deadline 60 2>&1 | tail -25 | tee "$RES/probe.log"
-cp /tmp/probe/probe.json "$RES/" 2>/dev/null
+cp "$WORK"/probe/probe.json "$RES/" 2>/dev/null
 
 echo "== speed ($SECONDS s)"
-timeout "$(left 170)" python3 -m ktm.bench speed --device cuda --model /tmp/smol-rand \
+timeout "$(left 170)" python3 -m ktm.bench speed --device cuda --model "$WORK"/smol-rand \
   --out "$RES/speed" > "$RES/speed.log" 2>&1
 tail -n 90 "$RES/speed.log"
 
 echo "== compile reduce-overhead ($SECONDS s)"
-timeout "$(left 170)" python3 -m ktm.bench speed --device cuda --model /tmp/smol-rand --modes compile \
+timeout "$(left 170)" python3 -m ktm.bench speed --device cuda --model "$WORK"/smol-rand --modes compile \
   --compile-modes reduce-overhead --batch-sizes 1 --lengths 512 1024 2048 --repeats 5 \
   --out "$RES/compile-reduce-overhead" > "$RES/compile-reduce-overhead.log" 2>&1
 grep -E "^compile|Error|error" "$RES/compile-reduce-overhead.log" | tail -20
 
 if [ $((LIMIT - SECONDS)) -gt 110 ]; then
   echo "== compile default ($SECONDS s)"
-  timeout "$(left 400)" python3 -m ktm.bench speed --device cuda --model /tmp/smol-rand --modes compile \
+  timeout "$(left 400)" python3 -m ktm.bench speed --device cuda --model "$WORK"/smol-rand --modes compile \
     --compile-modes default --batch-sizes 1 --lengths 512 2048 --ks 1 4 --repeats 5 \
     --out "$RES/compile-default" > "$RES/compile-default.log" 2>&1
   grep -E "^compile|Error|error" "$RES/compile-default.log" | tail -12
