@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load
 
 CONFIG_NAME = "ktm_config.json"
 ENCODER_NAME = "encoder.safetensors"
@@ -61,15 +61,31 @@ def read_config(path: str | os.PathLike) -> dict:
     return meta
 
 
-def load_tensors(file: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file; :class:`CheckpointError` when missing or corrupt."""
+def load_tensors(file: str | os.PathLike, sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, read once: checked against ``sha256`` when given
+    (the hash ``ktm_config.json`` recorded), then parsed. :class:`CheckpointError` when the
+    file is missing, differs from its hash or is corrupt."""
     file = Path(file)
     if not file.is_file():
         raise CheckpointError(f"{file} is missing")
     try:
-        return load_file(str(file))
-    except (SafetensorError, OSError, ValueError) as e:
+        data = file.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{file} cannot be read ({e})") from e
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise CheckpointError(f"{file} is corrupt: its SHA-256 differs from the one recorded "
+                              f"in {CONFIG_NAME} when it was saved")
+    try:
+        return load(data)
+    except (SafetensorError, ValueError) as e:
         raise CheckpointError(f"{file} is corrupt ({e})") from e
+
+
+def load_weights(meta: dict, folder: str | os.PathLike, name: str) -> dict[str, torch.Tensor]:
+    """``folder/name``'s tensors, checked against the SHA-256 that ``meta`` (the folder's
+    ``ktm_config.json``) recorded for it; folders saved before hashes were recorded are not
+    checked."""
+    return load_tensors(Path(folder) / name, meta.get("files", {}).get(name))
 
 
 def replace_dir(src: Path, dst: Path) -> None:
@@ -157,15 +173,6 @@ def file_sha256(file: Path) -> str:
 def weight_hashes(folder: Path) -> dict[str, str]:
     """``{relative path: SHA-256}`` of the weight files present in ``folder``."""
     return {name: file_sha256(folder / name) for name in WEIGHT_FILES if (folder / name).is_file()}
-
-
-def verify_file(meta: dict, folder: Path, name: str) -> None:
-    """Raise :class:`CheckpointError` when ``folder/name`` differs from the SHA-256 recorded in
-    ``meta`` (folders saved before hashes were recorded are not checked)."""
-    want = meta.get("files", {}).get(name)
-    if want is not None and file_sha256(Path(folder) / name) != want:
-        raise CheckpointError(f"{Path(folder) / name} is corrupt: its SHA-256 differs from the one recorded "
-                              f"in {CONFIG_NAME} when it was saved")
 
 
 def _show(value) -> str:

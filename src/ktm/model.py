@@ -41,16 +41,15 @@ from .blocks import (
 from .checkpoint import (
     ADAPTER_DIR,
     ADAPTER_FIELDS,
-    FUNCTION_FIELDS,
     ADAPTER_FILE,
     CONFIG_NAME,
     ENCODER_NAME,
+    FUNCTION_FIELDS,
     TOKENIZER_DIR,
     CheckpointError,
     check_compatible,
-    load_tensors,
+    load_weights,
     read_config,
-    verify_file,
     weight_hashes,
     write_dir,
 )
@@ -58,6 +57,7 @@ from .config import ModelConfig, from_dict, save_json, to_dict
 from .encoder import build_encoder, encoder_stages
 from .loading import describe_base, embedding_fingerprint, load_base, load_tokenizer
 from .methods import TOKEN_METHODS, select_tokens
+
 
 @dataclass
 class LossOutput:
@@ -196,6 +196,11 @@ class KTokenMerging(nn.Module):
         """Embeddings of token ``ids`` (any shape) from the LLM's frozen input table."""
         return self._embedding(ids)
 
+    def embed_each(self, ids: list[list[int]]) -> list[torch.Tensor]:
+        """The token embeddings of each id list, (n_i, d), from one lookup."""
+        flat = torch.tensor([t for x in ids for t in x], dtype=torch.long, device=self.device)
+        return list(self.embed(flat).split([len(x) for x in ids]))
+
     def decode(self, embeds: torch.Tensor, mask: torch.Tensor, cache=None, all_layers: bool = False,
                positions: torch.Tensor | None = None):
         """Run the LLM's layers on ``embeds`` (B, T, d) under ``mask``.
@@ -272,9 +277,7 @@ class KTokenMerging(nn.Module):
         ``ceil(n_i / K)`` kept tokens are returned instead.
         """
         if self.config.method in TOKEN_METHODS:  # a token-space baseline: kept tokens, read plainly
-            kept = select_tokens(ids, self.k, self.config.method)
-            flat = torch.tensor([t for x in kept for t in x], dtype=torch.long, device=self.device)
-            return list(self.embed(flat).split([len(x) for x in kept]))
+            return self.embed_each(select_tokens(ids, self.k, self.config.method))
         lengths = [len(x) for x in ids]
         index, valid, per = block_slots(lengths, self.k)
         flat = torch.tensor([t for x in ids for t in x], dtype=torch.long, device=self.device)
@@ -331,8 +334,7 @@ class KTokenMerging(nn.Module):
         merged = self.merge_ids(p_ids)
         # the last answer token (the end token) is a target but never an input
         a_flat = torch.tensor([t for a in a_ids for t in a], dtype=torch.long, device=self.device)
-        a_emb = self.embed(a_flat).split([len(a) for a in a_ids])
-        embeds, mask = concat_right_padded(merged, [e[:-1] for e in a_emb])
+        embeds, mask = concat_right_padded(merged, self.embed_each([a[:-1] for a in a_ids]))
         dec = self.decode(embeds, mask, all_layers=all_layers)
         hidden = dec.last_hidden_state
         rows, cols, _ = answer_targets([m.shape[0] for m in merged], [len(a) for a in a_ids])
@@ -534,8 +536,7 @@ class KTokenMerging(nn.Module):
         check_compatible(meta, path, fingerprint=self.base_fingerprint, config=self.config,
                          fields=ADAPTER_FIELDS if adapter_only else FUNCTION_FIELDS)
         if not adapter_only:
-            verify_file(meta, path, ENCODER_NAME)
-            enc_state = load_tensors(path / ENCODER_NAME)
+            enc_state = load_weights(meta, path, ENCODER_NAME)
             want = {k: tuple(v.shape) for k, v in self.encoder.state_dict().items()}
             got = {k: tuple(v.shape) for k, v in enc_state.items()}
             if want != got:
@@ -544,8 +545,7 @@ class KTokenMerging(nn.Module):
                     f"d = {self.encoder.dim}: expected {want}, found {got}"
                 )
             self.encoder.load_state_dict(enc_state)
-        verify_file(meta, path, f"{ADAPTER_DIR}/{ADAPTER_FILE}")
-        adapter = load_tensors(path / ADAPTER_DIR / ADAPTER_FILE)
+        adapter = load_weights(meta, path, f"{ADAPTER_DIR}/{ADAPTER_FILE}")
         expected = set(get_peft_model_state_dict(self.lm))
         missing, unexpected = sorted(expected - set(adapter)), sorted(set(adapter) - expected)
         if missing or unexpected:
@@ -582,8 +582,7 @@ class KTokenMerging(nn.Module):
                 f"encoder_init={self.config.encoder_init!r}: the stages would compute differently"
             )
         self.load_trained(path, adapter_only=True)
-        verify_file(meta, path, ENCODER_NAME)
-        state = load_tensors(path / ENCODER_NAME)
+        state = load_weights(meta, path, ENCODER_NAME)
         if len(src) == 1:
             state = {f"stages.0.{k}": v for k, v in state.items()}
         want = self.encoder.state_dict()

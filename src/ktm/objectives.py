@@ -190,9 +190,7 @@ def reconstruction_loss(model, prompt_ids: list[list[int]], merged: list[torch.T
     cue = model.tokenizer(RECON_CUE, add_special_tokens=False)["input_ids"]
     eos = model.tokenizer.eos_token_id
     plain = [cue + x + [eos] for x in prompt_ids]
-    flat = torch.tensor([t for x in plain for t in x[:-1]], dtype=torch.long, device=model.device)
-    emb = model.embed(flat).split([len(x) - 1 for x in plain])
-    embeds, mask = concat_right_padded(merged, emb)
+    embeds, mask = concat_right_padded(merged, model.embed_each([x[:-1] for x in plain]))
     hidden = model.decode(embeds, mask).last_hidden_state
     rows, cols = reconstruction_targets([m.shape[0] for m in merged], len(cue), [len(x) for x in prompt_ids])
     targets = torch.tensor([t for x in prompt_ids for t in x + [eos]], dtype=torch.long, device=model.device)

@@ -146,14 +146,18 @@ class Trainer:
         mp = "bf16" if cuda and self.model.dtype == torch.float32 else "no"
         self.accelerator = Accelerator(mixed_precision=mp, gradient_accumulation_steps=self.cfg.grad_accum)
         groups = self.model.trainable_parameters()
-        enc_lr = self.cfg.encoder_lr or self.cfg.lr
+        lrs = self._base_lrs()
         self.optimizer = torch.optim.AdamW(
-            [{"params": groups["lora"], "lr": self.cfg.lr, "base_lr": self.cfg.lr, "name": "lora"},
-             {"params": groups["encoder"], "lr": enc_lr, "base_lr": enc_lr, "name": "encoder"}],
+            [{"params": groups[name], "lr": lrs[name], "base_lr": lrs[name], "name": name}
+             for name in ("lora", "encoder")],
             weight_decay=self.cfg.weight_decay,
         )
         self.wrapped, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         torch.manual_seed(self.cfg.seed)
+
+    def _base_lrs(self) -> dict[str, float]:
+        """The learning rate of each parameter group before the schedule's factor."""
+        return {"lora": self.cfg.lr, "encoder": self.cfg.encoder_lr or self.cfg.lr}
 
     @property
     def is_main(self) -> bool:
@@ -320,7 +324,7 @@ class Trainer:
         now = to_dict(self.cfg)
         changed = {k: [saved[k], now[k]] for k in now if k in saved and saved[k] != now[k]}
         for g in self.optimizer.param_groups:
-            g["base_lr"] = (self.cfg.encoder_lr or self.cfg.lr) if g.get("name") == "encoder" else self.cfg.lr
+            g["base_lr"] = self._base_lrs()[g["name"]]
         if changed:
             self.extra_state.setdefault("resumed", []).append({"step": self.step, "changed": changed})
             if self.is_main:

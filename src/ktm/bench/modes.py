@@ -42,8 +42,7 @@ def plain_prefill(model, ids: list[list[int]]):
     """The ideal: the same LLM forward on the ids' plain token embeddings (no encoder)."""
     from ..blocks import pad_sequences
 
-    flat = torch.tensor([t for x in ids for t in x], dtype=torch.long, device=model.device)
-    embeds, mask = pad_sequences(list(model.embed(flat).split([len(x) for x in ids])), side="left")
+    embeds, mask = pad_sequences(model.embed_each(ids), side="left")
     cache = model.new_cache()
     logits = model.logits(model.decode(embeds, mask, cache).last_hidden_state[:, -1])
     return logits.argmax(-1), cache
