@@ -129,22 +129,37 @@ def cmd_data(args) -> int:
 
 
 def cmd_data_source(args) -> int:
-    """``ktm data amazon|commits``: the task's prompt/answer records, both splits, as JSONL."""
-    from .tasks import AmazonTask, CommitsTask
+    """``ktm data amazon|commits``: the task's prompt/answer records, both splits, as JSONL.
+    ``--source`` is a local folder or file, or a Hugging Face dataset id (one category's or
+    language's raw file, split as the paper's release does)."""
+    from .tasks import AmazonTask, CommitsTask, amazon, commits
     from .tasks.base import write_jsonl
+    from .tasks.hub import is_hub_id
 
-    if args.dataset == "amazon":
-        task = AmazonTask(args.source, max_chars=args.review_chars)
+    hub_options = {"category": "--category", "language": "--language", "test_size": "--test-size",
+                   "train_fraction": "--train-fraction", "seed": "--seed"}
+    given = [flag for dest, flag in hub_options.items() if getattr(args, dest, None) is not None]
+    amazon_data = args.dataset == "amazon"
+    if is_hub_id(args.source):
+        opts = {k: getattr(args, k) for k in hub_options if getattr(args, k, None) is not None}
+        if amazon_data:
+            splits, note = amazon.hub_reviews(args.source, max_chars=args.review_chars, **opts)
+        else:
+            splits, report, note = commits.hub_commits(args.source, max_chars=args.commit_chars,
+                                                       policy=args.long_commits, **opts)
+            note += f"; length policy: {report}"
     else:
-        task = CommitsTask(args.source, max_chars=args.commit_chars, policy=args.long_commits)
-    counts = {}
-    for split in ("train", "test"):
-        examples = task.examples(split)
+        if given:
+            raise ValueError(f"{', '.join(given)} apply to a Hugging Face dataset id as --source, and "
+                             f"{args.source} is a local path (or no Hub id)")
+        task = (AmazonTask(args.source, max_chars=args.review_chars) if amazon_data else
+                CommitsTask(args.source, max_chars=args.commit_chars, policy=args.long_commits))
+        splits = {split: task.examples(split) for split in ("train", "test")}
+        note = f"length policy: {task.report}" if getattr(task, "report", None) else ""
+    for split, examples in splits.items():
         write_jsonl(Path(args.out) / f"{split}.jsonl", examples)
-        counts[split] = len(examples)
-    note = f"; length policy: {task.report}" if getattr(task, "report", None) else ""
-    print(f"wrote {args.out}/train.jsonl ({counts['train']} examples) and {args.out}/test.jsonl "
-          f"({counts['test']} examples) from {args.source}{note}")
+    print(f"wrote {args.out}/train.jsonl ({len(splits['train'])} examples) and {args.out}/test.jsonl "
+          f"({len(splits['test'])} examples) from {args.source}" + (f"; {note}" if note else ""))
     return 0
 
 
@@ -281,8 +296,29 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_pareto(args) -> int:
+    from .pareto import GridConfig, run_grid
+    from .tasks import TASKS
+
+    cls = TASKS[args.task]
+    grid = GridConfig(task=args.task, task_options=overrides(args, cls.Options), recipe=args.recipe,
+                      steps=args.steps, batch_size=args.batch_size, eval_every=args.eval_every,
+                      eval_examples=args.eval_examples, train_examples=args.train_examples, seed=args.seed,
+                      model=args.model, dtype=args.dtype, generate_examples=args.generate_examples,
+                      lingua_model=args.lingua_model)
+    rows = run_grid(grid, args.methods, args.k, args.out, device=args.device, overwrite=args.overwrite,
+                    timing_prompts=args.timing_prompts)
+    from .pareto_report import markdown_table, score_rows
+
+    print(markdown_table(score_rows(rows)))
+    print(f"report: {Path(args.out) / 'pareto.md'} (and pareto.json, pareto.csv, pareto.png)")
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 def _add_data_parser(sub) -> None:
+    from .tasks import amazon, commits
+
     d = sub.add_parser("data", help="write task data as JSONL")
     dsub = d.add_subparsers(dest="dataset", required=True)
     t = dsub.add_parser("tree", help="a Textualized Tree stage: FOLDER/train.jsonl and FOLDER/test.jsonl")
@@ -292,19 +328,31 @@ def _add_data_parser(sub) -> None:
     t.add_argument("--out", required=True, help="output folder")
     t.set_defaults(func=cmd_data)
     for name, what in (("amazon", "reviews (rating, text, ...)"), ("commits", "commits in CommitPackFT's schema")):
-        r = dsub.add_parser(name, help=f"{name} task data from local JSONL {what}: "
-                                       "FOLDER/train.jsonl and FOLDER/test.jsonl with prompt and answer")
+        r = dsub.add_parser(name, help=f"{name} task data from local JSONL {what} or the paper's Hugging Face "
+                                       "dataset: FOLDER/train.jsonl and FOLDER/test.jsonl with prompt and answer")
+        hub = amazon.HUB_ID if name == "amazon" else commits.HUB_ID
         r.add_argument("--source", required=True, help="a folder with train.jsonl and test.jsonl (or dev.jsonl), "
-                                                       "or one .jsonl file (split here)")
+                                                       f"one .jsonl file (split here), or a Hugging Face dataset "
+                                                       f"id such as {hub} (its raw file, split as the release)")
         r.add_argument("--out", required=True, help="output folder")
+        hub_help = "Hugging Face source only: "
         if name == "amazon":
             r.add_argument("--review-chars", type=nonnegative_int, default=0,
                            help="cut each review to this many characters (default: 0, whole reviews)")
+            r.add_argument("--category", help=hub_help + f"the review category (default: {amazon.CATEGORY})")
+            r.add_argument("--test-size", type=positive_int,
+                           help=hub_help + f"reviews held out, whole products (default: {amazon.TEST_SIZE})")
+            r.add_argument("--train-fraction", type=probability, help=hub_help + "share of the other reviews "
+                           f"sampled for training (default: {amazon.TRAIN_FRACTION})")
         else:
             r.add_argument("--commit-chars", type=nonnegative_int, default=6000,
                            help="budget of old + new contents per commit, in characters (0: none)")
             r.add_argument("--long-commits", choices=["skip", "truncate"], default="skip",
                            help="commits over the budget: skip them, or truncate their old contents")
+            r.add_argument("--language", help=hub_help + f"the language, lower case (default: {commits.LANGUAGE})")
+            r.add_argument("--test-size", type=positive_int,
+                           help=hub_help + f"commits held out, whole repositories (default: {commits.TEST_SIZE})")
+        r.add_argument("--seed", type=int, help=hub_help + "seed of the split (default: 0)")
         r.set_defaults(func=cmd_data_source)
 
 
@@ -395,6 +443,43 @@ def _add_demo_parser(sub) -> None:
     dm.set_defaults(func=cmd_demo)
 
 
+def _add_pareto_parser(sub) -> None:
+    from .pareto import METHODS
+    from .recipes import DEFAULT_RECIPE, RECIPES
+
+    pa = sub.add_parser(
+        "pareto", help="train and score every method at every K on one task; table, plot and Pareto frontier",
+        formatter_class=HelpFormatter,
+        description="Each cell (a method at a K) is a training run with the same recipe, LoRA, budget and "
+                    "evaluator, in OUT/cells/<cell>/run. Finished cells are reused and an interrupted cell "
+                    "resumes, so rerunning the same command continues the grid. plain (K = 1) is always "
+                    "run: it is the reference of the normalised performance and of P-LF1. Writes "
+                    "OUT/pareto.{json,csv,md,png} after every cell.")
+    pa.add_argument("--methods", nargs="+", choices=METHODS, default=["plain", "merge", "mean", "keep-first", "stride"],
+                    metavar="METHOD", help=f"methods to compare, from {', '.join(METHODS)}")
+    pa.add_argument("--k", nargs="+", type=positive_int, default=[2, 4, 8], help="block sizes (kept fraction 1/K)")
+    pa.add_argument("--steps", type=positive_int, default=60, help="training steps per cell")
+    pa.add_argument("--batch-size", type=positive_int, default=8, help="examples per step")
+    pa.add_argument("--eval-every", type=nonnegative_int, default=0, help="also evaluate every N steps (0: at the end)")
+    pa.add_argument("--eval-examples", type=nonnegative_int, default=200,
+                    help="test examples scored per cell, a fixed random subset (0: all)")
+    pa.add_argument("--train-examples", type=nonnegative_int, default=0,
+                    help="train on a fixed random subset of this many examples (0: all)")
+    pa.add_argument("--generate-examples", type=nonnegative_int, default=0,
+                    help="perplexity tasks: also generate this many answers greedily, scored by exact match and chrF")
+    pa.add_argument("--timing-prompts", type=positive_int, default=16, help="test prompts in the timed prefill batch")
+    pa.add_argument("--lingua-model", default=None,
+                    help="llmlingua2: the LLMLingua-2 token classifier (hub id or folder; default: "
+                         "microsoft/llmlingua-2-xlm-roberta-large-meetingbank)")
+    pa.add_argument("--recipe", default=DEFAULT_RECIPE, choices=sorted(RECIPES), help="training settings of every cell")
+    pa.add_argument("--seed", type=int, default=0)
+    pa.add_argument("--out", required=True, help="grid folder")
+    pa.add_argument("--overwrite", action="store_true", help="discard the grid already in OUT and start over")
+    _add_task_args(pa)
+    _add_base_args(pa)
+    pa.set_defaults(func=cmd_pareto)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``ktm`` parser: one sub-command per ``_add_*_parser``, plus ``bench``."""
     from . import __version__, bench
@@ -402,7 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ktm", description="K-Token Merging: latent-space prompt compression.")
     p.add_argument("--version", action="version", version=f"ktm {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
-    for add in (_add_data_parser, _add_train_parser, _add_eval_parser, _add_generate_parser, _add_demo_parser):
+    for add in (_add_data_parser, _add_train_parser, _add_eval_parser, _add_generate_parser, _add_demo_parser,
+                _add_pareto_parser):
         add(sub)
     bench.register(sub)
     return p

@@ -1,0 +1,281 @@
+"""``ktm pareto``: every compression method at every K on one task, one grid, one report.
+
+Each cell of the grid (a method at a K) is one ordinary training run with the same recipe,
+LoRA, budget and evaluator, in ``OUT/cells/<method>-k<K>/run``; its numbers go to
+``OUT/cells/<method>-k<K>/cell.json`` when it is finished. A rerun reuses finished cells and
+resumes an unfinished one from its checkpoint, so an interrupted grid continues where it
+stopped; cells can be added later (more methods or K) with the same settings. The settings
+that change results (task, recipe, steps, ...) are kept in ``OUT/grid.json``, and a rerun
+with other settings is refused instead of mixing runs.
+
+After every cell the report is rewritten (:mod:`ktm.pareto_report`): ``pareto.json``,
+``pareto.csv``, ``pareto.md`` and ``pareto.png`` in ``OUT``.
+
+Methods (``METHODS``): ``plain`` (K = 1, LoRA only; always in the grid, the reference of
+the normalised performance), ``merge`` (K-Token Merging), ``mean`` (block mean, no
+trained encoder), ``merge-random-init`` (the paper's ablation: the encoder MLP randomly
+initialised, no mean residual), the token-space methods of :mod:`ktm.methods`
+(``keep-first``, ``keep-last``, ``stride``, ``random-drop``) and ``llmlingua2``
+(prompts compressed by LLMLingua-2 to the kept fraction 1/K, then read plainly;
+:mod:`ktm.lingua`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .blocks import num_blocks
+from .config import ModelConfig, save_json
+from .evaluate import subsample
+from .frontier import length_reduction
+from .tasks.base import Example, Task
+
+METHODS = ("plain", "merge", "mean", "merge-random-init", "keep-first", "keep-last", "stride", "random-drop",
+           "llmlingua2")
+#: the grid's model-level settings of each method (``plain`` is ``merge`` at K = 1)
+_MODEL_SETTINGS = {"plain": {}, "merge": {}, "mean": {"method": "mean"},
+                   "merge-random-init": {"encoder_init": "random"},
+                   "keep-first": {"method": "keep-first"}, "keep-last": {"method": "keep-last"},
+                   "stride": {"method": "stride"}, "random-drop": {"method": "random-drop"}, "llmlingua2": {}}
+GRID_FILE, CELL_FILE, CELLS_DIR = "grid.json", "cell.json", "cells"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One point of the grid: a method at a block size (kept fraction 1/K)."""
+
+    method: str
+    k: int
+
+    @property
+    def name(self) -> str:
+        return "plain" if self.method == "plain" else f"{self.method}-k{self.k}"
+
+
+def grid_cells(methods: list[str], ks: list[int]) -> list[Cell]:
+    """The cells of ``methods`` x ``ks``: ``plain`` once at K = 1 (always, first), every
+    other method at each K > 1 (at K = 1 they are all ``plain``).
+
+    >>> [c.name for c in grid_cells(["merge", "stride"], [2, 4])]
+    ['plain', 'merge-k2', 'merge-k4', 'stride-k2', 'stride-k4']
+    """
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+    if not ks or any(k < 1 for k in ks):
+        raise ValueError(f"K must be integers >= 1, got {ks}")
+    cells = [Cell("plain", 1)]
+    for m in dict.fromkeys(methods):
+        if m != "plain":
+            cells += [Cell(m, k) for k in sorted(set(ks)) if k > 1]
+    return cells
+
+
+def cell_model_config(cell: Cell, recipe_model: dict) -> ModelConfig:
+    """The model configuration of a cell: the recipe's, with the method's settings."""
+    k = 1 if cell.method in ("plain", "llmlingua2") else cell.k
+    settings = {**recipe_model, **_MODEL_SETTINGS[cell.method], "k": k}
+    if settings.get("method", "merge") != "merge" or k == 1:
+        # nothing is merged: no encoder settings (only the mean init is allowed there)
+        settings = {**settings, "encoder_init": "mean", "encoder_norm": False, "encoder_stages": None}
+    return ModelConfig(**settings)
+
+
+@dataclass
+class GridConfig:
+    """Everything that makes two grids comparable (kept in ``OUT/grid.json``)."""
+
+    task: str = "amazon"
+    task_options: dict = field(default_factory=dict)
+    recipe: str = "fast"
+    steps: int = 60
+    batch_size: int = 8
+    eval_every: int = 0
+    eval_examples: int = 200
+    train_examples: int = 0
+    seed: int = 0
+    model: str | None = None
+    dtype: str = "auto"
+    generate_examples: int = 0
+    lingua_model: str | None = None
+
+    def key(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class ExamplesTask(Task):
+    """A task scored like ``task`` but on the given examples (a training subset, or
+    prompts compressed by another method)."""
+
+    def __init__(self, task: Task, train: list[Example], test: list[Example], label: str = ""):
+        self.base, self._data = task, {"train": train, "test": test}
+        self.name, self.metric, self.max_new_tokens = task.name, task.metric, task.max_new_tokens
+        self._label = label or task.label
+
+    @property
+    def label(self) -> str:
+        return self._label
+
+    def examples(self, split: str) -> list[Example]:
+        if split not in self._data:
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        return self._data[split]
+
+    def normalise(self, text: str) -> str:
+        return self.base.normalise(text)
+
+    def labels(self, examples):
+        return self.base.labels(examples)
+
+
+def build_task(grid: GridConfig) -> Task:
+    """The grid's task from its name and options, its training set cut to
+    ``train_examples`` (a fixed random subset) when that is > 0."""
+    from .tasks import TASKS
+
+    if grid.task not in TASKS:
+        raise ValueError(f"unknown task {grid.task!r}; choose from {sorted(TASKS)}")
+    cls = TASKS[grid.task]
+    tasks = cls.from_options(cls.Options(**grid.task_options))
+    if len(tasks) != 1:
+        raise ValueError(f"a pareto grid trains on one task, but these options give a curriculum of {len(tasks)}; "
+                         f"choose one stage")
+    task = tasks[0]
+    if grid.train_examples:
+        train = subsample(task.examples("train"), grid.train_examples, seed=grid.seed)
+        task = ExamplesTask(task, train, task.examples("test"))
+    return task
+
+
+def check_grid(out: Path, grid: GridConfig, overwrite: bool) -> None:
+    """Refuse to mix settings in one grid folder; ``overwrite`` clears the old grid."""
+    path = out / GRID_FILE
+    if overwrite:
+        shutil.rmtree(out / CELLS_DIR, ignore_errors=True)
+        path.unlink(missing_ok=True)
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path} is unreadable ({e}); pass --overwrite to start the grid over") from None
+        new = json.loads(json.dumps(grid.key()))
+        changed = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
+        if changed:
+            diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))
+            raise ValueError(f"{out} holds a grid made with other settings ({diff}); use another --out, the same "
+                             f"settings, or --overwrite to start over")
+    out.mkdir(parents=True, exist_ok=True)
+    save_json(path, grid.key())
+
+
+def cell_task(cell: Cell, task: Task, grid: GridConfig, folder: Path, log) -> Task:
+    """The examples a cell trains and is scored on: the task's own, or for ``llmlingua2``
+    the same examples with compressed prompts (cached in the cell's folder)."""
+    if cell.method != "llmlingua2":
+        return task
+    from .lingua import compress_task
+
+    return compress_task(task, 1.0 / cell.k, model=grid.lingua_model, cache=folder / "compressed.jsonl", log=log)
+
+
+def time_prefill(model, plain_prompts: list[str], cell_prompts: list[str], repeats: int = 5) -> dict:
+    """Median prefill time of the cell's prompts (merged or shortened, encoder included)
+    against the same LLM reading the original prompts whole, round-robin in one process."""
+    from .bench import measure, median, plain_prefill, prefill
+
+    ids_cell, ids_plain = model.tokenize(cell_prompts), model.tokenize(plain_prompts)
+    model.eval()
+    times = measure({"cell_s": lambda: prefill(model, ids_cell), "plain_s": lambda: plain_prefill(model, ids_plain)},
+                    warmup=1, repeats=repeats, device=model.device)
+    t = {name: median(ts) for name, ts in times.items()}
+    return {**t, "prefill_ratio": t["cell_s"] / t["plain_s"], "prefill_speedup": t["plain_s"] / t["cell_s"],
+            "timing_prompts": len(cell_prompts), "timing_repeats": repeats}
+
+
+def run_cell(cell: Cell, grid: GridConfig, task: Task, folder: Path, *, device="auto", timing_prompts: int = 16,
+             log=tqdm.write) -> dict:
+    """Train (or resume) one cell, score it, time its prefill; returns its row."""
+    from .phases import train_run
+    from .recipes import get_recipe
+
+    rec = get_recipe(grid.recipe)
+    tcfg = rec.train_config(steps=grid.steps, batch_size=grid.batch_size, eval_every=grid.eval_every,
+                            eval_examples=grid.eval_examples, seed=grid.seed)
+    data = cell_task(cell, task, grid, folder, log)
+    t0 = time.perf_counter()
+    run = train_run(cell_model_config(cell, rec.model), tcfg, data, folder / "run", base=grid.model, device=device,
+                    dtype=grid.dtype, resume=True, record={"recipe": rec.name, "pareto_cell": cell.name}, log=log)
+    last = {k: v for k, v in run.trainer.history[-1].items() if not isinstance(v, (list, dict))}
+    row = {"cell": cell.name, "method": cell.method, "k": cell.k, "kept_fraction": 1 / cell.k,
+           "steps": run.trainer.step, "train_seconds": last.get("elapsed_s"),
+           "session_seconds": round(time.perf_counter() - t0, 1), **_scores(last)}
+    originals = subsample(task.examples("test"), grid.eval_examples, grid.seed)
+    shortened = subsample(data.examples("test"), grid.eval_examples, grid.seed)
+    lengths = [len(x) for x in run.model.tokenize([e.prompt for e in originals])]
+    positions = [num_blocks(len(x), run.model.k) for x in run.model.tokenize([e.prompt for e in shortened])]
+    row.update(prompt_tokens=sum(lengths) / len(lengths), llm_positions=sum(positions) / len(positions),
+               length_reduction=length_reduction(lengths, positions))
+    if grid.generate_examples and task.metric == "perplexity":
+        from .evaluate import evaluate
+
+        gen = evaluate(run.model, data, max_examples=grid.eval_examples, seed=grid.seed, progress=False,
+                       generate_examples=grid.generate_examples)
+        row.update({k: gen[k] for k in ("exact_match", "chrf", "generated") if k in gen})
+    n = min(timing_prompts, len(originals))
+    row.update(time_prefill(run.model, [e.prompt for e in originals[:n]], [e.prompt for e in shortened[:n]]))
+    return row
+
+
+def _scores(last: dict) -> dict:
+    """The metric fields of an evaluation row (history.json) that the report uses."""
+    keys = ("metric", "value", "macro_f1", "majority_rate", "majority_label", "n", "nll_per_token")
+    return {k: last[k] for k in keys if k in last}
+
+
+def run_grid(grid: GridConfig, methods: list[str], ks: list[int], out, *, device="auto", overwrite: bool = False,
+             timing_prompts: int = 16, progress: bool = True, log=tqdm.write) -> list[dict]:
+    """Run (or continue) the grid in ``out``; returns the rows of its cells, in grid order,
+    and writes the report after every cell."""
+    from .pareto_report import write_report
+    from .phases import run_lock
+
+    cells = grid_cells(methods, ks)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with run_lock(out):
+        check_grid(out, grid, overwrite)
+        task = build_task(grid)
+        rows = []
+        bar = tqdm(cells, desc="pareto cells", disable=not progress, dynamic_ncols=True)
+        for cell in bar:
+            bar.set_postfix(cell=cell.name)
+            folder = out / CELLS_DIR / cell.name
+            done = folder / CELL_FILE
+            if done.is_file():
+                row = json.loads(done.read_text())["row"]
+                log(f"{cell.name}: finished earlier, reused ({done})")
+            else:
+                folder.mkdir(parents=True, exist_ok=True)
+                log(f"{cell.name}: training {grid.steps} steps of {grid.batch_size}")
+                row = run_cell(cell, grid, task, folder, device=device, timing_prompts=timing_prompts, log=log)
+                save_json(done, {"row": row, "grid": grid.key()})
+            log(_row_line(row))
+            rows.append(row)
+            write_report(rows, out, grid)
+        bar.close()
+    return rows
+
+
+def _row_line(row: dict) -> str:
+    score = f"{row['metric']} {row['value']:.4f}"
+    if "macro_f1" in row:
+        score += f", macro-F1 {row['macro_f1']:.3f}"
+    return (f"{row['cell']}: {score}, length reduction {row['length_reduction']:.1%}, prefill "
+            f"{row['prefill_speedup']:.2f}x plain's speed, trained in {row['train_seconds'] or 0:.0f} s")

@@ -1,0 +1,176 @@
+"""ktm pareto: the frontier arithmetic on hand-made points, and a grid end to end on a tiny
+model, interrupted and resumed."""
+
+import csv
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import ktm.pareto as pareto
+from ktm.cli import main
+from ktm.frontier import length_reduction, normalised_performance, p_lf1, pareto_front
+from ktm.pareto import Cell, GridConfig, cell_model_config, grid_cells, run_grid
+from ktm.pareto_report import score_rows
+
+
+# ---------------------------------------------------------------- arithmetic
+def test_length_reduction_counts_positions_over_the_whole_set():
+    assert length_reduction([10, 30], [3, 8]) == pytest.approx(1 - 11 / 40)
+    assert length_reduction([4], [4]) == 0.0
+    with pytest.raises(ValueError, match="equally many"):
+        length_reduction([1, 2], [1])
+    with pytest.raises(ValueError, match=">= 0"):
+        length_reduction([0], [0])
+
+
+def test_normalised_performance_is_one_for_plain_and_inverts_perplexity():
+    assert normalised_performance(0.8, 0.8, "accuracy") == 1.0
+    assert normalised_performance(0.4, 0.8, "accuracy") == 0.5
+    assert normalised_performance(3.0, 3.0, "perplexity") == 1.0
+    assert normalised_performance(6.0, 3.0, "perplexity") == 0.5  # twice the perplexity: half as good
+    with pytest.raises(ValueError, match="unknown metric"):
+        normalised_performance(1.0, 1.0, "bleu")
+    with pytest.raises(ValueError, match="cannot normalise"):
+        normalised_performance(0.5, 0.0, "accuracy")
+
+
+def test_p_lf1_by_hand():
+    assert p_lf1(1.0, 0.75) == pytest.approx(2 * 0.75 / 1.75)
+    assert p_lf1(0.5, 0.5) == pytest.approx(0.5)
+    assert p_lf1(1.0, 0.0) == 0.0 and p_lf1(0.0, 0.75) == 0.0 and p_lf1(0.0, 0.0) == 0.0
+    with pytest.raises(ValueError):
+        p_lf1(1.0, 1.5)
+
+
+@given(st.floats(0.01, 2.0), st.floats(0.01, 1.0))
+def test_p_lf1_lies_between_its_two_parts(perf, red):
+    assert min(perf, red) - 1e-12 <= p_lf1(perf, red) <= max(perf, red) + 1e-12
+
+
+def test_frontier_on_hand_made_points():
+    # plain (0, .9); merge K=2 (.5, .7) is beaten by keep-first K=2 (.5, .8); K=4 points
+    pts = [(0.0, 0.9), (0.5, 0.7), (0.5, 0.8), (0.75, 0.6), (0.75, 0.75), (0.875, 0.5)]
+    assert pareto_front(pts) == [True, False, True, False, True, True]
+    assert pareto_front([(0.5, 0.5), (0.5, 0.5)]) == [True, True]  # ties stay
+    assert pareto_front([]) == []
+
+
+@given(st.lists(st.tuples(st.floats(0, 1), st.floats(0, 1)), min_size=1, max_size=12))
+def test_frontier_points_are_not_dominated_and_the_rest_are(points):
+    front = pareto_front(points)
+    assert any(front)
+    for (r, p), on in zip(points, front):
+        beaten = any(r2 >= r and p2 >= p and (r2, p2) != (r, p) for r2, p2 in points)
+        assert on == (not beaten)
+
+
+def test_score_rows_uses_plain_as_reference_and_lower_perplexity_as_better():
+    rows = [dict(method="plain", k=1, metric="perplexity", value=2.0, length_reduction=0.0),
+            dict(method="merge", k=4, metric="perplexity", value=4.0, length_reduction=0.75),
+            dict(method="stride", k=4, metric="perplexity", value=8.0, length_reduction=0.75)]
+    scored = score_rows(rows)
+    assert [r["normalised_performance"] for r in scored] == [1.0, 0.5, 0.25]
+    assert scored[1]["p_lf1"] == pytest.approx(2 * 0.5 * 0.75 / 1.25)
+    assert [r["on_frontier"] for r in scored] == [True, True, False]
+
+
+# ---------------------------------------------------------------- grid
+def test_grid_cells_always_start_with_plain_and_skip_k1():
+    assert [c.name for c in grid_cells(["merge"], [1, 4])] == ["plain", "merge-k4"]
+    assert [c.name for c in grid_cells(["plain"], [2])] == ["plain"]
+    with pytest.raises(ValueError, match="unknown method"):
+        grid_cells(["zip"], [2])
+    with pytest.raises(ValueError, match="K must be"):
+        grid_cells(["merge"], [0])
+
+
+def test_each_method_gets_its_model_settings():
+    recipe = dict(lora_r=8, encoder_init="mean")
+    assert cell_model_config(Cell("plain", 1), recipe).k == 1
+    assert cell_model_config(Cell("merge", 4), recipe).method == "merge"
+    assert cell_model_config(Cell("merge-random-init", 4), recipe).encoder_init == "random"
+    assert cell_model_config(Cell("mean", 2), recipe).method == "mean"
+    cfg = cell_model_config(Cell("stride", 4), {**recipe, "encoder_init": "paper"})
+    assert (cfg.method, cfg.k, cfg.encoder_init) == ("stride", 4, "mean")
+    assert cell_model_config(Cell("llmlingua2", 4), recipe).k == 1  # reads the compressed prompts plainly
+
+
+def _data(folder, n_train=24, n_test=8):
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("test", n_test)):
+        rows = [{"prompt": f"x {'ab' * (i % 4 + 2)} y", "answer": "yes" if i % 2 else "no"} for i in range(n)]
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(folder)
+
+
+def _grid(data, base_dir, **kw):
+    return GridConfig(**{**dict(task="jsonl", task_options={"data": data}, steps=3, batch_size=2, eval_examples=6,
+                                model=base_dir, dtype="float32"), **kw})
+
+
+def test_two_cell_grid_end_to_end_interrupted_and_resumed(tmp_path, base_dir, monkeypatch):
+    data, out = _data(tmp_path / "data"), tmp_path / "grid"
+    grid = _grid(data, base_dir)
+    real = pareto.time_prefill
+
+    def crash_on_merge(model, plain, cell, repeats=5):
+        if model.k == 2:
+            raise KeyboardInterrupt  # the process stops after merge-k2 trained, before it was scored
+        return real(model, plain, cell, repeats=2)
+
+    monkeypatch.setattr(pareto, "time_prefill", crash_on_merge)
+    with pytest.raises(KeyboardInterrupt):
+        run_grid(grid, ["merge"], [2], out, device="cpu", progress=False, log=lambda s: None)
+    plain_done = out / "cells" / "plain" / "cell.json"
+    assert plain_done.is_file() and not (out / "cells" / "merge-k2" / "cell.json").exists()
+    assert json.loads((out / "pareto.json").read_text())["cells"][0]["cell"] == "plain"  # report after each cell
+    stamp = plain_done.stat().st_mtime_ns
+    history = json.loads((out / "cells" / "merge-k2" / "run" / "history.json").read_text())["history"]
+
+    monkeypatch.setattr(pareto, "time_prefill", lambda m, p, c, repeats=5: real(m, p, c, repeats=2))
+    rows = run_grid(grid, ["merge"], [2], out, device="cpu", progress=False, log=lambda s: None)
+    assert plain_done.stat().st_mtime_ns == stamp  # reused, not retrained
+    again = json.loads((out / "cells" / "merge-k2" / "run" / "history.json").read_text())["history"]
+    assert again == history  # resumed at its last step: no step trained twice
+    assert [r["cell"] for r in rows] == ["plain", "merge-k2"]
+    plain, merge = rows
+    assert plain["length_reduction"] == 0.0 and plain["llm_positions"] == plain["prompt_tokens"]
+    # the character tokenizer gives one token per character
+    lengths = [len(f"x {'ab' * (i % 4 + 2)} y") for i in range(8)]
+    assert merge["prompt_tokens"] == pytest.approx(sum(lengths[i] for i in _scored(grid)) / 6)
+    assert merge["length_reduction"] == pytest.approx(
+        1 - sum((lengths[i] + 1) // 2 for i in _scored(grid)) / sum(lengths[i] for i in _scored(grid)))
+    assert merge["prefill_ratio"] > 0 and merge["steps"] == 3
+    assert 0.0 <= merge["value"] <= 1.0 and "macro_f1" in merge and merge["metric"] == "accuracy"
+    table = list(csv.DictReader((out / "pareto.csv").open()))
+    assert [r["cell"] for r in table] == ["plain", "merge-k2"] and table[0]["normalised_performance"] in ("1.0", "")
+    assert (out / "pareto.png").stat().st_size > 1000 and "P-LF1" in (out / "pareto.md").read_text()
+
+
+def _scored(grid):
+    """The indices of the test examples a grid scores (the evaluator's fixed subset)."""
+    import random
+
+    return random.Random(grid.seed).sample(range(8), grid.eval_examples)
+
+
+def test_a_grid_refuses_other_settings_in_the_same_folder(tmp_path, base_dir):
+    data, out = _data(tmp_path / "data"), tmp_path / "grid"
+    out.mkdir()
+    pareto.check_grid(out, _grid(data, base_dir), overwrite=False)
+    with pytest.raises(ValueError, match=r"other settings \(steps: 3 -> 5\)"):
+        pareto.check_grid(out, _grid(data, base_dir, steps=5), overwrite=False)
+    pareto.check_grid(out, _grid(data, base_dir, steps=5), overwrite=True)  # starts over
+
+
+def test_cli_pareto_runs_a_grid(tmp_path, base_dir, capsys):
+    data, out = _data(tmp_path / "data"), tmp_path / "grid"
+    assert main(["pareto", "--task", "jsonl", "--data", data, "--methods", "keep-first", "--k", "2",
+                 "--steps", "2", "--batch-size", "2", "--eval-examples", "4", "--timing-prompts", "2",
+                 "--model", base_dir, "--device", "cpu", "--dtype", "float32", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| keep-first | 2 |" in printed and "pareto.md" in printed
+    cells = json.loads((out / "pareto.json").read_text())["cells"]
+    assert [c["cell"] for c in cells] == ["plain", "keep-first-k2"]
