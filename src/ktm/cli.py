@@ -113,6 +113,9 @@ def _fmt_result(res: dict) -> str:
         lines.append(f"majority class  {res['majority_rate']:.4f}  (always {res['majority_label']!r})")
     else:
         lines.append(f"perplexity      {res['value']:.4f}  ({res['answer_tokens']} answer tokens)")
+        if res.get("generated"):
+            lines.append(f"exact match     {res['exact_match']:.4f}  ({res['generated']} generated, greedy)")
+            lines.append(f"chrF            {res['chrf']:.2f}")
     lines.append(f"prompt length   {res['prompt_tokens']:.1f} tokens -> {res['merged_length']:.1f} "
                  f"merged embeddings (K = {res['k']}, {1 - res['merged_length'] / res['prompt_tokens']:.0%} shorter)")
     return "\n".join(lines)
@@ -197,7 +200,8 @@ def cmd_eval(args) -> int:
     results = []
     for task in _tasks(args):
         res = evaluate(model, task, split=args.split, max_examples=args.max_examples,
-                       batch_size=args.batch_size, keep_predictions=args.show)
+                       batch_size=args.batch_size, keep_predictions=args.show,
+                       generate_examples=args.generate_examples)
         print(f"== {task.label} ({args.split})")
         print(_fmt_result(res))
         for p in res.get("predictions", [])[: args.show]:
@@ -389,6 +393,9 @@ def _add_eval_parser(sub) -> None:
     ev.add_argument("--max-examples", type=nonnegative_int, default=0, help="evaluate a fixed random subset (0: all)")
     ev.add_argument("--batch-size", type=positive_int, default=32)
     ev.add_argument("--show", type=nonnegative_int, default=5, help="print this many predictions")
+    ev.add_argument("--generate-examples", type=nonnegative_int, default=0,
+                    help="perplexity tasks: also generate (greedy) the answers of a fixed subset of this many "
+                         "evaluated examples, scored by exact match and chrF (0: none)")
     ev.add_argument("--json", help="also write the numbers to this JSON file")
     _add_task_args(ev)
     _add_base_args(ev)

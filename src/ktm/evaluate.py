@@ -2,8 +2,10 @@
 
 ``accuracy`` tasks: greedy generation, normalised exact match, plus the majority-class
 rate of the same examples. ``perplexity`` tasks: exp(mean NLL per answer token, end token
-included) of the reference answers. Both report the mean prompt length in tokens before
-and after merging. Numbers are returned as numbers; formatting happens in the CLI.
+included) of the reference answers, and, on request, greedy generation on a fixed subset
+scored by exact match and chrF (:func:`generation_scores`). Both report the mean prompt
+length in tokens before and after merging. Numbers are returned as numbers; formatting
+happens in the CLI.
 """
 
 from __future__ import annotations
@@ -47,6 +49,57 @@ def macro_f1(references: Sequence[str], predictions: Sequence[str]) -> float:
     return sum(scores) / len(scores)
 
 
+def generation_scores(references: Sequence[str], predictions: Sequence[str]) -> dict:
+    """``exact_match`` (the share of predictions equal to their reference once trailing
+    whitespace is stripped from both), ``chrf`` (corpus chrF of sacrebleu's ``CHRF()``,
+    character 6-grams, beta 2, 0-100) and ``generated`` (how many).
+
+    >>> s = generation_scores(["x = 1\\n", "y = 2"], ["x = 1", "y = 3"])
+    >>> s["exact_match"], s["generated"], 0 < s["chrf"] < 100
+    (0.5, 2, True)
+    """
+    from sacrebleu.metrics import CHRF
+
+    if len(references) != len(predictions) or not references:
+        raise ValueError("generation scores need equally many references and predictions, at least one")
+    refs, preds = [r.rstrip() for r in references], [p.rstrip() for p in predictions]
+    return {"exact_match": sum(r == p for r, p in zip(refs, preds)) / len(refs),
+            "chrf": CHRF().corpus_score(preds, [refs]).score, "generated": len(refs)}
+
+
+#: generation on a perplexity task: new tokens = the reference's tokens + this margin ...
+GENERATE_MARGIN = 16
+#: ... and never more than this
+GENERATE_CAP = 2048
+
+
+def generate_answers(model, examples: Sequence[Example], batch_size: int = 32, progress: bool = False) -> list[str]:
+    """Greedy answers of ``examples``, longest reference first. Each batch may generate its
+    longest reference's token count + :data:`GENERATE_MARGIN` new tokens, at most
+    :data:`GENERATE_CAP` and at most what the model's positions leave after the prompt."""
+    answer_lengths = [len(a) for a in model.tokenize([e.answer for e in examples], what="answer")]
+    prompt_blocks = [num_blocks(len(x), model.k) for x in model.tokenize([e.prompt for e in examples])]
+    order = sorted(range(len(examples)), key=lambda i: -answer_lengths[i])
+    preds: dict[int, str] = {}
+    for idx in tqdm(list(_batches(order, batch_size)), desc="generate", disable=not progress, leave=False):
+        new = min(max(answer_lengths[i] for i in idx) + GENERATE_MARGIN, GENERATE_CAP)
+        if model.max_length is not None:
+            new = min(new, model.max_length - max(prompt_blocks[i] for i in idx))
+        outs = model.generate([examples[i].prompt for i in idx], max_new_tokens=max(new, 1))
+        preds.update(zip(idx, outs))
+    return [preds[i] for i in range(len(examples))]
+
+
+def _perplexity(model, examples: Sequence[Example], order: list[int], batch_size: int, bar) -> dict:
+    nll, count = 0.0, 0
+    for idx in _batches(order, batch_size):
+        out = model([examples[i].prompt for i in idx], [examples[i].answer for i in idx])
+        nll += out.loss.item() * out.targets.numel()
+        count += out.targets.numel()
+        bar.update(len(idx))
+    return {"value": math.exp(nll / count), "nll_per_token": nll / count, "answer_tokens": count}
+
+
 def _batches(items: list, size: int):
     for i in range(0, len(items), size):
         yield items[i:i + size]
@@ -55,17 +108,22 @@ def _batches(items: list, size: int):
 @torch.no_grad()
 def evaluate(model, task: Task, examples: Sequence[Example] | None = None, *, split: str = "test",
              max_examples: int = 0, batch_size: int = 32, seed: int = 0,
-             progress: bool = True, keep_predictions: int = 8) -> dict:
+             progress: bool = True, keep_predictions: int = 8, generate_examples: int = 0) -> dict:
     """Score ``model`` (a :class:`ktm.KTokenMerging`) on a task.
 
     Returns a dict with ``metric``, ``value`` (accuracy in [0, 1] or perplexity),
     ``n``, ``prompt_tokens`` and ``merged_length`` (means), ``k``, and for accuracy tasks
     ``macro_f1``, ``majority_label`` / ``majority_rate`` and a few ``predictions`` (prompt,
-    answer, prediction).
+    answer, prediction). For perplexity tasks, ``generate_examples`` > 0 also generates
+    (greedy, :func:`generate_answers`) the answers of a fixed random subset of that many
+    evaluated examples and adds ``exact_match``, ``chrf`` and ``generated``
+    (:func:`generation_scores`).
     """
     examples = subsample(examples if examples is not None else task.examples(split), max_examples, seed)
     if not examples:
         raise ValueError("no examples to evaluate")
+    if generate_examples < 0:
+        raise ValueError(f"generate_examples must be >= 0, got {generate_examples}")
     was_training = model.training
     model.eval()
     # longest first: batches hold prompts of similar length (results do not depend on it)
@@ -93,13 +151,11 @@ def evaluate(model, task: Task, examples: Sequence[Example] | None = None, *, sp
                           predictions=[{"prompt": e.prompt, "answer": e.answer, "prediction": preds[i]}
                                        for i, e in enumerate(examples[:keep_predictions])])
         elif task.metric == "perplexity":
-            nll, count = 0.0, 0
-            for idx in _batches(order, batch_size):
-                out = model([examples[i].prompt for i in idx], [examples[i].answer for i in idx])
-                nll += out.loss.item() * out.targets.numel()
-                count += out.targets.numel()
-                bar.update(len(idx))
-            result.update(value=math.exp(nll / count), nll_per_token=nll / count, answer_tokens=count)
+            result.update(_perplexity(model, examples, order, batch_size, bar))
+            if generate_examples:
+                chosen = subsample(examples, generate_examples, seed)
+                got = generate_answers(model, chosen, batch_size, progress)
+                result.update(generation_scores([e.answer for e in chosen], got))
         else:
             raise ValueError(f"unknown metric {task.metric!r}")
     finally:

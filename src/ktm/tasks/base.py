@@ -196,3 +196,76 @@ def write_jsonl(path: str | Path, examples: Sequence[Example]) -> None:
         for e in examples:
             f.write(json.dumps(e.to_json(), ensure_ascii=False) + "\n")
     tmp.replace(path)
+
+
+def check_fields(where: str, row: dict, schema: dict) -> None:
+    """Raise ``ValueError`` naming ``where`` (``file:line``) and the field when ``row`` lacks a
+    field of ``schema`` (field -> type) or holds another type. A ``float`` field accepts
+    integers; ``bool`` is never taken for a number.
+
+    >>> check_fields("f:1", {"rating": 5, "text": "ok"}, {"rating": float, "text": str})
+    >>> check_fields("f:2", {"rating": True}, {"rating": float})
+    Traceback (most recent call last):
+    ValueError: f:2: field 'rating' must be float, got bool True
+    """
+    for name, kind in schema.items():
+        if name not in row:
+            raise ValueError(f"{where}: field {name!r} is missing")
+        value = row[name]
+        kinds = (int, float) if kind is float else (kind,)
+        if not isinstance(value, kinds) or (isinstance(value, bool) and kind is not bool):
+            raise ValueError(f"{where}: field {name!r} must be {kind.__name__}, got {type(value).__name__} "
+                             f"{str(value)[:40]}")
+
+
+def _key_order(key: str, seed: int) -> bytes:
+    import hashlib
+
+    return hashlib.sha256(f"{seed}:{key}".encode()).digest()
+
+
+def split_by_count(rows, key, test_size: int, train_fraction: float = 1.0, seed: int = 0) -> dict[str, list]:
+    """A release's split of a large file: ``test_size`` held out by whole groups, and a random
+    ``train_fraction`` of the rest for training.
+
+    Args:
+        rows: a function returning a fresh iterator over the rows (called twice: once to count
+            the groups, once to pick the rows, so the file is never held whole in memory).
+        key: the group of a row (a product, a repository); no group is in both splits.
+        test_size: rows to hold out. Groups are taken whole in a fixed hash order (seeded),
+            passing over any group that would overshoot, so the test split holds exactly
+            ``test_size`` rows unless no remaining group fits.
+        train_fraction: share of the other rows sampled (seeded) for training, in (0, 1].
+
+    Returns ``{"train": rows, "test": rows}`` in file order.
+    """
+    if test_size < 1 or not 0 < train_fraction <= 1:
+        raise ValueError(f"need test_size >= 1 and train_fraction in (0, 1]; got {test_size}, {train_fraction}")
+    counts = Counter(key(row) for row in rows())
+    total = sum(counts.values())
+    if total <= test_size:
+        raise ValueError(f"the source holds {total} examples, not more than the {test_size} to hold out")
+    test_keys, room = set(), test_size
+    for k in sorted(counts, key=lambda k: _key_order(k, seed)):
+        if room == 0:
+            break
+        if counts[k] <= room:
+            test_keys.add(k)
+            room -= counts[k]
+    rest = total - (test_size - room)
+    n_train = round(train_fraction * rest)
+    if n_train < 1:
+        raise ValueError(f"a training fraction of {train_fraction} of the {rest} other examples is none")
+    import random
+
+    chosen = set(range(rest)) if n_train == rest else set(random.Random(seed).sample(range(rest), n_train))
+    out: dict[str, list] = {"train": [], "test": []}
+    i = 0
+    for row in rows():
+        if key(row) in test_keys:
+            out["test"].append(row)
+        else:
+            if i in chosen:
+                out["train"].append(row)
+            i += 1
+    return out
