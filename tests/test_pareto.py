@@ -174,3 +174,72 @@ def test_cli_pareto_runs_a_grid(tmp_path, base_dir, capsys):
     assert "| keep-first | 2 |" in printed and "pareto.md" in printed
     cells = json.loads((out / "pareto.json").read_text())["cells"]
     assert [c["cell"] for c in cells] == ["plain", "keep-first-k2"]
+
+
+# ---------------------------------------------------------------- the real-data demo
+def _rows(plain, merge, first, majority=0.6, n=200):
+    def row(method, k, acc, f1):
+        return dict(method=method, k=k, value=acc, macro_f1=f1, majority_rate=majority, n=n,
+                    length_reduction=0.0 if k == 1 else 0.74, prefill_speedup=1.0 if k == 1 else 2.5)
+    return [row("plain", 1, *plain), row("merge", 4, *merge), row("keep-first", 4, *first)]
+
+
+def test_the_verdict_follows_the_numbers():
+    from ktm.demo import amazon_verdict
+
+    lose = amazon_verdict(_rows((0.80, 0.78), (0.60, 0.38), (0.70, 0.66)))
+    assert "stayed at the majority class" in lose and "keep-first" in lose and "does not pay" in lose
+    win = amazon_verdict(_rows((0.80, 0.78), (0.79, 0.77), (0.70, 0.66)))
+    assert "beats keep-first (the first 1/4 of each review) by 9.0 points" in win and "level with merging" in win
+    tie = amazon_verdict(_rows((0.80, 0.78), (0.71, 0.69), (0.70, 0.66)))
+    assert "level with it" in tie and "9.0 points above merging" in tie
+
+
+def test_amazon_demo_on_a_tiny_model(tmp_path, base_dir):
+    from ktm.demo import run_amazon_demo
+
+    reviews = tmp_path / "reviews"
+    reviews.mkdir()
+    for split, n in (("train", 16), ("test", 6)):
+        rows = [{"rating": 5.0 if i % 3 else 1.0, "text": f"item {'good ' * (i % 3 + 1)}", "parent_asin": f"p{i}"}
+                for i in range(n)]
+        (reviews / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lines = []
+    summary = run_amazon_demo(reviews, out=str(tmp_path / "demo"), steps=2, eval_examples=6, model=base_dir,
+                              device="cpu", log=lines.append, progress=False)
+    assert [r["cell"] for r in summary["rows"]] == ["plain", "merge-k4", "keep-first-k4"]
+    text = "\n".join(lines)
+    assert "verdict: K-Token Merging at K = 4" in text and "keep-first (K = 4)" in text
+    assert json.loads((tmp_path / "demo" / "demo.json").read_text())["verdict"] == summary["verdict"]
+
+
+def test_the_demo_without_reviews_says_what_to_pass(monkeypatch, tmp_path):
+    import ktm.demo as demo
+
+    monkeypatch.setattr(demo, "_SHARED_REVIEWS", tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="--reviews FOLDER"):
+        demo.default_reviews()
+
+
+def test_an_llmlingua2_cell_reads_compressed_prompts_plainly(tmp_path, base_dir):
+    pytest.importorskip("llmlingua")
+    from test_lingua import tiny_classifier
+
+    lingua = str(tiny_classifier(tmp_path / "lingua"))
+    data, out = tmp_path / "data", tmp_path / "grid"
+    data.mkdir()
+    for split, first in (("train", 0), ("test", 12)):  # 18 different prompts
+        rows = [{"prompt": f"review {' '.join(['good', 'bad', 'nice'][j % 3] for j in range(i + 8))} Label:",
+                 "answer": "yes" if i % 2 else "no"} for i in range(first, first + (12 if first == 0 else 6))]
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    grid = _grid(str(data), base_dir, eval_examples=6, lingua_model=lingua)
+    rows = run_grid(grid, ["llmlingua2"], [2], out, device="cpu", timing_prompts=2, progress=False,
+                    log=lambda s: None)
+    cell = rows[1]
+    assert cell["cell"] == "llmlingua2-k2" and cell["k"] == 2
+    cache = out / "cells" / "llmlingua2-k2" / "compressed.jsonl"
+    assert len(cache.read_text().splitlines()) == 18  # every train and test prompt, once
+    # about half of the tokens are kept (LLMLingua-2 keeps whole words), the cue word stays
+    assert 0.3 < cell["length_reduction"] < 0.7
+    assert cell["llm_positions"] < cell["prompt_tokens"] == rows[0]["prompt_tokens"]
+    assert json.loads((out / "cells" / "llmlingua2-k2" / "run" / "run_config.json").read_text())["model"]["k"] == 1

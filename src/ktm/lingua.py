@@ -48,7 +48,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from .tasks.base import Example
+from .tasks.base import Example, ExamplesTask
 
 DEFAULT_LINGUA_MODEL = "microsoft/llmlingua-2-xlm-roberta-large-meetingbank"
 
@@ -316,3 +316,14 @@ def compress_examples(examples: Sequence[Example], rate: float, compressor, cach
                 write_cache(cache, done)
             bar.update(len(part))
     return [replace(e, prompt=done[k]) for k, e in zip(keys, examples)]
+
+
+def compress_task(task, rate: float, *, model: str = DEFAULT_LINGUA_MODEL, tokenizer=None, device: str = "cpu",
+                  cache: Path | None = None, progress: bool = True):
+    """``task`` with every prompt of both splits compressed to about ``rate`` of its tokens
+    (counted by ``tokenizer``, the LM's), keeping the task's final cue (``task.cue_words``);
+    scored like ``task``. ``cache``: see :func:`compress_examples`."""
+    compressor = LinguaCompressor(model, device=device, cue_words=task.cue_words, tokenizer=tokenizer)
+    splits = {split: compress_examples(task.examples(split), rate, compressor, cache=cache, progress=progress)
+              for split in ("train", "test")}
+    return ExamplesTask(task, splits["train"], splits["test"], label=f"{task.label} (LLMLingua-2, rate {rate:.3g})")

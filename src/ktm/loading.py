@@ -115,6 +115,20 @@ def load_tokenizer(src, *, trust_remote_code: bool | None = None, **kw):
     return from_pretrained(AutoTokenizer, str(src), "tokenizer", trust_remote_code=trust_remote_code, **kw)
 
 
+def base_tokenizer(reference=None, *, trust_remote_code: bool | None = None):
+    """The tokenizer of a base model reference (as :func:`load_base` resolves it), without
+    loading the model's weights."""
+    kind, where = locate_base(reference)
+    if kind == "default":
+        if where != "embedded":
+            return base_tokenizer(where, trust_remote_code=trust_remote_code)
+        path = default_model_path()
+        return load_tokenizer(path.parent, trust_remote_code=trust_remote_code, gguf_file=path.name)
+    if kind == "gguf":
+        return load_tokenizer(Path(where).parent, trust_remote_code=trust_remote_code, gguf_file=Path(where).name)
+    return load_tokenizer(where, trust_remote_code=trust_remote_code)
+
+
 def looks_like_path(ref: str) -> bool:
     """True for a reference meant as a local path: it starts with ``.``, ``/`` or ``~``, is
     absolute, contains the OS separator (where that is not ``/``) or more than one ``/``,

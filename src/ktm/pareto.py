@@ -35,7 +35,7 @@ from .blocks import num_blocks
 from .config import ModelConfig, save_json
 from .evaluate import subsample
 from .frontier import length_reduction
-from .tasks.base import Example, Task
+from .tasks.base import ExamplesTask, Task
 
 METHODS = ("plain", "merge", "mean", "merge-random-init", "keep-first", "keep-last", "stride", "random-drop",
            "llmlingua2")
@@ -110,31 +110,6 @@ class GridConfig:
         return dataclasses.asdict(self)
 
 
-class ExamplesTask(Task):
-    """A task scored like ``task`` but on the given examples (a training subset, or
-    prompts compressed by another method)."""
-
-    def __init__(self, task: Task, train: list[Example], test: list[Example], label: str = ""):
-        self.base, self._data = task, {"train": train, "test": test}
-        self.name, self.metric, self.max_new_tokens = task.name, task.metric, task.max_new_tokens
-        self._label = label or task.label
-
-    @property
-    def label(self) -> str:
-        return self._label
-
-    def examples(self, split: str) -> list[Example]:
-        if split not in self._data:
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        return self._data[split]
-
-    def normalise(self, text: str) -> str:
-        return self.base.normalise(text)
-
-    def labels(self, examples):
-        return self.base.labels(examples)
-
-
 def build_task(grid: GridConfig) -> Task:
     """The grid's task from its name and options, its training set cut to
     ``train_examples`` (a fixed random subset) when that is > 0."""
@@ -180,9 +155,12 @@ def cell_task(cell: Cell, task: Task, grid: GridConfig, folder: Path, log) -> Ta
     the same examples with compressed prompts (cached in the cell's folder)."""
     if cell.method != "llmlingua2":
         return task
-    from .lingua import compress_task
+    from .lingua import DEFAULT_LINGUA_MODEL, compress_task
+    from .loading import base_tokenizer
 
-    return compress_task(task, 1.0 / cell.k, model=grid.lingua_model, cache=folder / "compressed.jsonl", log=log)
+    log(f"{cell.name}: compressing the prompts with LLMLingua-2 to 1/{cell.k} of the base model's tokens")
+    return compress_task(task, 1.0 / cell.k, model=grid.lingua_model or DEFAULT_LINGUA_MODEL,
+                         tokenizer=base_tokenizer(grid.model), cache=folder / "compressed.jsonl")
 
 
 def time_prefill(model, plain_prompts: list[str], cell_prompts: list[str], repeats: int = 5) -> dict:

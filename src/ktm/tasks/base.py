@@ -55,6 +55,9 @@ class Task:
     #: at least this many new tokens are generated when scoring accuracy (the evaluator
     #: raises it to fit the longest reference answer and its end token)
     max_new_tokens: int = 8
+    #: how many final words of a prompt are its cue (``Label:``), which a prompt compressor
+    #: keeps verbatim (the ``llmlingua2`` baseline, :mod:`ktm.lingua`)
+    cue_words: int = 1
     Options = NoOptions
 
     @classmethod
@@ -122,6 +125,32 @@ class FileTask(Task):
         if test is None or not (self.source / "train.jsonl").is_file():
             raise FileNotFoundError(f"{self.source} needs train.jsonl and test.jsonl (or dev.jsonl)")
         return {"train": self.read(self.source / "train.jsonl", "train"), "test": self.read(test, "test")}
+
+
+class ExamplesTask(Task):
+    """A task scored like ``task`` but on the given examples (a training subset, or
+    prompts compressed by another method)."""
+
+    def __init__(self, task: Task, train: list[Example], test: list[Example], label: str = ""):
+        self.base, self._data = task, {"train": train, "test": test}
+        self.name, self.metric, self.max_new_tokens = task.name, task.metric, task.max_new_tokens
+        self.cue_words = task.cue_words
+        self._label = label or task.label
+
+    @property
+    def label(self) -> str:
+        return self._label
+
+    def examples(self, split: str) -> list[Example]:
+        if split not in self._data:
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        return self._data[split]
+
+    def normalise(self, text: str) -> str:
+        return self.base.normalise(text)
+
+    def labels(self, examples):
+        return self.base.labels(examples)
 
 
 def majority_rate(examples: Sequence[Example], normalise=Task.normalise) -> tuple[str, float]:

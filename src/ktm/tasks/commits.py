@@ -147,6 +147,7 @@ class CommitsTask(FileTask):
 
     name = "commits"
     metric = "perplexity"
+    cue_words = 2  # "New Content:"
     what = "commit"
 
     @dataclass(frozen=True)

@@ -404,6 +404,7 @@ class TreeTask(Task):
     name = "tree"
     metric = "accuracy"
     max_new_tokens = 3
+    cue_words = 5  # "Parent: AA, Child: BB, Answer:" stays whole when a compressor shortens the tree
 
     @dataclass(frozen=True)
     class Options:
