@@ -243,3 +243,16 @@ def test_an_llmlingua2_cell_reads_compressed_prompts_plainly(tmp_path, base_dir)
     assert 0.3 < cell["length_reduction"] < 0.7
     assert cell["llm_positions"] < cell["prompt_tokens"] == rows[0]["prompt_tokens"]
     assert json.loads((out / "cells" / "llmlingua2-k2" / "run" / "run_config.json").read_text())["model"]["k"] == 1
+
+
+def test_a_perplexity_grid_scores_generations_and_inverts_the_frontier(tmp_path, base_dir):
+    data, out = _data(tmp_path / "data"), tmp_path / "grid"
+    grid = _grid(data, base_dir, task_options={"data": data, "metric": "perplexity"}, generate_examples=2)
+    rows = run_grid(grid, ["stride"], [2], out, device="cpu", timing_prompts=2, progress=False, log=lambda s: None)
+    assert [r["metric"] for r in rows] == ["perplexity", "perplexity"]
+    for r in rows:
+        assert r["value"] > 1 and r["generated"] == 2 and 0 <= r["exact_match"] <= 1 and 0 <= r["chrf"] <= 100
+    scored = json.loads((out / "pareto.json").read_text())["cells"]
+    plain, stride = scored
+    assert stride["normalised_performance"] == pytest.approx(plain["value"] / stride["value"])
+    assert "chrF" in (out / "pareto.md").read_text()
