@@ -66,6 +66,20 @@ def test_frontier_points_are_not_dominated_and_the_rest_are(points):
         assert on == (not beaten)
 
 
+def test_a_majority_class_model_scores_zero_over_majority():
+    from ktm.frontier import above_majority
+
+    rows = [dict(method="plain", k=1, metric="accuracy", value=0.8, majority_rate=0.6, length_reduction=0.0),
+            dict(method="merge", k=4, metric="accuracy", value=0.6, majority_rate=0.6, length_reduction=0.75),
+            dict(method="keep-first", k=4, metric="accuracy", value=0.7, majority_rate=0.6, length_reduction=0.75)]
+    plain, merge, first = score_rows(rows)
+    assert merge["normalised_performance"] == pytest.approx(0.75)  # looks good on plain's scale ...
+    assert merge["above_majority"] == 0.0 and merge["p_lf1_over_majority"] == 0.0  # ... but learned nothing
+    assert first["above_majority"] == pytest.approx(0.5) and first["p_lf1_over_majority"] == pytest.approx(0.6)
+    assert plain["above_majority"] == 1.0
+    assert above_majority(0.7, 0.6, 0.6) is None  # plain itself at the majority class: undefined
+
+
 def test_score_rows_uses_plain_as_reference_and_lower_perplexity_as_better():
     rows = [dict(method="plain", k=1, metric="perplexity", value=2.0, length_reduction=0.0),
             dict(method="merge", k=4, metric="perplexity", value=4.0, length_reduction=0.75),
@@ -256,3 +270,12 @@ def test_a_perplexity_grid_scores_generations_and_inverts_the_frontier(tmp_path,
     plain, stride = scored
     assert stride["normalised_performance"] == pytest.approx(plain["value"] / stride["value"])
     assert "chrF" in (out / "pareto.md").read_text()
+
+
+def test_doctests():
+    import doctest
+
+    import ktm.frontier
+
+    for module in (ktm.frontier, pareto):
+        assert doctest.testmod(module).failed == 0

@@ -7,6 +7,8 @@ Pure functions on numbers, so each is checked by hand-made cases:
   1.0 means "as good as reading the whole prompt" whatever the metric;
 * :func:`p_lf1`: ktm's P-LF1, the harmonic mean of normalised performance and length
   reduction (the paper names the score but does not publish its formula; docs/RESULTS.md);
+* :func:`above_majority`: accuracy normalised between the majority class (0) and ``plain``
+  (1), so a model that always answers the majority class scores 0, not ~0.9;
 * :func:`pareto_front`: which points no other point beats on both axes.
 """
 
@@ -56,6 +58,19 @@ def normalised_performance(value: float, plain_value: float, metric: str) -> flo
     if value == 0:
         raise ValueError("a perplexity of 0 is impossible")
     return plain_value / value
+
+
+def above_majority(value: float, plain_value: float, majority_rate: float) -> float | None:
+    """``(value - majority) / (plain - majority)``, at least 0: the share of ``plain``'s gain
+    over always answering the majority class that a method keeps. None when ``plain`` is not
+    above the majority class (nothing to share).
+
+    >>> above_majority(0.6, 0.8, 0.6), round(above_majority(0.7, 0.8, 0.6), 6), above_majority(0.5, 0.8, 0.6)
+    (0.0, 0.5, 0.0)
+    """
+    if plain_value <= majority_rate:
+        return None
+    return max(0.0, (value - majority_rate) / (plain_value - majority_rate))
 
 
 def p_lf1(performance: float, reduction: float) -> float:

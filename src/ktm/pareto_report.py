@@ -13,14 +13,16 @@ import io
 from pathlib import Path
 
 from .config import save_json
-from .frontier import HIGHER_IS_BETTER, normalised_performance, p_lf1, pareto_front
+from .frontier import HIGHER_IS_BETTER, above_majority, normalised_performance, p_lf1, pareto_front
 
 P_LF1_DEFINITION = ("P-LF1 = 2 P R / (P + R), the harmonic mean of P, the performance normalised by plain's "
                     "(accuracy / plain's accuracy; plain's perplexity / perplexity), and R, the length "
-                    "reduction 1 - LLM positions / prompt tokens over the scored test prompts")
+                    "reduction 1 - LLM positions / prompt tokens over the scored test prompts. For accuracy "
+                    "tasks, P-LF1 over majority uses instead P = (accuracy - majority rate) / (plain's accuracy "
+                    "- majority rate), at least 0, so a model that always answers the majority class scores 0")
 CSV_FIELDS = ("cell", "method", "k", "metric", "value", "macro_f1", "majority_rate", "exact_match", "chrf",
               "prompt_tokens", "llm_positions", "length_reduction", "normalised_performance", "p_lf1",
-              "on_frontier", "prefill_ratio", "prefill_speedup", "train_seconds", "steps", "n")
+              "above_majority", "p_lf1_over_majority", "on_frontier", "prefill_ratio", "prefill_speedup", "train_seconds", "steps", "n")
 
 
 def score_rows(rows: list[dict]) -> list[dict]:
@@ -31,9 +33,13 @@ def score_rows(rows: list[dict]) -> list[dict]:
     for r in rows:
         r = dict(r)
         r.update(normalised_performance=None, p_lf1=None)
+        reduction = max(0.0, r["length_reduction"])
         if plain is not None and plain["value"] > 0:  # plain at 0% accuracy normalises nothing
             perf = normalised_performance(r["value"], plain["value"], r["metric"])
-            r.update(normalised_performance=perf, p_lf1=p_lf1(perf, max(0.0, r["length_reduction"])))
+            r.update(normalised_performance=perf, p_lf1=p_lf1(perf, reduction))
+        if plain is not None and "majority_rate" in r:
+            gain = above_majority(r["value"], plain["value"], r["majority_rate"])
+            r.update(above_majority=gain, p_lf1_over_majority=None if gain is None else p_lf1(gain, reduction))
         out.append(r)
     sign = 1 if not out or HIGHER_IS_BETTER[out[0]["metric"]] else -1
     front = pareto_front([(r["length_reduction"], sign * r["value"]) for r in out])
@@ -53,15 +59,17 @@ def markdown_table(rows: list[dict]) -> str:
     has_gen = any("chrf" in r for r in rows)
     head = (["method", "K", "LLM positions / prompt tokens", "length reduction", metric]
             + (["macro-F1"] if has_f1 else []) + (["exact match", "chrF"] if has_gen else [])
-            + ["normalised perf.", "P-LF1", "prefill speed vs plain", "train time", "frontier"])
+            + ["normalised perf.", "P-LF1"] + (["P-LF1 over majority"] if has_f1 else [])
+            + ["prefill speed vs plain", "train time", "frontier"])
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
         cells = [r["method"], str(r["k"]), f"{r['llm_positions']:.1f} / {r['prompt_tokens']:.1f}",
                  f"{r['length_reduction']:.1%}", _fmt(r["value"], ".3f" if metric == "perplexity" else ".1%")]
         cells += [_fmt(r.get("macro_f1"), ".3f")] if has_f1 else []
         cells += [_fmt(r.get("exact_match"), ".1%"), _fmt(r.get("chrf"), ".1f")] if has_gen else []
-        cells += [_fmt(r.get("normalised_performance"), ".3f"), _fmt(r.get("p_lf1"), ".3f"),
-                  f"{r['prefill_speedup']:.2f}x", f"{(r.get('train_seconds') or 0) / 60:.1f} min",
+        cells += [_fmt(r.get("normalised_performance"), ".3f"), _fmt(r.get("p_lf1"), ".3f")]
+        cells += [_fmt(r.get("p_lf1_over_majority"), ".3f")] if has_f1 else []
+        cells += [f"{r['prefill_speedup']:.2f}x", f"{(r.get('train_seconds') or 0) / 60:.1f} min",
                   "yes" if r["on_frontier"] else ""]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
