@@ -64,6 +64,14 @@ def block_slots(lengths: Sequence[int], k: int) -> tuple[torch.Tensor, torch.Ten
     if any(n < 1 for n in lengths):
         raise ValueError("every prompt needs at least one token")
     starts = torch.tensor([0, *lengths], dtype=torch.long).cumsum(0)[:-1]
+    index, valid = span_slots(starts, lengths, k)
+    return index, valid, per
+
+
+def span_slots(starts: torch.Tensor, lengths: Sequence[int], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(index, valid)`` of :func:`block_slots` for spans of ``lengths`` tokens that start at
+    ``starts`` (long tensor) in a flat token sequence: each span is cut into its own blocks."""
+    per = [num_blocks(n, k) for n in lengths]
     lens = torch.tensor(list(lengths), dtype=torch.long)
     nb = torch.tensor(per, dtype=torch.long)
     prompt_of_block = torch.repeat_interleave(torch.arange(len(per)), nb)
@@ -73,7 +81,71 @@ def block_slots(lengths: Sequence[int], k: int) -> tuple[torch.Tensor, torch.Ten
     offset = block_in_prompt[:, None] * k + torch.arange(k)[None, :]  # (NB, K) offset in prompt
     valid = offset < lens[prompt_of_block][:, None]
     index = torch.where(valid, starts[prompt_of_block][:, None] + offset, torch.zeros_like(offset))
-    return index, valid, per
+    return index, valid
+
+
+def keep_runs(keep: Sequence[bool]) -> list[tuple[bool, int]]:
+    """Runs of equal values: ``(kept, length)`` in order.
+
+    >>> keep_runs([False, False, True, False])
+    [(False, 2), (True, 1), (False, 1)]
+    """
+    runs: list[tuple[bool, int]] = []
+    for flag in keep:
+        if runs and runs[-1][0] == bool(flag):
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((bool(flag), 1))
+    return runs
+
+
+def segmented_length(keep: Sequence[bool], k: int) -> int:
+    """Positions the LLM reads for a prompt whose tokens are kept where ``keep`` is True:
+    ``ceil(n / K)`` per merged run of n tokens, plus one per kept token.
+
+    >>> segmented_length([False] * 5 + [True] * 2, 4)
+    4
+    """
+    return sum(n if kept else num_blocks(n, k) for kept, n in keep_runs(keep))
+
+
+def segment_layout(keeps: Sequence[Sequence[bool]], k: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """Block layout of segmented prompts laid end to end (``keeps[i][t]``: token t of prompt
+    i is kept, read as its own embedding, rather than merged).
+
+    Each run of merged tokens is cut into its own blocks (a block never spans a kept token
+    or a run's border); kept tokens pass through. Returns ``index`` (NB, K) and ``valid``
+    (NB, K) of the merged blocks over the flat token sequence (as :func:`block_slots`),
+    ``source`` (P,) long: for every position the LLM reads (all prompts, in order), ``j`` for
+    merged block j or ``NB + t`` for flat token t, so ``cat([merged (NB, d), tokens (T, d)])
+    [source]`` is the sequence; and the positions per prompt (:func:`segmented_length`).
+
+    >>> index, valid, source, per = segment_layout([[False, False, False, True], [True, False]], 2)
+    >>> index.tolist(), source.tolist(), per
+    ([[0, 1], [2, 0], [5, 0]], [0, 1, 6, 7, 2], [3, 2])
+    """
+    check_k(k)
+    starts, lengths, src, is_block, per, flat = [], [], [], [], [], 0
+    for keep in keeps:
+        if len(keep) < 1:
+            raise ValueError("every prompt needs at least one token")
+        for kept, n in keep_runs(keep):
+            if kept:
+                src += range(flat, flat + n)
+                is_block += [False] * n
+            else:
+                first = sum(num_blocks(m, k) for m in lengths)
+                src += range(first, first + num_blocks(n, k))
+                is_block += [True] * num_blocks(n, k)
+                starts.append(flat)
+                lengths.append(n)
+            flat += n
+        per.append(segmented_length(keep, k))
+    index, valid = span_slots(torch.tensor(starts, dtype=torch.long), lengths, k)
+    source = torch.tensor(src, dtype=torch.long)
+    source = torch.where(torch.tensor(is_block, dtype=torch.bool), source, source + index.shape[0])
+    return index, valid, source, per
 
 
 def fill_blocks(blocks: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

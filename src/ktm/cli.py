@@ -191,6 +191,29 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_pretrain(args) -> int:
+    from tqdm.auto import tqdm
+
+    from .pretrain import pretrain_configs, pretrain_run
+    from .tasks.text import TextOptions
+
+    text = TextOptions(**overrides(args, TextOptions))
+    if not text.text:
+        raise ValueError("give the text to pretrain on: --text FILE_OR_FOLDER [...]")
+    model_cfg, train_cfg = pretrain_configs(args.recipe, overrides(args, ModelConfig), overrides(args, TrainConfig))
+    print(f"pretrain: K = {model_cfg.k}, context layers {model_cfg.context_layers}, lr {train_cfg.lr}, batch "
+          f"{train_cfg.batch_size}, {train_cfg.steps} steps, windows of {text.prompt_tokens} + "
+          f"{text.continuation_tokens} tokens")
+    run, plain = pretrain_run(model_cfg, train_cfg, text, args.out, base=args.model, device=args.device,
+                              dtype=args.dtype, resume=args.resume, overwrite=args.overwrite, log=tqdm.write,
+                              trust_remote_code=getattr(args, "trust_remote_code", None))
+    last = run.trainer.history[-1]
+    print(f"held-out continuation perplexity {last['value']:.4f} reading merged prompts (K = {model_cfg.k}); "
+          f"{plain:.4f} for the base model reading them plain")
+    print(f"saved {run.path}; start a task from it with: ktm train --init-from {run.path} --k {model_cfg.k} ...")
+    return 0
+
+
 def cmd_eval(args) -> int:
     from .evaluate import evaluate
     from .model import KTokenMerging
@@ -390,6 +413,33 @@ def _add_train_parser(sub) -> None:
     tr.set_defaults(func=cmd_train)
 
 
+def _add_pretrain_parser(sub) -> None:
+    from .pretrain import pretrain_configs
+    from .recipes import DEFAULT_RECIPE, RECIPES
+    from .tasks.text import TextOptions
+
+    pt = sub.add_parser(
+        "pretrain", help="a task-agnostic merger for a base model and K, trained on plain text",
+        formatter_class=HelpFormatter,
+        description="Cut each text into windows of a prompt (read merged) and its continuation, and train "
+                    "LoRA + encoder so that the model continues the text as the base model reading the plain "
+                    "prompt would (distillation of its next-token distributions, --distill-answer; "
+                    "--task-loss adds the continuation's cross-entropy). OUT/model starts a task with "
+                    "ktm train --init-from OUT/model. See ktm.pretrain and ktm.tasks.text.")
+    pt.add_argument("--recipe", default=DEFAULT_RECIPE, choices=sorted(RECIPES),
+                    help="model and optimiser settings, before pretraining's own (docs/RECIPES.md)")
+    pt.add_argument("--out", required=True, help="run folder: checkpoint/, model/, history.json, pretrain.json")
+    pt.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    pt.add_argument("--overwrite", action="store_true", help="discard a checkpoint already in OUT")
+    add_arguments(pt, TextOptions, title="text")
+    _add_base_args(pt)
+    model_cfg, train_cfg = pretrain_configs()
+    for cls, shown in [(ModelConfig, model_cfg), (TrainConfig, train_cfg)]:
+        add_arguments(pt, cls, shown=shown,
+                      title=f"{cls.__name__} (defaults shown: recipe {DEFAULT_RECIPE!r} + pretraining)")
+    pt.set_defaults(func=cmd_pretrain)
+
+
 def _add_eval_parser(sub) -> None:
     ev = sub.add_parser("eval", help="score a saved model on a task's held-out split")
     ev.add_argument("--checkpoint", required=True, help="a folder written by ktm train (OUT/model)")
@@ -445,7 +495,7 @@ def _add_demo_parser(sub) -> None:
         formatter_class=HelpFormatter,
         description="amazon (default): trains plain K = 1, K-Token Merging at K and keep-first at K (the same "
                     "kept fraction) on real Amazon reviews and prints accuracy, macro-F1, length reduction, "
-                    "prefill speedup and a verdict (about 10 minutes on 2 CPU cores; a rerun reuses finished "
+                    "prefill speedup and a verdict (10-13 minutes on 2 CPU cores; a rerun reuses finished "
                     "runs). tree: trains K on the Textualized Tree task (stage small).")
     dm.add_argument("--task", choices=["amazon", "tree"], default="amazon", help="which demo")
     dm.add_argument("--k", type=positive_int, default=4)
@@ -501,6 +551,114 @@ def _add_pareto_parser(sub) -> None:
     pa.set_defaults(func=cmd_pareto)
 
 
+# ---------------------------------------------------------------- serving (ktm.export, ktm.serving)
+def cmd_export(args) -> int:
+    from .export import export_model
+
+    out = export_model(args.checkpoint, args.out, overwrite=args.overwrite, dtype=args.dtype, base=args.model,
+                       trust_remote_code=args.trust_remote_code)
+    print(f"exported {args.checkpoint} to {out} (LoRA merged, {args.dtype}); serve it with: ktm serve --export {out}")
+    return 0
+
+
+def cmd_encode(args) -> int:
+    from .checkpoint import CONFIG_NAME
+    from .export import SERVING_CONFIG
+    from .model import KTokenMerging
+    from .serving import PromptEncoder, encode_prompts, save_embeds
+
+    folder = Path(args.checkpoint)
+    if (folder / SERVING_CONFIG).is_file():
+        model = PromptEncoder.from_export(folder, device=args.device, trust_remote_code=args.trust_remote_code)
+    elif not (folder / CONFIG_NAME).is_file():
+        raise ValueError(f"{folder} is neither an export folder ({SERVING_CONFIG}, written by ktm export) nor a "
+                         f"saved ktm model folder ({CONFIG_NAME})" if folder.is_dir() else f"no folder {folder}")
+    else:
+        model = KTokenMerging.from_pretrained(folder, base=args.model, device=args.device, dtype=args.dtype,
+                                              trust_remote_code=args.trust_remote_code).eval()
+    tensors = []
+    for where, prompt in _generate_inputs(args):
+        try:
+            tensors.extend(encode_prompts(model, [prompt]))
+        except ValueError as e:  # "prompt 0 is empty ...": name the argument or input line
+            raise ValueError(f"{where}: {str(e).removeprefix('prompt 0 ')}") from e
+    if not tensors:
+        raise ValueError("no prompts to encode: give them as arguments or one per line on stdin")
+    save_embeds(args.out, tensors, {"format": "ktm-prompt-embeds", "k": model.k, "source": folder.resolve()})
+    lengths = [t.shape[0] for t in tensors]
+    print(f"wrote {len(tensors)} prompt embeddings to {args.out} (tensors '0' to '{len(tensors) - 1}', "
+          f"{min(lengths)}-{max(lengths)} positions x {tensors[0].shape[1]}, float32, K = {model.k})")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import shlex
+    import subprocess
+
+    from .serving import serve_command, vllm_executable
+
+    cmd = serve_command(args.export, max_model_len=args.max_model_len, name=args.name, host=args.host,
+                        port=args.port, extra=args.vllm_args)
+    if args.dry_run:
+        print(shlex.join(cmd))
+        return 0
+    cmd[0] = vllm_executable()
+    print(f"ktm: running {shlex.join(cmd)}", file=sys.stderr, flush=True)
+    try:
+        return subprocess.run(cmd).returncode
+    except KeyboardInterrupt:
+        return 130
+
+
+def _add_serving_parsers(sub) -> None:
+    ex = sub.add_parser(
+        "export", help="a trained model as a plain Hugging Face model folder for serving (LoRA merged)",
+        description="Write OUT: the checkpoint's LLM with its LoRA merged into the weights (loadable by "
+                    "AutoModelForCausalLM, vLLM and others), its tokenizer, the merge encoder "
+                    "(ktm_encoder.safetensors) and ktm_serving.json (K and how prompts are merged). See "
+                    "docs/SERVING.md.")
+    ex.add_argument("--checkpoint", required=True, help="a saved ktm model folder (e.g. OUT/model of ktm train)")
+    ex.add_argument("--out", required=True, help="the export folder to write")
+    ex.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    ex.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                    help="dtype of the saved weights (the LoRA is merged in float32; default: float32)")
+    ex.add_argument("--model", default=None, help="the base model, when not the one saved in the checkpoint")
+    ex.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
+    ex.set_defaults(func=cmd_export)
+
+    en = sub.add_parser(
+        "encode", help="prompts -> merged prompt embeddings (a safetensors file) for a prompt-embeds server",
+        description="Write one float32 tensor per prompt, named 0, 1, ... in input order, each of shape "
+                    "(merged length, hidden size): what merge_prompts gives for that prompt alone. Prompts "
+                    "are the arguments, or else the lines of stdin.")
+    en.add_argument("prompt", nargs="*", help="prompts (default: one per line of stdin)")
+    en.add_argument("--checkpoint", required=True,
+                    help="an export folder (ktm export: only the tokenizer, embedding table and encoder are "
+                         "loaded) or a saved ktm model folder (loads the whole model)")
+    en.add_argument("--out", required=True, help="the .safetensors file to write")
+    en.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    en.add_argument("--dtype", default="float32", help="a saved ktm model's dtype (default: float32)")
+    en.add_argument("--model", default=None, help="a saved ktm model's base model, when not the saved one")
+    en.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
+    en.set_defaults(func=cmd_encode)
+
+    sv = sub.add_parser(
+        "serve", help="start vLLM's OpenAI-compatible server on an export folder (needs vLLM: ktm[serve])",
+        usage="ktm serve --export DIR [options] [-- VLLM_SERVE_OPTIONS ...]",
+        description="Runs `vllm serve DIR --enable-prompt-embeds ...`; options after -- go to vllm serve. "
+                    "Prompt embeddings are for trusted clients: the server listens on 127.0.0.1 unless --host "
+                    "says otherwise. See docs/SERVING.md.")
+    sv.add_argument("--export", required=True, help="a folder written by ktm export")
+    sv.add_argument("--name", default=None, help="the served model name (default: the folder's name)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    sv.add_argument("--port", type=positive_int, default=8000)
+    sv.add_argument("--max-model-len", type=positive_int, default=None,
+                    help="most positions per sequence, merged prompt + answer (default: the model's)")
+    sv.add_argument("--dry-run", action="store_true", help="print the vllm serve command instead of running it")
+    sv.add_argument("vllm_args", nargs="*", metavar="VLLM_SERVE_OPTIONS", help="after --: more vllm serve options")
+    sv.set_defaults(func=cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``ktm`` parser: one sub-command per ``_add_*_parser``, plus ``bench``."""
     from . import __version__, bench
@@ -508,8 +666,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ktm", description="K-Token Merging: latent-space prompt compression.")
     p.add_argument("--version", action="version", version=f"ktm {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
-    for add in (_add_data_parser, _add_train_parser, _add_eval_parser, _add_generate_parser, _add_demo_parser,
-                _add_pareto_parser):
+    for add in (_add_data_parser, _add_train_parser, _add_pretrain_parser, _add_eval_parser, _add_generate_parser,
+                _add_demo_parser, _add_pareto_parser, _add_serving_parsers):
         add(sub)
     bench.register(sub)
     return p

@@ -13,6 +13,7 @@ import json
 import math
 import numbers
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -46,6 +47,10 @@ class ModelConfig:
         "how a prompt is shortened K-fold (ktm.methods): merge (K-Token Merging), mean (the block "
         "mean, not trained), or a token-space baseline keeping ceil(n/K) tokens: keep-first, keep-last, "
         "stride, random-drop", default="merge")
+    keep: str | None = _help(
+        "keep spans of every prompt uncompressed: a regular expression whose matches are read "
+        "token by token while the rest is merged (ktm.segments), or 'cue' for the task's cue "
+        "(tree: 'Parent: .., Child: .., Answer: ', amazon: 'Label:'; saved resolved)", default=None)
     encoder_hidden: int | None = _help(
         "encoder MLP width h (default: the paper's int(a*K)*d)", default=None
     )
@@ -56,6 +61,12 @@ class ModelConfig:
     encoder_stages: tuple[int, ...] | None = _help(
         "hierarchical merging: block sizes of successive encoder stages, multiplying to K "
         "(e.g. 2 2 for K = 4; default: one stage of K)", default=None)
+    context_layers: int = _help(
+        "contextual merging: the first j layers of the LoRA-adapted LLM read the full prompt and "
+        "their outputs, not the token embeddings, are merged (0: the paper's method)", default=0)
+    context_norm: bool = _help(
+        "contextual merging: rescale each of those outputs to its token embedding's norm before "
+        "merging (the scale the LLM's first layer reads)", default=True)
     lora_r: int = _help("LoRA rank", default=4)
     lora_alpha: float = _help("LoRA alpha", default=16.0)
     lora_dropout: float = _help("LoRA dropout", default=0.05)
@@ -82,6 +93,18 @@ class ModelConfig:
         if self.method != "merge" and (self.encoder_stages or self.encoder_norm or self.encoder_init != "mean"):
             raise ValueError(f"method {self.method!r} does not train an encoder: leave encoder_stages, "
                              f"encoder_norm and encoder_init (must be 'mean') at their defaults")
+        if self.context_layers < 0:
+            raise ValueError(f"context_layers must be >= 0, got {self.context_layers}")
+        if self.context_layers and self.method not in ("merge", "mean"):
+            raise ValueError(f"context_layers merges hidden states: method {self.method!r} keeps tokens, "
+                             f"use method 'merge' or 'mean'")
+        if self.keep is not None:
+            try:
+                re.compile(self.keep)
+            except re.error as e:
+                raise ValueError(f"keep must be a regular expression, got {self.keep!r}: {e}") from None
+            if self.method not in ("merge", "mean"):
+                raise ValueError(f"keep needs method 'merge' or 'mean' ({self.method!r} selects tokens itself)")
         if self.encoder_hidden is not None and self.encoder_hidden < 1:
             raise ValueError(f"encoder_hidden must be >= 1, got {self.encoder_hidden}")
         if self.lora_r < 1:
@@ -117,7 +140,12 @@ class TrainConfig:
     distill: float = _help(
         "weight of dense self-distillation from the base model reading the plain prompt "
         "(0: off; ktm.objectives)", default=0.0)
-
+    distill_answer: float = _help(
+        "weight of distillation on the answer tokens: at each answer position the student's "
+        "next-token distribution moves towards the teacher's (the base model, or --teacher) reading "
+        "the plain prompt and the answer so far (0: off; ktm pretrain's main loss)", default=0.0)
+    task_loss: float = _help(
+        "weight of the answer's cross-entropy (0: train on the auxiliary losses alone)", default=1.0)
     align: float = _help(
         "weight of hidden-state alignment with the teacher at every block end and layer "
         "(0: off; ktm.objectives)", default=0.0)
@@ -159,9 +187,11 @@ class TrainConfig:
         if self.decay not in ("constant", "cosine"):
             raise ValueError(f"decay must be 'constant' or 'cosine', got {self.decay!r}")
         for name in ("eval_every", "eval_examples", "save_every", "warmup_steps", "reconstruct", "distill",
-                     "reconstruct_rows", "align", "teacher_steps"):
+                     "distill_answer", "task_loss", "reconstruct_rows", "align", "teacher_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
+        if not (self.task_loss or self.distill_answer or self.distill or self.align or self.reconstruct):
+            raise ValueError("task_loss is 0 and no auxiliary loss is on: nothing to train")
         if self.align_mode not in ALIGN_MODES:
             raise ValueError(f"align_mode must be one of {ALIGN_MODES}, got {self.align_mode!r}")
         if self.grow_steps is not None and self.grow_steps < 1:

@@ -4,7 +4,7 @@ The default (:func:`run_amazon_demo`) answers "is merging worth it on real text?
 Amazon reviews it trains K-Token Merging at K = 4 beside ``plain`` (K = 1) and
 ``keep-first`` (the first quarter of each review: the same kept fraction), as a small
 ``ktm pareto`` grid, and prints accuracy, macro-F1, length reduction and the measured
-prefill speedup side by side with a one-line verdict computed from them. About 10 minutes
+prefill speedup side by side with a one-line verdict computed from them. 10-13 minutes
 on 2 CPU cores.
 
 ``ktm demo --task tree`` (:func:`run_demo`) trains K = 4 on the Textualized Tree task

@@ -17,7 +17,6 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .blocks import num_blocks
 from .tasks.base import Example, Task, majority_rate
 
 
@@ -78,7 +77,7 @@ def generate_answers(model, examples: Sequence[Example], batch_size: int = 32, p
     longest reference's token count + :data:`GENERATE_MARGIN` new tokens, at most
     :data:`GENERATE_CAP` and at most what the model's positions leave after the prompt."""
     answer_lengths = [len(a) for a in model.tokenize([e.answer for e in examples], what="answer")]
-    prompt_blocks = [num_blocks(len(x), model.k) for x in model.tokenize([e.prompt for e in examples])]
+    prompt_blocks = model.merged_lengths([e.prompt for e in examples])
     order = sorted(range(len(examples)), key=lambda i: -answer_lengths[i])
     preds: dict[int, str] = {}
     for idx in tqdm(list(_batches(order, batch_size)), desc="generate", disable=not progress, leave=False):
@@ -90,10 +89,11 @@ def generate_answers(model, examples: Sequence[Example], batch_size: int = 32, p
     return [preds[i] for i in range(len(examples))]
 
 
-def _perplexity(model, examples: Sequence[Example], order: list[int], batch_size: int, bar) -> dict:
+def _perplexity(model, examples: Sequence[Example], order: list[int], batch_size: int, bar,
+                end_token: bool = True) -> dict:
     nll, count = 0.0, 0
     for idx in _batches(order, batch_size):
-        out = model([examples[i].prompt for i in idx], [examples[i].answer for i in idx])
+        out = model([examples[i].prompt for i in idx], [examples[i].answer for i in idx], end_token=end_token)
         nll += out.loss.item() * out.targets.numel()
         count += out.targets.numel()
         bar.update(len(idx))
@@ -132,7 +132,7 @@ def evaluate(model, task: Task, examples: Sequence[Example] | None = None, *, sp
     bar = tqdm(total=len(examples), desc=f"eval {task.name}", disable=not progress, leave=False)
     result = {"metric": task.metric, "n": len(examples), "k": model.k,
               "prompt_tokens": sum(lengths) / len(lengths),
-              "merged_length": sum(num_blocks(n, model.k) for n in lengths) / len(lengths)}
+              "merged_length": sum(model.merged_lengths([e.prompt for e in examples])) / len(lengths)}
     try:
         if task.metric == "accuracy":
             preds: dict[int, str] = {}
@@ -151,7 +151,7 @@ def evaluate(model, task: Task, examples: Sequence[Example] | None = None, *, sp
                           predictions=[{"prompt": e.prompt, "answer": e.answer, "prediction": preds[i]}
                                        for i, e in enumerate(examples[:keep_predictions])])
         elif task.metric == "perplexity":
-            result.update(_perplexity(model, examples, order, batch_size, bar))
+            result.update(_perplexity(model, examples, order, batch_size, bar, task.answer_end))
             if generate_examples:
                 chosen = subsample(examples, generate_examples, seed)
                 got = generate_answers(model, chosen, batch_size, progress)

@@ -37,6 +37,8 @@ from .blocks import (
     num_blocks,
     pad_sequences,
     position_ids,
+    segment_layout,
+    segmented_length,
 )
 from .checkpoint import (
     ADAPTER_DIR,
@@ -57,6 +59,7 @@ from .config import ModelConfig, from_dict, save_json, to_dict
 from .encoder import build_encoder, encoder_stages
 from .loading import describe_base, embedding_fingerprint, load_base, load_tokenizer
 from .methods import TOKEN_METHODS, select_tokens
+from .segments import TASK_CUE, check_segments, keep_mask, kept_ranges, segments_of
 
 
 @dataclass
@@ -69,7 +72,8 @@ class LossOutput:
     batch row of each target (to sum per example); ``parts``: each loss term, detached
     (``{"task": ...}`` plus any auxiliary term); ``prompt_ids``: the prompts' token ids;
     ``merged``: their merged embeddings; ``hidden``: the LLM's last hidden states (B, T, d);
-    ``hidden_states``: every layer's, when asked for (``all_layers``)."""
+    ``hidden_states``: every layer's, when asked for (``all_layers``); ``ends``: whether each
+    row's last target is the end token (``forward(..., end_token=True)``)."""
 
     loss: torch.Tensor
     logits: torch.Tensor
@@ -80,6 +84,7 @@ class LossOutput:
     merged: list = field(default_factory=list)
     hidden: torch.Tensor | None = None
     hidden_states: tuple | None = None
+    ends: bool = True
 
 
 class KTokenMerging(nn.Module):
@@ -111,6 +116,8 @@ class KTokenMerging(nn.Module):
         self.eos_ids = sorted(eos)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._static = None  # a ktm.compiled.StaticDecoder after enable_compile()
+        if config.context_layers:
+            self._context_stack()  # fails now, not at the first prompt, for too many layers
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -144,6 +151,9 @@ class KTokenMerging(nn.Module):
                   fingerprint: str | None = None) -> "KTokenMerging":
         from peft import LoraConfig, get_peft_model
 
+        if config.keep == TASK_CUE:
+            raise ValueError("keep='cue' names a task's cue: train_run resolves it (ktm.segments.task_keep_pattern); "
+                             "give the model a regular expression")
         fingerprint = fingerprint or embedding_fingerprint(base)
         targets = list(config.lora_targets)
         if config.lora_lm_head and not _tied(base):
@@ -227,24 +237,25 @@ class KTokenMerging(nn.Module):
 
         return DynamicCache(config=self._decoder.config)
 
-    def prefill(self, ids: list[list[int]]):
-        """The first step of :meth:`generate` from token ids: merge, left-pad, run the LLM
-        into a new cache. Returns ``(logits of each prompt's last position (B, V), cache,
-        mask)``."""
-        embeds, mask = pad_sequences(self.merge_ids(ids), side="left")
+    def prefill(self, ids: list[list[int]], keep: list[list[bool]] | None = None):
+        """The first step of :meth:`generate` from token ids (and kept tokens, as in
+        :meth:`merge_ids`): merge, left-pad, run the LLM into a new cache. Returns ``(logits
+        of each prompt's last position (B, V), cache, mask)``."""
+        embeds, mask = pad_sequences(self.merge_ids(ids, keep), side="left")
         cache = self.new_cache()
         hidden = self.decode(embeds, mask, cache).last_hidden_state
         return self.logits(hidden[:, -1]), cache, mask
 
-    def with_k(self, k: int) -> "KTokenMerging":
+    def with_k(self, k: int, **changes) -> "KTokenMerging":
         """A model for block size ``k`` on the same LLM, LoRA and tokenizer (shared, not
         copied), with a fresh encoder (same initialisation and width rule, device and
-        dtype). ``self`` when ``k`` is already its K."""
+        dtype). ``changes``: other :class:`ModelConfig` fields to change, e.g.
+        ``context_layers=0``. ``self`` when ``k`` is already its K and nothing changes."""
         import dataclasses
 
-        if k == self.k:
+        if k == self.k and all(getattr(self.config, name) == v for name, v in changes.items()):
             return self
-        config = dataclasses.replace(self.config, k=k, encoder_stages=None)
+        config = dataclasses.replace(self.config, k=k, encoder_stages=None, **changes)
         enc_dtype = next(self.encoder.parameters()).dtype
         encoder = build_encoder(k, self.encoder.dim, config.encoder_hidden, config.encoder_init,
                                 config.encoder_norm)
@@ -268,70 +279,166 @@ class KTokenMerging(nn.Module):
                     raise ValueError(f"prompt {i} is empty: nothing to merge")
         return ids
 
-    def merge_ids(self, ids: list[list[int]]) -> list[torch.Tensor]:
+    def merge_ids(self, ids: list[list[int]], keep: list[list[bool]] | None = None) -> list[torch.Tensor]:
         """Merged embeddings of each prompt: list of (ceil(n_i / K), d) tensors.
 
         All prompts' blocks go through the encoder as one flat batch; each prompt's blocks
         start at its own first token (no batch padding is ever merged). With a token-space
         ``config.method`` (a baseline, see :mod:`ktm.methods`) the embeddings of the
         ``ceil(n_i / K)`` kept tokens are returned instead.
+
+        ``keep`` (segmented prompts, :mod:`ktm.segments`): per prompt, whether each token is
+        kept. Kept tokens are read as their own embeddings, unchanged, and each run of merged
+        tokens is merged K at a time from its own first token
+        (:func:`ktm.blocks.segment_layout`); prompt i then gives (segmented_length, d).
         """
+        if keep is not None and not any(any(x) for x in keep):
+            keep = None  # nothing kept: exactly the plain path
         if self.config.method in TOKEN_METHODS:  # a token-space baseline: kept tokens, read plainly
+            if keep is not None:
+                raise ValueError(f"method {self.config.method!r} selects tokens itself: kept spans need "
+                                 f"method 'merge' or 'mean'")
             return self.embed_each(select_tokens(ids, self.k, self.config.method))
         lengths = [len(x) for x in ids]
-        index, valid, per = block_slots(lengths, self.k)
+        if keep is None:
+            (index, valid, per), source = block_slots(lengths, self.k), None
+        else:
+            index, valid, source, per = segment_layout(keep, self.k)
         flat = torch.tensor([t for x in ids for t in x], dtype=torch.long, device=self.device)
-        emb = self._embedding(flat)
+        emb = tokens = self._embedding(flat)
+        if self.config.context_layers:  # contextual merging: merge what the first layers made of them
+            emb = self._contextual(emb, lengths)
         valid = valid.to(self.device)
         blocks = fill_blocks(emb[index.to(self.device)], valid)
         enc_dtype = next(self.encoder.parameters()).dtype
         merged = self.encoder(blocks.to(enc_dtype), valid).to(emb.dtype)
+        if source is not None:  # kept tokens between the merged blocks, as they are
+            merged = torch.cat([merged, tokens])[source.to(self.device)]
         return list(merged.split(per))
 
-    def merge_prompts(self, prompts: list[str], side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
-        """Exactly what the LLM reads for these prompts.
+    def _contextual(self, emb: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        """Contextual merging: the outputs of the first ``config.context_layers`` layers of the
+        adapted LLM reading each prompt in full (right-padded, its own causal mask and
+        positions 0 .. n-1), for the flat token embeddings ``emb`` (sum n_i, d) of prompts of
+        ``lengths``; same shape and order. With ``config.context_norm`` each output is rescaled
+        to its token embedding's norm: a few layers in, the residual stream is far larger than
+        an embedding (the first position most of all), and the merged vectors enter the LLM
+        where it reads embeddings."""
+        x, mask = pad_sequences(list(emb.split(lengths)), side="right")
+        out = self._context_stack()(inputs_embeds=x, attention_mask=mask, position_ids=position_ids(mask),
+                                    use_cache=False).last_hidden_state
+        hidden = out[mask.bool()]
+        if self.config.context_norm:
+            scale = emb.float().norm(dim=-1, keepdim=True) / hidden.float().norm(dim=-1, keepdim=True).clamp_min(1e-6)
+            hidden = hidden * scale.to(hidden.dtype)
+        return hidden.to(emb.dtype)
+
+    def _context_stack(self) -> nn.Module:
+        """The LLM's decoder cut to its first ``config.context_layers`` layers, without the final
+        norm: a shallow copy sharing every module and weight (LoRA, and disabling it, included),
+        made per call so that it follows the decoder's train/eval mode and device."""
+        import copy
+
+        j, layers = self.config.context_layers, getattr(self._decoder, "layers", None)
+        if not isinstance(layers, nn.ModuleList) or j > len(layers):
+            raise ValueError(f"context_layers = {j} needs a decoder with at least {j} layers in .layers "
+                             f"(Llama-style); this one has {len(layers) if layers is not None else 'none'}")
+        stack = copy.copy(self._decoder)
+        stack._modules = dict(self._decoder._modules)
+        stack.layers = layers[:j]
+        for name in ("norm", "final_layernorm", "ln_f"):
+            if isinstance(stack._modules.get(name), nn.Module):
+                stack._modules[name] = nn.Identity()
+        return stack
+
+    def merge_prompts(self, prompts: list, side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+        """Exactly what the LLM reads for these prompts (strings or segment lists).
 
         Returns ``(inputs_embeds (B, M, d), attention_mask (B, M))`` padded on ``side``
         (left by default, as for generation), M = the longest merged prompt.
         """
-        ids = self.tokenize(prompts)
-        self._check_length(ids, extra=0)
-        return pad_sequences(self.merge_ids(ids), side=side)
+        ids, keep = self.tokenize_prompts(prompts)
+        self._check_length(ids, extra=0, keep=keep)
+        return pad_sequences(self.merge_ids(ids, keep), side=side)
 
-    def compressed_length(self, prompt: str) -> int:
-        """How many embeddings the LLM reads for one prompt: ceil(tokens / K)."""
-        return num_blocks(len(self.tokenize([prompt])[0]), self.k)
+    def tokenize_prompts(self, prompts: list) -> tuple[list[list[int]], list[list[bool]] | None]:
+        """Token ids of each prompt and which tokens are kept (None: none is).
 
-    def _check_length(self, ids, extra) -> None:
+        A prompt is a string, split by ``config.keep`` when it is set, or a list of
+        ``("merge" | "keep", text)`` segments (:mod:`ktm.segments`), taken as given. The
+        segments' texts are joined and tokenised whole, so the ids are those of the plain
+        prompt; a token overlapping a kept span is kept (needs a fast tokenizer; a slow one
+        tokenises each segment on its own).
+        """
+        if isinstance(prompts, str):
+            raise TypeError("expected a list of prompts, got a single string")
+        segs = [segments_of(p, self.config.keep) if isinstance(p, str) else check_segments(p) for p in prompts]
+        texts = ["".join(t for _, t in s) for s in segs]
+        ranges = [kept_ranges(s) for s in segs]
+        ids = self.tokenize(texts)  # checks types and empty prompts
+        if not any(ranges):
+            return ids, None
+        if not getattr(self.tokenizer, "is_fast", False):  # no offsets: each segment on its own
+            parts = [[self.tokenize([t], "answer")[0] for _, t in s] for s in segs]
+            return ([sum(p, []) for p in parts],
+                    [[kind == "keep" for (kind, _), x in zip(s, p) for _ in x] for s, p in zip(segs, parts)])
+        enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        return ids, [keep_mask(o, r) for o, r in zip(enc["offset_mapping"], ranges)]
+
+    def merged_lengths(self, prompts: list) -> list[int]:
+        """How many embeddings the LLM reads for each prompt: ceil(tokens / K), or with kept
+        spans ceil(n / K) per merged run plus the kept tokens."""
+        ids, keep = self.tokenize_prompts(prompts)
+        return [self._read_length(x, None if keep is None else keep[i]) for i, x in enumerate(ids)]
+
+    def compressed_length(self, prompt) -> int:
+        """How many embeddings the LLM reads for one prompt (:meth:`merged_lengths`)."""
+        return self.merged_lengths([prompt])[0]
+
+    def _read_length(self, ids: list[int], keep: list[bool] | None) -> int:
+        if self.config.method in TOKEN_METHODS or keep is None:
+            return num_blocks(len(ids), self.k)
+        return segmented_length(keep, self.k)
+
+    def _check_length(self, ids, extra, keep=None) -> None:
         if self.max_length is None:
             return
         for i, x in enumerate(ids):
             extra_i = extra[i] if isinstance(extra, (list, tuple)) else extra
-            need = num_blocks(len(x), self.k) + extra_i
+            need = self._read_length(x, None if keep is None else keep[i]) + extra_i
+            if self.config.context_layers and len(x) > self.max_length:
+                raise ValueError(f"prompt {i} is too long for contextual merging: its first layers read all "
+                                 f"{len(x)} tokens > {self.max_length} positions the model allows")
             if need > self.max_length:
                 raise ValueError(
                     f"prompt {i} is too long for the model: {len(x)} tokens merge to "
-                    f"{num_blocks(len(x), self.k)} embeddings, + {extra_i} answer/new tokens = "
+                    f"{need - extra_i} embeddings, + {extra_i} answer/new tokens = "
                     f"{need} > {self.max_length} positions the model allows"
                 )
 
     # ------------------------------------------------------------------ training
-    def forward(self, prompts: list[str], answers: list[str], *, all_layers: bool = False) -> LossOutput:
+    def forward(self, prompts: list[str], answers: list[str], *, all_layers: bool = False,
+                end_token: bool = True) -> LossOutput:
         """Next-token cross-entropy over each answer's tokens and the end token.
 
         The LLM reads [merged prompt][answer tokens][end token] per row (right-padded,
         padding masked); vocabulary logits are computed only where a target exists.
         The output also carries what the auxiliary losses of :mod:`ktm.objectives` need
         (every layer's hidden states with ``all_layers``); the trainer adds them with
-        :func:`ktm.objectives.add_auxiliary`.
+        :func:`ktm.objectives.add_auxiliary`. ``end_token=False`` leaves the end token out
+        (an answer that is a text cut mid-way, :class:`ktm.tasks.text.TextTask`): the answer's
+        last token is then the last target. A prompt is a string or a list of ``("merge" |
+        "keep", text)`` segments (:meth:`tokenize_prompts`).
         """
         if len(prompts) != len(answers):
             raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
-        p_ids = self.tokenize(prompts)
+        p_ids, keep = self.tokenize_prompts(prompts)
         eos = self.tokenizer.eos_token_id
-        a_ids = [x + [eos] for x in self.tokenize(answers, what="answer")]
-        self._check_length(p_ids, extra=[len(a) - 1 for a in a_ids])
-        merged = self.merge_ids(p_ids)
+        a_ids = [x + [eos] if end_token else x for x in self.tokenize(answers, what="answer")]
+        if not all(a_ids):
+            raise ValueError("without the end token every answer needs at least one token")
+        self._check_length(p_ids, extra=[len(a) - 1 for a in a_ids], keep=keep)
+        merged = self.merge_ids(p_ids, keep)
         # the last answer token (the end token) is a target but never an input
         a_flat = torch.tensor([t for a in a_ids for t in a], dtype=torch.long, device=self.device)
         embeds, mask = concat_right_padded(merged, self.embed_each([a[:-1] for a in a_ids]))
@@ -342,7 +449,7 @@ class KTokenMerging(nn.Module):
         logits = self.logits(hidden[rows, cols])
         loss = F.cross_entropy(logits, a_flat)
         return LossOutput(loss, logits, a_flat, rows, {"task": loss.detach()}, p_ids, merged, hidden,
-                          dec.hidden_states if all_layers else None)
+                          dec.hidden_states if all_layers else None, end_token)
 
     # ------------------------------------------------------------------ generation
     @torch.inference_mode()
@@ -357,7 +464,8 @@ class KTokenMerging(nn.Module):
         sequence for every new token (the authors' release; for checks and benchmarks).
         After :meth:`enable_compile`, cached decoding runs with static shapes, compiled.
         ``stop_at_end=False`` produces exactly ``max_new_tokens`` per row, end tokens included
-        (benchmarks).
+        (benchmarks). A prompt is a string or a list of ``("merge" | "keep", text)`` segments
+        (:meth:`tokenize_prompts`), e.g. ``[("merge", context), ("keep", question)]``.
         Returns decoded texts (special tokens dropped), or token ids with ``return_tokens``.
         """
         if isinstance(prompts, str):
@@ -365,18 +473,18 @@ class KTokenMerging(nn.Module):
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         check_sampling(do_sample, temperature, top_k, top_p)
-        ids = self.tokenize(prompts)
-        self._check_length(ids, extra=max_new_tokens)
+        ids, keep = self.tokenize_prompts(prompts)
+        self._check_length(ids, extra=max_new_tokens, keep=keep)
         pick = _Picker(do_sample, temperature, top_k, top_p, generator)
         end_ids = self.eos_ids if stop_at_end else []
         eos = torch.tensor(end_ids, dtype=torch.long, device=self.device)
         done = torch.zeros(len(ids), dtype=torch.bool, device=self.device)
         out: list[torch.Tensor] = []
         if use_cache and self._static is None:
-            logits, cache, mask = self.prefill(ids)  # what the speed benchmark times
+            logits, cache, mask = self.prefill(ids, keep)  # what the speed benchmark times
             step = self._cached_steps(cache, mask)
         else:
-            embeds, mask = pad_sequences(self.merge_ids(ids), side="left")
+            embeds, mask = pad_sequences(self.merge_ids(ids, keep), side="left")
             if use_cache:
                 logits, step = self._static.start(embeds, mask, max_new_tokens)
             else:
@@ -546,7 +654,8 @@ class KTokenMerging(nn.Module):
                 )
             self.encoder.load_state_dict(enc_state)
         adapter = load_weights(meta, path, f"{ADAPTER_DIR}/{ADAPTER_FILE}")
-        expected = set(get_peft_model_state_dict(self.lm))
+        # as saved (save_pretrained): without the base embedding / untied lm_head weights
+        expected = set(get_peft_model_state_dict(self.lm, save_embedding_layers=False))
         missing, unexpected = sorted(expected - set(adapter)), sorted(set(adapter) - expected)
         if missing or unexpected:
             raise CheckpointError(

@@ -14,13 +14,19 @@ merged embeddings. Three auxiliary losses add a signal at every block:
   distribution is the target (KL(teacher || student)) for the student's output at merged
   position ``j``. No labels are needed, so this works on any text; at K = 1 with LoRA
   switched off the student *is* the teacher and the loss is zero.
+* **Answer distillation** (``distill_answer``): at every answer position the teacher reads
+  the plain prompt and the answer so far, and its next-token distribution is the target
+  for the student reading the merged prompt and the same answer tokens. On plain text cut
+  into a prompt and its continuation (:class:`ktm.tasks.text.TextTask`) this is
+  ``ktm pretrain``'s loss: the merged prompt must let the model continue the text as the
+  plain model would.
 * **Hidden-state alignment** (``align``): at the same pairs of positions, the student's
   hidden states at every layer move towards the teacher's (cosine distance). Distillation
   and alignment can use a K = 1 model trained on the task as the teacher
   (:func:`ktm.model.load_teacher`).
 
 The position arithmetic is in small pure functions (:func:`distill_positions`,
-:func:`reconstruction_targets`); the losses take a :class:`ktm.model.KTokenMerging`.
+:func:`answer_distill_positions`, :func:`reconstruction_targets`); the losses take a :class:`ktm.model.KTokenMerging`.
 """
 
 from __future__ import annotations
@@ -66,6 +72,66 @@ def distill_positions(lengths: Sequence[int], k: int, include_last: bool = False
         t_cols += [min((j + 1) * k, n) - 1 for j in range(m)]
     as_long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
     return as_long(rows), as_long(s_cols), as_long(t_cols)
+
+
+def answer_distill_positions(prompt_lengths: Sequence[int], target_counts: Sequence[int], ends: bool = True
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Teacher/student pairs for answer distillation.
+
+    Row ``i`` has a plain prompt of ``n_i`` tokens and ``target_counts[i]`` targets in the
+    forward pass (its answer tokens, then the end token when ``ends``). The end token is left
+    out: the teacher, reading plain text, has no reason to end there. Answer token ``j`` is
+    predicted by the teacher at position ``n_i - 1 + j`` of [prompt][answer] and by the
+    student at index ``first_i + j`` of the forward pass's flat targets.
+
+    Returns ``(rows, teacher_cols, student_index)`` long tensors.
+
+    >>> r, t, s = answer_distill_positions([3, 2], [3, 2])
+    >>> r.tolist(), t.tolist(), s.tolist()
+    ([0, 0, 1], [2, 3, 1], [0, 1, 3])
+    >>> answer_distill_positions([3], [2], ends=False)[1].tolist()
+    [2, 3]
+    """
+    rows, t_cols, s_idx, first = [], [], [], 0
+    for i, (n, count) in enumerate(zip(prompt_lengths, target_counts)):
+        real = count - 1 if ends else count
+        rows += [i] * real
+        t_cols += [n - 1 + j for j in range(real)]
+        s_idx += [first + j for j in range(real)]
+        first += count
+    as_long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+    return as_long(rows), as_long(t_cols), as_long(s_idx)
+
+
+def answer_teacher_ids(out) -> list[list[int]]:
+    """What the teacher reads for answer distillation: each plain prompt of the forward
+    pass ``out`` followed by its answer tokens but the last (the end token is never read)."""
+    counts = torch.bincount(out.rows.cpu(), minlength=len(out.prompt_ids)).tolist()
+    answers = out.targets.cpu().split(counts)
+    seqs = []
+    for p, a in zip(out.prompt_ids, answers):
+        real = a.tolist()[:-1] if out.ends else a.tolist()
+        seqs.append(p + real[:-1])  # the answer's last token is predicted, never read
+    return seqs
+
+
+def answer_distillation_loss(model, out, teacher_last: torch.Tensor, teacher=None) -> torch.Tensor:
+    """KL(teacher || student) per answer token (the end token left out), averaged.
+
+    ``out``: the forward pass (its vocabulary logits at the answer positions are the
+    student's); ``teacher_last``: the teacher's last hidden state for
+    :func:`answer_teacher_ids` (right-padded), whose output layer gives the targets.
+    """
+    counts = torch.bincount(out.rows.cpu(), minlength=len(out.prompt_ids)).tolist()
+    rows, t_cols, s_idx = answer_distill_positions([len(p) for p in out.prompt_ids], counts, out.ends)
+    if rows.numel() == 0:
+        return out.logits.new_zeros(())
+    dev = model.device
+    owner, ctx = _as_teacher(model, teacher)
+    with torch.no_grad(), ctx:
+        target = F.log_softmax(owner.logits(teacher_last[rows.to(dev), t_cols.to(dev)]), -1)
+    student = F.log_softmax(out.logits[s_idx.to(out.logits.device)], -1)
+    return F.kl_div(student, target, log_target=True, reduction="batchmean")
 
 
 def reconstruction_targets(
@@ -199,26 +265,33 @@ def reconstruction_loss(model, prompt_ids: list[list[int]], merged: list[torch.T
 
 
 def add_auxiliary(model, out, *, reconstruct: float = 0.0, distill: float = 0.0, align: float = 0.0,
-                  reconstruct_rows: int | None = None, align_mode: str = "cosine", teacher=None):
+                  reconstruct_rows: int | None = None, align_mode: str = "cosine", teacher=None,
+                  distill_answer: float = 0.0, task_loss: float = 1.0):
     """``out`` (a forward pass's :class:`~ktm.model.LossOutput`) with the weighted auxiliary
     terms added to its loss and to its ``parts``.
 
-    ``distill`` and ``align`` learn from ``teacher`` (a K = 1 model reading the plain
-    prompts; default: the base model, ``model``'s adapters off), whose one pass serves
-    both; ``align`` needs the forward's ``all_layers=True``. ``reconstruct`` runs on the
-    first ``reconstruct_rows`` rows (all by default).
+    ``distill``, ``distill_answer`` and ``align`` learn from ``teacher`` (a K = 1 model
+    reading the plain prompts; default: the base model, ``model``'s adapters off), whose one
+    pass serves all three (with ``distill_answer`` it reads the prompts and the answers: its
+    states at the prompt positions are those of the prompts alone); ``align`` needs the
+    forward's ``all_layers=True``. ``reconstruct`` runs on the first ``reconstruct_rows``
+    rows (all by default). ``task_loss`` weighs the forward's own cross-entropy (its
+    ``parts["task"]`` stays unweighted, for the logs).
     """
     import dataclasses
 
-    if not (reconstruct or distill or align):
+    if not (reconstruct or distill or align or distill_answer) and task_loss == 1.0:
         return out
     if align and out.hidden_states is None:
         raise ValueError("alignment needs every layer's hidden states: call the model with all_layers=True")
-    loss, parts = out.loss, dict(out.parts)
-    if distill or align:
-        t_states = teacher_hidden(model, out.prompt_ids, teacher, all_layers=bool(align))
+    loss, parts = task_loss * out.loss, dict(out.parts)
+    if distill or align or distill_answer:
+        seqs = answer_teacher_ids(out) if distill_answer else out.prompt_ids
+        t_states = teacher_hidden(model, seqs, teacher, all_layers=bool(align))
         t_last = t_states[-1] if align else t_states
     terms = []
+    if distill_answer:
+        terms.append(("distill_answer", distill_answer, answer_distillation_loss(model, out, t_last, teacher)))
     if distill:
         terms.append(("distill", distill, distillation_loss(model, out.prompt_ids, out.hidden, t_last, teacher)))
     if align:

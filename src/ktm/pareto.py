@@ -17,7 +17,8 @@ trained encoder), ``merge-random-init`` (the paper's ablation: the encoder MLP r
 initialised, no mean residual), the token-space methods of :mod:`ktm.methods`
 (``keep-first``, ``keep-last``, ``stride``, ``random-drop``) and ``llmlingua2``
 (prompts compressed by LLMLingua-2 to the kept fraction 1/K, then read plainly;
-:mod:`ktm.lingua`).
+:mod:`ktm.lingua`), and ``merge-keep-cue`` (K-Token Merging with the task's cue kept
+token-exact, ``ModelConfig.keep = "cue"``: tree's question, amazon's ``Label:``).
 """
 
 from __future__ import annotations
@@ -31,19 +32,19 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .blocks import num_blocks
 from .config import ModelConfig, save_json
 from .evaluate import subsample
 from .frontier import length_reduction
 from .tasks.base import ExamplesTask, Task
 
 METHODS = ("plain", "merge", "mean", "merge-random-init", "keep-first", "keep-last", "stride", "random-drop",
-           "llmlingua2")
+           "llmlingua2", "merge-keep-cue")
 #: the grid's model-level settings of each method (``plain`` is ``merge`` at K = 1)
 _MODEL_SETTINGS = {"plain": {}, "merge": {}, "mean": {"method": "mean"},
                    "merge-random-init": {"encoder_init": "random"},
                    "keep-first": {"method": "keep-first"}, "keep-last": {"method": "keep-last"},
-                   "stride": {"method": "stride"}, "random-drop": {"method": "random-drop"}, "llmlingua2": {}}
+                   "stride": {"method": "stride"}, "random-drop": {"method": "random-drop"}, "llmlingua2": {},
+                   "merge-keep-cue": {"keep": "cue"}}
 GRID_FILE, CELL_FILE, CELLS_DIR = "grid.json", "cell.json", "cells"
 
 
@@ -197,7 +198,7 @@ def run_cell(cell: Cell, grid: GridConfig, task: Task, folder: Path, *, device="
     originals = subsample(task.examples("test"), grid.eval_examples, grid.seed)
     shortened = subsample(data.examples("test"), grid.eval_examples, grid.seed)
     lengths = [len(x) for x in run.model.tokenize([e.prompt for e in originals])]
-    positions = [num_blocks(len(x), run.model.k) for x in run.model.tokenize([e.prompt for e in shortened])]
+    positions = run.model.merged_lengths([e.prompt for e in shortened])  # kept spans (keep) count whole
     row.update(prompt_tokens=sum(lengths) / len(lengths), llm_positions=sum(positions) / len(positions),
                length_reduction=length_reduction(lengths, positions))
     if grid.generate_examples and task.metric == "perplexity":

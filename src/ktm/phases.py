@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from .checkpoint import clean_stale, recover_dir
 from .config import ModelConfig, TrainConfig, save_json, to_dict
 from .model import KTokenMerging
+from .segments import task_keep_pattern
 from .tasks.base import Task
 from .trainer import CHECKPOINT_DIR, FINAL_DIR, Trainer
 
@@ -84,6 +85,12 @@ class RunResult:
     path: Path | None
 
 
+def process_rank() -> int:
+    """This process's rank under ``accelerate launch`` / ``torchrun`` (``RANK``; 0 alone),
+    known before the accelerator starts: only rank 0 locks, cleans and records the run folder."""
+    return int(os.environ.get("RANK", "0") or 0)
+
+
 def build_model(model_cfg: ModelConfig, base=None, *, device=None, dtype=None, seed: int = 0,
                 init_from=None, init_adapter_from=None, grow_from=None, **load_options) -> KTokenMerging:
     """The model a run starts from: a saved model (``init_from``, which must be for
@@ -117,16 +124,20 @@ def train_run(model_cfg: ModelConfig, train_cfg: TrainConfig, tasks: Task | list
     ``record``: extra entries for ``run_config.json`` (the CLI stores its argv).
     """
     tasks = [tasks] if isinstance(tasks, Task) else list(tasks)
+    model_cfg = dataclasses.replace(model_cfg, keep=task_keep_pattern(model_cfg.keep, tasks[-1]))  # "cue"
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    with run_lock(out):
-        recover_dir(out / CHECKPOINT_DIR)
+    main = process_rank() == 0  # under accelerate launch the first process keeps the folder
+    with run_lock(out) if main else contextlib.nullcontext():
+        if main:
+            recover_dir(out / CHECKPOINT_DIR)
         if not resume and (out / CHECKPOINT_DIR).exists():
             if not overwrite:
                 raise ValueError(f"{out} already holds a checkpoint: pass --resume (resume=True) to continue it, "
                                  f"or --overwrite (overwrite=True) to start over")
-            clear_output(out)
-        for name in (CHECKPOINT_DIR, FINAL_DIR):
+            if main:
+                clear_output(out)
+        for name in (CHECKPOINT_DIR, FINAL_DIR) if main else ():
             clean_stale(out, name)
         return _train_in(out, model_cfg, train_cfg, tasks, base=base, device=device, dtype=dtype, resume=resume,
                          init_from=init_from, init_adapter_from=init_adapter_from, thresholds=thresholds,
@@ -137,8 +148,9 @@ def _train_in(out: Path, model_cfg, train_cfg, tasks, *, base, device, dtype, re
               init_adapter_from, thresholds, max_rounds, record, log, **load_options) -> RunResult:
     model_cfg, train_cfg = prepare_phases(tasks, out, model_cfg, train_cfg, base, device=device, dtype=dtype,
                                           log=log)
-    save_json(out / "run_config.json", {"model": to_dict(model_cfg), "train": to_dict(train_cfg),
-                                        "argv": sys.argv[1:], **(record or {})})
+    if process_rank() == 0:
+        save_json(out / "run_config.json", {"model": to_dict(model_cfg), "train": to_dict(train_cfg),
+                                            "argv": sys.argv[1:], **(record or {})})
     model = build_model(model_cfg, base, device=device, dtype=dtype, seed=train_cfg.seed, init_from=init_from,
                         init_adapter_from=init_adapter_from, grow_from=train_cfg.grow_from, **load_options)
     trainer = Trainer(model, train_cfg, output_dir=out, log=log)
@@ -233,7 +245,7 @@ def train_teacher(tasks: list[Task], output_dir: str | Path, model_cfg: ModelCon
         return folder / FINAL_DIR
     t_model = dataclasses.replace(model_cfg, k=1, encoder_stages=None, encoder_norm=False)
     t_train = dataclasses.replace(train_cfg, steps=train_cfg.teacher_steps * len(tasks), teacher=None,
-                                  align=0.0, distill=0.0, reconstruct=0.0)
+                                  align=0.0, distill=0.0, reconstruct=0.0, distill_answer=0.0, task_loss=1.0)
     options = {k: v for k, v in to_dict(t_model).items() if k != "k"}
     model = KTokenMerging.from_base(base, k=1, device=device, dtype=dtype, seed=t_train.seed, **options)
     log(f"teacher: training K = 1 for {t_train.steps} steps in {folder}")

@@ -11,6 +11,7 @@ state) and ``trainer_state.json`` (step, history, configs). No pickle.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -58,21 +59,37 @@ def lr_factor(step: int, cfg: TrainConfig, start: int = 0, span: int | None = No
 
 
 def batch_indices(examples: list[Example], step: int, cfg: TrainConfig, labels: list[str] | None,
-                  normalise=Task.normalise) -> list[int]:
+                  normalise=Task.normalise, size: int | None = None) -> list[int]:
     """The example indices of global ``step``'s batch: a pure function of (seed, step).
 
-    With ``cfg.balance`` and ``labels``, each example's class is drawn uniformly first.
+    ``size``: how many (default ``cfg.batch_size``; the trainer asks for the global batch,
+    ``cfg.batch_size`` x the number of processes). With ``cfg.balance`` and ``labels``, each
+    example's class is drawn uniformly first.
     """
+    size = cfg.batch_size if size is None else size
     rng = random.Random(cfg.seed * 1_000_003 + step)
     if cfg.balance and labels:
         by_label = defaultdict(list)
         for i, e in enumerate(examples):
             by_label[normalise(e.answer)].append(i)
         pools = [by_label[label] for label in labels if by_label[label]]
-        return [rng.choice(rng.choice(pools)) for _ in range(cfg.batch_size)]
-    if cfg.batch_size <= len(examples):
-        return rng.sample(range(len(examples)), cfg.batch_size)
-    return [rng.randrange(len(examples)) for _ in range(cfg.batch_size)]
+        return [rng.choice(rng.choice(pools)) for _ in range(size)]
+    if size <= len(examples):
+        return rng.sample(range(len(examples)), size)
+    return [rng.randrange(len(examples)) for _ in range(size)]
+
+
+def process_share(indices: list[int], world: int, rank: int) -> list[int]:
+    """Process ``rank``'s share of a global batch (``world`` equal, contiguous parts), so
+    that N processes with batch B train on exactly the examples of one process with N x B.
+
+    >>> process_share([5, 1, 7, 3], world=2, rank=1)
+    [7, 3]
+    """
+    if len(indices) % world:
+        raise ValueError(f"a global batch of {len(indices)} does not split into {world} equal shares")
+    per = len(indices) // world
+    return indices[rank * per:(rank + 1) * per]
 
 
 #: a prompt with more characters than this many per position the model reads cannot fit
@@ -98,12 +115,15 @@ def check_examples(model, examples: list[Example], what: str) -> None:
         chunk = examples[start:start + 512]
         prompts = model.tokenizer([e.prompt for e in chunk], add_special_tokens=False)["input_ids"]
         answers = model.tokenizer([e.answer for e in chunk], add_special_tokens=False)["input_ids"]
-        for w, p, a in zip(where[start:], prompts, answers):
+        # positions read: ceil(n / K), or with kept spans (ModelConfig.keep) what they leave
+        reads = model.merged_lengths([e.prompt for e in chunk]) if model.config.keep and all(prompts) else None
+        for i, (w, p, a) in enumerate(zip(where[start:], prompts, answers)):
             if not p:
                 raise ValueError(f"{w}: the prompt has no tokens")
-            need = num_blocks(len(p), model.k) + len(a)  # merged prompt + answer (+ end, - last input)
+            read = reads[i] if reads else num_blocks(len(p), model.k)
+            need = read + len(a)  # merged prompt + answer (+ end, - last input)
             if limit and need > limit:
-                raise ValueError(f"{w}: the prompt's {len(p)} tokens merge to {num_blocks(len(p), model.k)} "
+                raise ValueError(f"{w}: the prompt's {len(p)} tokens merge to {read} "
                                  f"embeddings, + {len(a)} answer tokens = {need} > {limit} positions the "
                                  f"model reads")
 
@@ -142,6 +162,9 @@ class Trainer:
                              "resolves it), or pass the folder of a trained K = 1 model as teacher")
         if self.teacher is None and self.cfg.teacher:
             self.teacher = load_teacher(self.cfg.teacher, self.model)
+        if self.model.config.keep and (self.cfg.distill or self.cfg.align):
+            raise ValueError("distill and align match the teacher at block ends, which kept spans (keep) move: "
+                             "train with keep without them")
         cuda = torch.cuda.is_available() and self.model.device.type == "cuda"
         mp = "bf16" if cuda and self.model.dtype == torch.float32 else "no"
         self.accelerator = Accelerator(mixed_precision=mp, gradient_accumulation_steps=self.cfg.grad_accum)
@@ -193,9 +216,11 @@ class Trainer:
             for g in self.optimizer.param_groups:
                 g["lr"] = g["base_lr"] * lr_factor(self.step, cfg, *self.schedule_cycle)
             # every process draws the same global batch and takes its own share
-            idx = batch_indices(train, self.step * world + rank, cfg, labels)
-            batch = [train[i] for i in idx]
-            step_parts = self._train_step(batch, micro)
+            idx = batch_indices(train, self.step, cfg, labels, size=cfg.batch_size * world)
+            batch = [train[i] for i in process_share(idx, world, rank)]
+            answer_tokens = sum(map(len, self.model.tokenize([train[i].answer for i in idx], what="answer")))
+            targets = answer_tokens + (len(idx) if task.answer_end else 0)  # + the end tokens
+            step_parts = self._train_step(batch, micro, task.answer_end, global_targets=targets)
             self.step += 1
             seen += len(batch) * world
             # "loss" is the task loss alone, comparable across runs with and without aux terms
@@ -216,18 +241,32 @@ class Trainer:
             self._save_state()
         return self.history
 
-    def _train_step(self, batch: list[Example], micro: int) -> dict[str, float]:
+    def _train_step(self, batch: list[Example], micro: int, end_token: bool = True, *,
+                    global_targets: int | None = None) -> dict[str, float]:
         """One optimiser step on ``batch`` in micro-batches of ``micro`` (gradient
-        accumulation); returns each loss term, averaged over the micro-batches."""
+        accumulation); returns each loss term, averaged over the micro-batches. ``end_token``:
+        whether answers end with the end token (``Task.answer_end``).
+
+        ``global_targets``: the target tokens of the global batch (every process). Each
+        micro-batch's task loss (a mean over its own targets) is then weighted by its share of
+        them, so the step's gradient is the mean over every target token of the global batch
+        whatever the split into processes and micro-batches (accelerate divides the loss by
+        ``grad_accum``, data parallel averages over processes); with one process and no
+        accumulation the weight is exactly 1."""
         cfg, acc = self.cfg, self.accelerator
         parts: dict[str, float] = {}
         for j in range(0, len(batch), micro):
             chunk = batch[j:j + micro]
             with acc.accumulate(self.wrapped), acc.autocast():
-                out = self.wrapped([e.prompt for e in chunk], [e.answer for e in chunk], all_layers=bool(cfg.align))
+                out = self.wrapped([e.prompt for e in chunk], [e.answer for e in chunk], all_layers=bool(cfg.align),
+                                   end_token=end_token)
+                if global_targets:
+                    share = out.targets.numel() * cfg.grad_accum * acc.num_processes / global_targets
+                    out = out if share == 1.0 else dataclasses.replace(out, loss=out.loss * share)
                 out = add_auxiliary(self.model, out, reconstruct=cfg.reconstruct, distill=cfg.distill,
                                     align=cfg.align, reconstruct_rows=cfg.reconstruct_rows,
-                                    align_mode=cfg.align_mode, teacher=self.teacher)
+                                    align_mode=cfg.align_mode, teacher=self.teacher,
+                                    distill_answer=cfg.distill_answer, task_loss=cfg.task_loss)
                 acc.backward(out.loss)
                 if acc.sync_gradients and cfg.max_grad_norm:
                     acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
@@ -297,8 +336,9 @@ class Trainer:
         if self.output_dir is None:
             return False
         ckpt = self.output_dir / CHECKPOINT_DIR
-        if recover_dir(ckpt) and self.is_main:
+        if self.is_main and recover_dir(ckpt):
             self.log(f"{ckpt} was being replaced when the run stopped: continuing from the previous checkpoint")
+        self.accelerator.wait_for_everyone()  # the other processes read what the first recovered
         if not (ckpt / STATE_NAME).is_file():
             return False
         try:
@@ -332,10 +372,15 @@ class Trainer:
                          f"{self.step}: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
 
     def save_final(self) -> Path | None:
-        """Write the trained model to ``OUTPUT/model`` (loadable with from_pretrained)."""
-        if self.output_dir is None or not self.is_main:
+        """Write the trained model to ``OUTPUT/model`` (loadable with from_pretrained); the
+        main process writes it, and every process returns its path once it is there."""
+        if self.output_dir is None:
             return None
-        return self.model.save_pretrained(self.output_dir / FINAL_DIR)
+        path = self.output_dir / FINAL_DIR
+        if self.is_main:
+            path = self.model.save_pretrained(path)
+        self.accelerator.wait_for_everyone()
+        return path
 
 
 def _optimizer_tensors(opt, with_state: bool = True) -> tuple[dict[str, torch.Tensor], list[dict]]:

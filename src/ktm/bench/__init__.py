@@ -115,6 +115,8 @@ class BenchConfig:
     train_batch_size: int = _opt("train: examples per step", 4)
     train_long_length: int = _opt("train: tokens of a long prompt", 500)
     encoder_hidden: int | None = _opt("encoder MLP width (default: the paper's int(a*K)*d)")
+    context_layers: int = _opt("contextual merging: LLM layers that read the full prompt before it is merged "
+                               "(timed in the merge and the prefill; 0: the paper's method)", 0)
     compile_modes: tuple[str, ...] = _opt("compile: torch.compile modes (or 'cudagraphs') to measure against eager",
                                           ("reduce-overhead",), COMPILE_MODES)
     corpus: str | None = _opt("text or .jsonl the prompts are cut from (default: ktm's source)")
@@ -124,6 +126,8 @@ class BenchConfig:
         bad = set(self.modes) - set(MODES)
         if bad:
             raise ValueError(f"unknown modes {sorted(bad)}; choose from {MODES}")
+        if self.context_layers < 0:
+            raise ValueError(f"context_layers must be >= 0, got {self.context_layers}")
         for name in ("repeats", "new_tokens", "decode_length", "train_batch_size", "train_long_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -175,7 +179,7 @@ def _load(model, cfg: BenchConfig, log):
         return model
     t0 = time.perf_counter()
     m = KTokenMerging.from_base(model, k=1, dtype=cfg.dtype, device=resolve_device(cfg.device), seed=0,
-                                encoder_hidden=cfg.encoder_hidden)
+                                encoder_hidden=cfg.encoder_hidden, context_layers=cfg.context_layers)
     log(f"loaded {model or 'default'} in {time.perf_counter() - t0:.0f} s")
     return m
 
@@ -187,6 +191,7 @@ def _meta(m, cfg: BenchConfig, lengths, max_batch_tokens, command) -> dict:
             "batch_sizes": list(cfg.batch_sizes), "max_batch_tokens": max_batch_tokens, "repeats": cfg.repeats,
             "warmup": cfg.warmup, "corpus": portable_path(cfg.corpus) if cfg.corpus else "ktm source code",
             "encoder_hidden": m.config.encoder_hidden or "int(a*K)*d", "encoder_init": m.config.encoder_init,
+            "context_layers": m.config.context_layers,
             "compile_modes": list(cfg.compile_modes) if "compile" in cfg.modes else None,
             "load_avg_start": _load_avg(), **machine_info(m.device)}
 

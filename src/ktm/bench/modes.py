@@ -24,8 +24,10 @@ COMPILE_MAX_LENGTH = 2048  # the compile mode measures the launch-bound short pr
 
 
 def with_k(model, k: int):
-    """``model.with_k(k)``: the same LLM and LoRA, a fresh encoder for block size ``k``."""
-    return model.with_k(k)
+    """``model.with_k(k)``: the same LLM and LoRA, a fresh encoder for block size ``k``.
+    K = 1 is the uncompressed baseline, so it never runs contextual merging's layers: with
+    ``context_layers`` > 0 those are timed only at K > 1 (in ``merge_ids`` and the prefill)."""
+    return model.with_k(k, context_layers=0) if k == 1 else model.with_k(k)
 
 
 def prefill(model, ids: list[list[int]]):

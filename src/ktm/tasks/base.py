@@ -58,6 +58,9 @@ class Task:
     #: how many final words of a prompt are its cue (``Label:``), which a prompt compressor
     #: keeps verbatim (the ``llmlingua2`` baseline, :mod:`ktm.lingua`)
     cue_words: int = 1
+    #: each answer is followed by the end token, a target of the loss and of perplexity; False
+    #: for answers that are texts cut mid-way (:class:`ktm.tasks.text.TextTask`)
+    answer_end: bool = True
     Options = NoOptions
 
     @classmethod
@@ -134,7 +137,7 @@ class ExamplesTask(Task):
     def __init__(self, task: Task, train: list[Example], test: list[Example], label: str = ""):
         self.base, self._data = task, {"train": train, "test": test}
         self.name, self.metric, self.max_new_tokens = task.name, task.metric, task.max_new_tokens
-        self.cue_words = task.cue_words
+        self.cue_words, self.answer_end = task.cue_words, task.answer_end
         self._label = label or task.label
 
     @property
