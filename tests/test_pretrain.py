@@ -204,6 +204,11 @@ def test_pretrain_learns_and_a_task_starts_from_it(base_dir, tmp_path, capsys):
     assert main(["train", "--task", "jsonl", "--data", str(data), "--model", base_dir, "--k", "4", "--steps", "2",
                  "--batch-size", "2", "--eval-examples", "2", "--init-from", str(run / "model"),
                  "--out", str(tmp_path / "task-run")]) == 0
+    # a model option that the saved model overrides is refused, not silently ignored
+    capsys.readouterr()
+    assert main(["train", "--task", "jsonl", "--data", str(data), "--model", base_dir, "--k", "4", "--steps", "2",
+                 "--context-layers", "2", "--init-from", str(run / "model"), "--out", str(tmp_path / "other")]) == 2
+    assert "context_layers = 2 (the saved model has 1)" in capsys.readouterr().err
 
 
 def test_a_resumed_pretraining_equals_an_uninterrupted_one(base_dir, tmp_path):

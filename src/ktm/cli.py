@@ -176,6 +176,10 @@ def cmd_train(args) -> int:
     model_cfg = recipe.model_config(**overrides(args, ModelConfig))
     train_cfg = recipe.train_config(**overrides(args, TrainConfig))
     tasks = _tasks(args)
+    if args.init_from:
+        from .phases import check_init_options
+
+        check_init_options(args.init_from, overrides(args, ModelConfig))
     print(f"recipe {recipe.name}: K = {model_cfg.k}, lr {train_cfg.lr}, batch {train_cfg.batch_size}, "
           f"{train_cfg.steps} steps" + (f" per round, curriculum {args.stage}" if len(tasks) > 1 else ""))
     thresholds = [args.threshold] * (len(tasks) - 1) + [args.final_threshold]

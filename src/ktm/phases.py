@@ -91,6 +91,21 @@ def process_rank() -> int:
     return int(os.environ.get("RANK", "0") or 0)
 
 
+def check_init_options(init_from, given: dict) -> None:
+    """Refuse model options given explicitly (``given``: field -> value) that differ from the
+    saved model ``init_from`` starts from: that model's own settings are what it loads with,
+    so such an option would be silently ignored."""
+    from .checkpoint import read_config
+
+    saved = read_config(init_from)["model"]
+    norm = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731 (JSON lists = tuples)
+    clash = {k: (saved.get(k), v) for k, v in given.items() if k in saved and norm(saved[k]) != norm(v)}
+    if clash:
+        diff = ", ".join(f"{k} = {v!r} (the saved model has {s!r})" for k, (s, v) in sorted(clash.items()))
+        raise ValueError(f"--init-from {init_from} loads the saved model with its own settings, so these options "
+                         f"would be ignored: {diff}; leave them out, or start from the base model instead")
+
+
 def build_model(model_cfg: ModelConfig, base=None, *, device=None, dtype=None, seed: int = 0,
                 init_from=None, init_adapter_from=None, grow_from=None, **load_options) -> KTokenMerging:
     """The model a run starts from: a saved model (``init_from``, which must be for
