@@ -167,11 +167,12 @@ def cell_task(cell: Cell, task: Task, grid: GridConfig, folder: Path, log) -> Ta
 def time_prefill(model, plain_prompts: list[str], cell_prompts: list[str], repeats: int = 5) -> dict:
     """Median prefill time of the cell's prompts (merged or shortened, encoder included)
     against the same LLM reading the original prompts whole, round-robin in one process."""
-    from .bench import measure, median, plain_prefill, prefill
+    from .bench import measure, median, plain_prefill
 
-    ids_cell, ids_plain = model.tokenize(cell_prompts), model.tokenize(plain_prompts)
+    (ids_cell, keep), ids_plain = model.tokenize_prompts(cell_prompts), model.tokenize(plain_prompts)
     model.eval()
-    times = measure({"cell_s": lambda: prefill(model, ids_cell), "plain_s": lambda: plain_prefill(model, ids_plain)},
+    # kept spans (ModelConfig.keep) are read as the trained model reads them
+    times = measure({"cell_s": lambda: model.prefill(ids_cell, keep), "plain_s": lambda: plain_prefill(model, ids_plain)},
                     warmup=1, repeats=repeats, device=model.device)
     t = {name: median(ts) for name, ts in times.items()}
     return {**t, "prefill_ratio": t["cell_s"] / t["plain_s"], "prefill_speedup": t["plain_s"] / t["cell_s"],
