@@ -87,7 +87,24 @@ class Task:
         return sorted({self.normalise(e.answer) for e in examples})
 
 
-class FileTask(Task):
+class LoadedTask(Task):
+    """A task whose two splits are read once, on first use, by :meth:`_load`
+    (``{"train": [...], "test": [...]}``)."""
+
+    _splits: dict[str, list[Example]] | None = None
+
+    def examples(self, split: str) -> list[Example]:
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        if self._splits is None:
+            self._splits = self._load()
+        return self._splits[split]
+
+    def _load(self) -> dict[str, list[Example]]:
+        raise NotImplementedError
+
+
+class FileTask(LoadedTask):
     """A task read from local JSONL: a folder with ``train.jsonl`` and ``test.jsonl`` (or
     ``dev.jsonl``), used as split, or one file, split here by :meth:`split_key` (a product,
     a repository) so that examples with the same key stay in one split. Subclasses implement
@@ -114,12 +131,6 @@ class FileTask(Task):
     def split_key(self, example: Example) -> str:
         raise NotImplementedError
 
-    def examples(self, split: str) -> list[Example]:
-        if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        if self._splits is None:
-            self._splits = self._load()
-        return self._splits[split]
 
     def _load(self) -> dict[str, list[Example]]:
         if not self.source.is_dir():

@@ -42,7 +42,7 @@ import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .base import Example, Task, iter_json_objects, split_by_key
+from .base import Example, LoadedTask, iter_json_objects, split_by_key
 from .hub import is_hub_id
 
 #: files of a folder that are held-out splits, never pretraining text
@@ -161,7 +161,7 @@ def read_texts(source: str | Path, opts: TextOptions):
         yield from itertools.islice(texts, opts.max_texts or None)
 
 
-class TextTask(Task):
+class TextTask(LoadedTask):
     """Texts cut into prompt and continuation windows; scored by perplexity.
 
     Args:
@@ -191,13 +191,6 @@ class TextTask(Task):
     @property
     def label(self) -> str:
         return "text " + " ".join("/".join(Path(str(s)).parts[-2:]) for s in self.sources)
-
-    def examples(self, split: str) -> list[Example]:
-        if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        if self._splits is None:
-            self._splits = self._load()
-        return self._splits[split]
 
     def windows(self, where: str, text: str) -> list[Example]:
         """One text's examples: its windows (:func:`cut_windows`)."""
