@@ -182,12 +182,16 @@ def test_pretrain_learns_and_a_task_starts_from_it(base_dir, tmp_path, capsys):
     assert main(pretrain_args(base_dir, text, run, 16, "--eval-every", "4", "--context-layers", "1")) == 0
     printed = capsys.readouterr().out
     assert "held-out continuation perplexity" in printed and "--init-from" in printed
+    assert "reading no prompt at all" in printed
     history = json.loads((run / "history.json").read_text())["history"]
     losses = [row["train_distill_answer_loss"] for row in history]
     assert [row["step"] for row in history] == [4, 8, 12, 16] and losses[-1] < 0.8 * losses[0]
     record = json.loads((run / "pretrain.json").read_text())
     assert record["plain_perplexity"] > 1 and record["text"]["prompt_tokens"] == 24
-    assert json.loads((run / "run_config.json").read_text())["train"]["distill_answer"] == 1.0
+    assert record["no_context_perplexity"] > 1 and record["no_context_perplexity"] != record["plain_perplexity"]
+    saved = json.loads((run / "run_config.json").read_text())
+    assert saved["train"]["distill_answer"] == 1.0
+    assert saved["argv"] == pretrain_args(base_dir, text, run, 16, "--eval-every", "4", "--context-layers", "1")
     pre = KTokenMerging.from_pretrained(run / "model")
     assert pre.config.context_layers == 1 and pre.k == 4
     # a task starts from it: the same weights before its first step

@@ -186,7 +186,7 @@ def cmd_train(args) -> int:
     run = train_run(model_cfg, train_cfg, tasks, args.out, base=args.model, device=args.device, dtype=args.dtype,
                     resume=args.resume, overwrite=args.overwrite, init_from=args.init_from,
                     init_adapter_from=args.init_adapter_from, thresholds=thresholds, max_rounds=args.max_rounds,
-                    record={"recipe": recipe.name}, log=tqdm.write,
+                    record={"recipe": recipe.name, "argv": args.argv}, log=tqdm.write,
                     trust_remote_code=getattr(args, "trust_remote_code", None))
     last = run.trainer.history[-1]
     print(f"final {last['metric']} {last['value']:.4f}" +
@@ -210,10 +210,13 @@ def cmd_pretrain(args) -> int:
           f"{text.continuation_tokens} tokens")
     run, plain = pretrain_run(model_cfg, train_cfg, text, args.out, base=args.model, device=args.device,
                               dtype=args.dtype, resume=args.resume, overwrite=args.overwrite, log=tqdm.write,
-                              trust_remote_code=getattr(args, "trust_remote_code", None))
+                              record={"argv": args.argv}, trust_remote_code=getattr(args, "trust_remote_code", None))
     last = run.trainer.history[-1]
+    record = json.loads((Path(args.out) / "pretrain.json").read_text()) if run.trainer.is_main else {}
+    none = record.get("no_context_perplexity")
     print(f"held-out continuation perplexity {last['value']:.4f} reading merged prompts (K = {model_cfg.k}); "
-          f"{plain:.4f} for the base model reading them plain")
+          f"{plain:.4f} for the base model reading them plain"
+          + ("" if none is None else f", {none:.4f} reading no prompt at all"))
     print(f"saved {run.path}; start a task from it with: ktm train --init-from {run.path} --k {model_cfg.k} ...")
     return 0
 
@@ -738,6 +741,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     try:
         args = build_parser().parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # what run_config.json records
     except SystemExit as e:  # argparse: --help / --version exit 0, bad arguments exit 2
         if e.code in (0, None):
             raise

@@ -48,9 +48,9 @@ def pretrain_configs(recipe: str | None = None, model: dict | None = None,
 
 def pretrain_run(model_cfg: ModelConfig, train_cfg: TrainConfig, text: TextOptions, out, *, base=None,
                  tokenizer=None, device=None, dtype=None, resume: bool = False, overwrite: bool = False,
-                 log=print, **load_options) -> tuple[RunResult, float]:
+                 log=print, record: dict | None = None, **load_options) -> tuple[RunResult, float]:
     """Pretrain in folder ``out`` on ``text.text`` (see :func:`ktm.phases.train_run` for
-    ``resume`` and ``overwrite``). ``tokenizer`` cuts the texts (default: the base model's,
+    ``resume``, ``overwrite`` and ``record``). ``tokenizer`` cuts the texts (default: the base model's,
     loaded without its weights). Returns the run and the held-out perplexity of the base
     model reading the plain prompts (:func:`plain_perplexity`), which ``OUT/pretrain.json``
     records with the text options and the evaluation history."""
@@ -62,26 +62,37 @@ def pretrain_run(model_cfg: ModelConfig, train_cfg: TrainConfig, text: TextOptio
     log(f"pretrain: {len(task.examples('train'))} training windows, {len(task.examples('test'))} held out, "
         f"from {task.label}")
     run = train_run(model_cfg, train_cfg, task, out, base=base, device=device, dtype=dtype, resume=resume,
-                    overwrite=overwrite, record={"pretrain": to_dict(text)}, log=log, **load_options)
-    reference = plain_perplexity(run.model, subsample(task.examples("test"), train_cfg.eval_examples,
-                                                      train_cfg.seed))
+                    overwrite=overwrite, record={**(record or {}), "pretrain": to_dict(text)}, log=log, **load_options)
+    held_out = subsample(task.examples("test"), train_cfg.eval_examples, train_cfg.seed)
+    reference = plain_perplexity(run.model, held_out)
     if run.trainer.is_main:
         save_json(Path(out) / "pretrain.json", {"text": to_dict(text), "plain_perplexity": reference,
+                                                "no_context_perplexity": plain_perplexity(run.model, held_out,
+                                                                                          context=False),
                                                 "history": run.trainer.history})
     return run, reference
 
 
 @torch.no_grad()
-def plain_perplexity(model, examples, batch_size: int = 16) -> float:
+def plain_perplexity(model, examples, batch_size: int = 16, context: bool = True) -> float:
     """Perplexity of the examples' answers (no end token) under the base model reading the
-    plain prompts (``model``'s adapters off, nothing merged): the target of pretraining."""
+    plain prompts (``model``'s adapters off, nothing merged): the target of pretraining.
+
+    With ``context=False`` the base model reads no prompt at all, only a start token (the
+    tokenizer's BOS, else its end token) before each continuation: the perplexity that a
+    merged prefix carrying no information would get at best, so a merged model has learned
+    to read its prompt only as far as it gets below it."""
     nll, count = 0.0, 0
     was_training = model.training
     model.eval()
     try:
         for i in range(0, len(examples), batch_size):
             chunk = examples[i:i + batch_size]
-            p_ids = model.tokenize([e.prompt for e in chunk])
+            if context:
+                p_ids = model.tokenize([e.prompt for e in chunk])
+            else:
+                start = model.tokenizer.bos_token_id
+                p_ids = [[model.tokenizer.eos_token_id if start is None else start]] * len(chunk)
             a_ids = model.tokenize([e.answer for e in chunk], what="answer")
             seqs = [model.embed_each([p + a[:-1]])[0] for p, a in zip(p_ids, a_ids)]
             embeds, mask = pad_sequences(seqs, side="right")

@@ -1,0 +1,295 @@
+"""Issue 15's measurement: how far a pretrained merger and contextual merging take K-Token
+Merging, against K = 1 and keep-first, over several seeds (docs/RECIPES.md).
+
+    python benchmarks/merger_study.py run --out runs/study-amazon --k 4 --seeds 0 1 2 \\
+        --variants k1 keep-first scratch pre ctx2 pre-ctx2 \\
+        --pretrained 4=runs/pre-k4/model --pretrained 4:2=runs/pre-k4-j2/model \\
+        -- --task amazon --reviews ../shared/data/amazon --review-chars 200 --steps 60 --batch-size 8 \\
+           --eval-every 20 --eval-examples 200 --device cpu --dtype float32
+    python benchmarks/merger_study.py report runs/study-amazon --out docs/recipes/study-amazon
+
+``run`` trains one ``ktm train`` run per (variant, K, seed) in ``OUT/<variant>-k<K>-s<seed>``
+with the options after ``--`` (the same for every cell) plus the variant's own:
+
+* ``k1``: plain K = 1 (one cell per seed, whatever ``--k``);
+* ``keep-first``: the first 1/K of the prompt's tokens, read plainly (``--method keep-first``);
+* ``scratch``: K-Token Merging from the block mean (the recipe as given);
+* ``ctxJ`` (``ctx1``, ``ctx2``, ...): contextual merging, ``--context-layers J``;
+* ``pre``: started from the pretrained merger given as ``--pretrained K=PATH``;
+* ``pre-ctxJ``: started from the pretrained contextual merger ``--pretrained K:J=PATH``.
+
+Finished cells are kept, an interrupted one resumes from its checkpoint, so the command can be
+rerun until done. Cells run one at a time, each as its own ``ktm train`` process, in the order
+seed, then variant, so the first seed of every variant comes first. ``report`` reads the cells
+(and, given ``--pretrain-runs``, the pretraining runs' ``pretrain.json``) and writes
+``NAME.json``, ``NAME.md`` (final numbers with mean, standard deviation and range over seeds;
+the mean curve; wall time) and ``NAME.png`` (mean curves with the range over seeds shaded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+VARIANT = re.compile(r"^(k1|keep-first|scratch|pre|ctx(\d+)|pre-ctx(\d+))$")
+
+
+def variant_args(variant: str, k: int, pretrained: dict[tuple[int, int], str]) -> list[str]:
+    """The ``ktm train`` options of a variant at block size ``k``.
+
+    >>> variant_args("ctx2", 4, {}), variant_args("pre", 4, {(4, 0): "p"})
+    (['--k', '4', '--context-layers', '2'], ['--k', '4', '--init-from', 'p'])
+    """
+    m = VARIANT.match(variant)
+    if not m:
+        raise SystemExit(f"unknown variant {variant!r}: k1, keep-first, scratch, pre, ctxJ or pre-ctxJ")
+    if variant == "k1":
+        return ["--k", "1"]
+    if variant == "keep-first":
+        return ["--method", "keep-first", "--k", str(k)]
+    if variant == "scratch":
+        return ["--k", str(k)]
+    if m.group(2):
+        return ["--k", str(k), "--context-layers", m.group(2)]
+    j = int(m.group(3) or 0)
+    if (k, j) not in pretrained:
+        raise SystemExit(f"variant {variant} at K = {k} needs --pretrained {k}{f':{j}' if j else ''}=PATH")
+    return ["--k", str(k), "--init-from", pretrained[(k, j)]]
+
+
+def cell_name(variant: str, k: int, seed: int) -> str:
+    return f"{variant}-s{seed}" if variant == "k1" else f"{variant}-k{k}-s{seed}"
+
+
+def parse_pretrained(specs: list[str]) -> dict[tuple[int, int], str]:
+    """``K=PATH`` or ``K:J=PATH`` -> {(K, J): PATH}.
+
+    >>> parse_pretrained(["4=a", "4:2=b"])
+    {(4, 0): 'a', (4, 2): 'b'}
+    """
+    out = {}
+    for spec in specs:
+        key, sep, path = spec.partition("=")
+        k, _, j = key.partition(":")
+        if not sep or not k.isdigit() or (j and not j.isdigit()):
+            raise SystemExit(f"--pretrained {spec!r}: expected K=PATH or K:J=PATH")
+        out[(int(k), int(j or 0))] = path
+    return out
+
+
+def finished(cell: Path, steps: int | None) -> bool:
+    history = cell / "history.json"
+    if not (cell / "model").is_dir() or not history.is_file():
+        return False
+    rows = json.loads(history.read_text())["history"]
+    return bool(rows) and (steps is None or rows[-1]["step"] >= steps)
+
+
+def option(args: list[str], name: str) -> str | None:
+    return args[args.index(name) + 1] if name in args[:-1] else None
+
+
+def ktm_command() -> list[str]:
+    exe = shutil.which("ktm")
+    return [exe] if exe else [sys.executable, "-c", "import sys; from ktm.cli import main; sys.exit(main())"]
+
+
+def run(args, common: list[str]) -> None:
+    pretrained = parse_pretrained(args.pretrained)
+    steps = option(common, "--steps")
+    cells = []
+    for seed in args.seeds:
+        for variant in args.variants:
+            for k in ([1] if variant == "k1" else args.k):
+                name = cell_name(variant, k, seed)
+                if name not in {c[0] for c in cells}:
+                    cells.append((name, variant_args(variant, k, pretrained) + ["--seed", str(seed)]))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, (name, extra) in enumerate(cells, 1):
+        cell = out / name
+        if finished(cell, int(steps) if steps else None):
+            print(f"[{i}/{len(cells)}] {name}: done, kept")
+            continue
+        state = ["--resume"] if (cell / "checkpoint").is_dir() else ["--overwrite"]
+        cmd = [*ktm_command(), "train", *common, *extra, "--out", str(cell), *state]
+        print(f"[{i}/{len(cells)}] {name}: {' '.join(cmd[len(ktm_command()):])}", flush=True)
+        start = time.time()
+        with open(out / f"{name}.log", "a") as log:
+            code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+        if code:
+            raise SystemExit(f"{name} failed (exit {code}); see {out / f'{name}.log'}")
+        last = json.loads((cell / "history.json").read_text())["history"][-1]
+        print(f"    {last.get('metric', 'value')} {last['value']:.4f} at step {last['step']}, "
+              f"{(time.time() - start) / 60:.1f} min", flush=True)
+
+
+# --------------------------------------------------------------------------- report
+
+def read_cells(folder: Path) -> dict[str, list[dict]]:
+    """{group: [cell, ...]} where a group is a cell name without its seed."""
+    groups: dict[str, list[dict]] = {}
+    for cell in sorted(folder.iterdir()):
+        m = re.match(r"^(.*)-s(\d+)$", cell.name)
+        if not m or not (cell / "history.json").is_file():
+            continue
+        history = json.loads((cell / "history.json").read_text())["history"]
+        config = json.loads((cell / "run_config.json").read_text())
+        if history:
+            groups.setdefault(m.group(1), []).append({"seed": int(m.group(2)), "history": history,
+                                                      "argv": config.get("argv", [])})
+    return groups
+
+
+def spread(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values), "n": len(values), "values": values}
+
+
+def summarise(groups: dict[str, list[dict]]) -> dict[str, dict]:
+    out = {}
+    for group, cells in groups.items():
+        steps = sorted(set.intersection(*({r["step"] for r in c["history"]} for c in cells)))
+        curve = {s: spread([next(r["value"] for r in c["history"] if r["step"] == s) for c in cells]) for s in steps}
+        final = [c["history"][-1] for c in cells]
+        out[group] = {
+            "seeds": [c["seed"] for c in cells], "steps": steps, "curve": curve,
+            "final": spread([r["value"] for r in final]),
+            "macro_f1": spread([r["macro_f1"] for r in final]) if all("macro_f1" in r for r in final) else None,
+            "train_loss": spread([r.get("train_loss") or 0.0 for r in final]),
+            "wall_min": spread([r.get("elapsed_s", 0.0) / 60 for r in final]),
+            "majority_rate": final[0].get("majority_rate"), "metric": final[0].get("metric", "value"),
+            "commands": ["ktm " + " ".join(c["argv"]) for c in cells],
+        }
+    return out
+
+
+def pretrain_rows(runs: list[str]) -> list[dict]:
+    rows = []
+    for spec in runs:
+        path, _, label = spec.partition("=")
+        record = json.loads((Path(path) / "pretrain.json").read_text())
+        config = json.loads((Path(path) / "run_config.json").read_text())
+        last = record["history"][-1]
+        rows.append({"label": label or Path(path).name, "step": last["step"], "perplexity": last["value"],
+                     "plain_perplexity": record["plain_perplexity"],
+                     "no_context_perplexity": record.get("no_context_perplexity"),
+                     "wall_min": last.get("elapsed_s", 0.0) / 60, "k": config["model"]["k"],
+                     "context_layers": config["model"]["context_layers"],
+                     "curve": [(r["step"], r["value"]) for r in record["history"]],
+                     "command": "ktm " + " ".join(config.get("argv", []))})
+    return rows
+
+
+def pct(s: dict) -> str:
+    return f"{100 * s['mean']:.1f} ± {100 * s['sd']:.1f} ({100 * s['min']:.1f}-{100 * s['max']:.1f})"
+
+
+def markdown(summary: dict[str, dict], pre: list[dict]) -> str:
+    steps = sorted({s for g in summary.values() for s in g["steps"]})
+    head = ["variant", "seeds", *(f"step {s}" for s in steps), "final: mean ± sd (range)", "macro-F1",
+            "train loss", "wall (min)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for group, g in summary.items():
+        curve = [f"{100 * g['curve'][s]['mean']:.1f}" if s in g["curve"] else "" for s in steps]
+        f1 = f"{g['macro_f1']['mean']:.3f}" if g["macro_f1"] else ""
+        lines.append("| " + " | ".join([group, ",".join(map(str, g["seeds"])), *curve, pct(g["final"]), f1,
+                                        f"{g['train_loss']['mean']:.3f}", f"{g['wall_min']['mean']:.1f}"]) + " |")
+    rate = next((g["majority_rate"] for g in summary.values() if g["majority_rate"] is not None), None)
+    text = "\n".join(lines)
+    if rate is not None:
+        text += (f"\n\nAccuracy in % on the held-out examples (mean over seeds at each evaluation); majority class "
+                 f"{100 * rate:.1f}% on seed {min(min(g['seeds']) for g in summary.values())}'s subset.")
+    if pre:
+        text += ("\n\nPretraining runs (held-out continuation perplexity):\n\n"
+                 "| run | K | context layers | steps | merged | base model, plain prompt | base model, no prompt | "
+                 "wall (min) |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n")
+        text += "\n".join(f"| {r['label']} | {r['k']} | {r['context_layers']} | {r['step']} | {r['perplexity']:.1f} "
+                          f"| {r['plain_perplexity']:.1f} | "
+                          f"{'' if r['no_context_perplexity'] is None else format(r['no_context_perplexity'], '.1f')}"
+                          f" | {r['wall_min']:.1f} |" for r in pre)
+    return text
+
+
+def plot(summary: dict[str, dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.4))
+    for group, g in summary.items():
+        xs = g["steps"]
+        mean = [100 * g["curve"][s]["mean"] for s in xs]
+        line, = ax.plot(xs, mean, marker="o", label=f"{group} (n={len(g['seeds'])})")
+        if len(g["seeds"]) > 1:
+            ax.fill_between(xs, [100 * g["curve"][s]["min"] for s in xs], [100 * g["curve"][s]["max"] for s in xs],
+                            color=line.get_color(), alpha=0.12)
+    rate = next((g["majority_rate"] for g in summary.values() if g["majority_rate"] is not None), None)
+    if rate is not None:
+        ax.axhline(100 * rate, color="grey", linestyle="--", linewidth=1, label="majority class")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("held-out accuracy (%), mean over seeds; range shaded")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(args) -> None:
+    summary = summarise(read_cells(Path(args.folder)))
+    if not summary:
+        raise SystemExit(f"{args.folder}: no finished cells")
+    pre = pretrain_rows(args.pretrain_runs)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    md = markdown(summary, pre)
+    commands = "\n".join(f"- {group}: `{g['commands'][0]}`" + (" (and the other seeds)" if len(g["commands"]) > 1
+                                                                else "") for group, g in summary.items())
+    commands += "".join(f"\n- pretraining {r['label']}: `{r['command']}`" for r in pre)
+    out.with_suffix(".md").write_text(md + "\n\nCommands (one per cell; `--seed` and `--out` change per cell):\n\n"
+                                      + commands + "\n")
+    out.with_suffix(".json").write_text(json.dumps({"cells": summary, "pretraining": pre}, indent=1))
+    plot(summary, out.with_suffix(".png"), args.title)
+    print(md)
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    common: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, common = argv[:i], argv[i + 1:]
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="train the missing cells (options for ktm train after --)")
+    r.add_argument("--out", required=True)
+    r.add_argument("--variants", nargs="+", required=True)
+    r.add_argument("--k", nargs="+", type=int, default=[4])
+    r.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    r.add_argument("--pretrained", nargs="*", default=[], metavar="K[:J]=PATH")
+    p = sub.add_parser("report", help="tables and plot of a study folder")
+    p.add_argument("folder")
+    p.add_argument("--out", required=True, help="output path without extension")
+    p.add_argument("--title", default="held-out accuracy")
+    p.add_argument("--pretrain-runs", nargs="*", default=[], metavar="RUN[=LABEL]")
+    args = ap.parse_args(argv)
+    if args.command == "run":
+        if any(a in common for a in ("--k", "--seed", "--out", "--init-from", "--context-layers", "--method")):
+            raise SystemExit("--k, --seed, --out, --init-from, --context-layers and --method are set per cell")
+        run(args, common)
+    else:
+        report(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""benchmarks/merger_study.py: the cells it trains, reruns, and the spread it reports."""
+
+import json
+import statistics
+
+import pytest
+
+
+def _module():
+    from conftest import load_benchmark
+
+    return load_benchmark("merger_study")
+
+
+def test_variants_map_to_train_options():
+    mod = _module()
+    pre = mod.parse_pretrained(["4=p4", "2:1=p21"])
+    assert pre == {(4, 0): "p4", (2, 1): "p21"}
+    assert mod.variant_args("k1", 4, pre) == ["--k", "1"]
+    assert mod.variant_args("keep-first", 2, pre) == ["--method", "keep-first", "--k", "2"]
+    assert mod.variant_args("ctx4", 4, pre) == ["--k", "4", "--context-layers", "4"]
+    assert mod.variant_args("pre-ctx1", 2, pre) == ["--k", "2", "--init-from", "p21"]
+    with pytest.raises(SystemExit, match="needs --pretrained 2=PATH"):
+        mod.variant_args("pre", 2, pre)
+    with pytest.raises(SystemExit, match="unknown variant"):
+        mod.variant_args("ctx", 4, pre)
+    with pytest.raises(SystemExit, match="K=PATH"):
+        mod.parse_pretrained(["four=p"])
+    assert mod.cell_name("k1", 4, 2) == "k1-s2" and mod.cell_name("pre-ctx2", 4, 0) == "pre-ctx2-k4-s0"
+
+
+@pytest.fixture
+def in_process(monkeypatch):
+    """Run each cell's ``ktm train`` in this process (a subprocess would re-import torch)."""
+    from ktm.cli import main
+
+    calls = []
+
+    def call(cmd, stdout=None, stderr=None):
+        calls.append(cmd[1:])
+        return main(cmd[1:])
+
+    mod = _module()
+    monkeypatch.setattr(mod, "ktm_command", lambda: ["ktm"])
+    monkeypatch.setattr(mod.subprocess, "call", call)
+    return mod, calls
+
+
+def test_run_trains_each_cell_once_and_reports_the_spread(base_dir, tmp_path, in_process, capsys):
+    mod, calls = in_process
+    data = tmp_path / "task"
+    data.mkdir()
+    for split in ("train", "test"):
+        (data / f"{split}.jsonl").write_text("".join(
+            json.dumps({"prompt": f"word {w} here, Label:", "answer": w}) + "\n" for w in "abcdef"))
+    out = tmp_path / "study"
+    common = ["--", "--task", "jsonl", "--data", str(data), "--model", base_dir, "--steps", "2", "--batch-size", "2",
+              "--eval-every", "1", "--eval-examples", "4"]
+    mod.main(["run", "--out", str(out), "--variants", "k1", "--k", "4", "--seeds", "0", "1", *common])
+    mod.main(["run", "--out", str(out), "--variants", "scratch", "--k", "4", "--seeds", "0", *common])
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["k1-s0", "k1-s1", "scratch-k4-s0"]
+    assert [c[c.index("--seed") + 1] for c in calls] == ["0", "1", "0"] and calls[0][calls[0].index("--k") + 1] == "1"
+    # a pretrained merger is any saved model of that K; rerunning keeps the finished cells
+    mod.main(["run", "--out", str(out), "--variants", "scratch", "pre", "--seeds", "0", "--pretrained",
+              f"4={out / 'scratch-k4-s0' / 'model'}", *common])
+    assert len(calls) == 4 and "--init-from" in calls[-1] and "done, kept" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="set per cell"):
+        mod.main(["run", "--out", str(out), "--variants", "k1", "--", "--seed", "3"])
+
+    mod.main(["report", str(out), "--out", str(tmp_path / "doc" / "study")])
+    summary = json.loads((tmp_path / "doc" / "study.json").read_text())["cells"]
+    assert set(summary) == {"k1", "scratch-k4", "pre-k4"}
+    # run_config.json records the command each cell ran
+    assert json.loads((out / "pre-k4-s0" / "run_config.json").read_text())["argv"] == calls[-1]
+    finals = [json.loads((out / f"k1-s{s}" / "history.json").read_text())["history"][-1]["value"] for s in (0, 1)]
+    assert summary["k1"]["final"]["mean"] == pytest.approx(statistics.fmean(finals))
+    assert summary["k1"]["final"]["sd"] == pytest.approx(statistics.stdev(finals))
+    assert summary["k1"]["steps"] == [1, 2] and summary["pre-k4"]["seeds"] == [0]
+    md = (tmp_path / "doc" / "study.md").read_text()
+    assert "| k1 | 0,1 |" in md and "--init-from" in md
+    assert (tmp_path / "doc" / "study.png").stat().st_size > 1000
+
+
+def test_a_failed_cell_stops_the_study(tmp_path, monkeypatch):
+    mod = _module()
+    monkeypatch.setattr(mod, "ktm_command", lambda: ["ktm"])
+    monkeypatch.setattr(mod.subprocess, "call", lambda cmd, stdout=None, stderr=None: 2)
+    with pytest.raises(SystemExit, match="k1-s0 failed"):
+        mod.main(["run", "--out", str(tmp_path / "s"), "--variants", "k1", "--seeds", "0", "--", "--steps", "1"])
