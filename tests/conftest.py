@@ -81,6 +81,34 @@ def save_tiny_base(folder, max_positions=512):
     return str(folder)
 
 
+def trained_checkpoint(folder, base, k=3, seed=0, **options):
+    """A saved ktm model whose LoRA is random, not zero, and (for method merge) whose encoder is
+    random, not the mean: merging the LoRA then changes the weights, and the encoder is not plain
+    averaging. Returns the model."""
+    from ktm import KTokenMerging
+
+    if options.get("method", "merge") == "merge":
+        options.setdefault("encoder_init", "paper")
+    m = KTokenMerging.from_base(base, k=k, seed=seed, lora_dropout=0.0, **options).eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in m.trainable_parameters()["lora"]:
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    m.save_pretrained(folder)
+    return m
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine two threads wait
+    on each other for milliseconds per operation (as in test_bench). Use it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
     """A tiny model folder (512 positions), shared by a test module's tests."""

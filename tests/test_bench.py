@@ -18,14 +18,7 @@ TEXT = ("def binomial(n, r):\n    c = [0] * (r + 1)\n    c[0] = 1\n    for i in 
         "    return c[r]\n") * 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine two threads
-    wait on each other for milliseconds per operation."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def s(*xs):

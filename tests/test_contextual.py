@@ -11,14 +11,7 @@ from ktm.blocks import block_slots, fill_blocks
 from ktm.checkpoint import CheckpointError
 from ktm.config import ModelConfig
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine two threads wait
-    on each other for milliseconds per operation (as in test_bench)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread
 
 
 PROMPTS = ["the cat sat on the mat, Label:", "ok", "a somewhat longer prompt that spans many blocks of four"]

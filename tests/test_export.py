@@ -9,26 +9,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import char_tokenizer, tiny_llama
+from conftest import char_tokenizer, tiny_llama, trained_checkpoint
 from ktm import KTokenMerging
 from ktm.blocks import position_ids
 from ktm.cli import escape_line, main
 from ktm.config import ModelConfig
 from ktm.export import SERVING_CONFIG, ExportError, check_servable, export_model, read_export
 from ktm.serving import read_embeds
-
-
-def trained_checkpoint(folder, base, k=3, seed=0, **options):
-    """A saved ktm model whose LoRA and encoder are random, not zero / the mean: merging the
-    LoRA then changes the weights, and the encoder is not plain averaging."""
-    options.setdefault("encoder_init", "paper")
-    m = KTokenMerging.from_base(base, k=k, seed=seed, lora_dropout=0.0, **options).eval()
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in m.trainable_parameters()["lora"]:
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    m.save_pretrained(folder)
-    return m
 
 
 @pytest.fixture(scope="module")

@@ -17,14 +17,7 @@ from ktm.objectives import add_auxiliary, answer_teacher_ids
 from ktm.pretrain import pretrain_configs
 from ktm.tasks.text import TextOptions, TextTask, cut_windows
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine two threads wait
-    on each other for milliseconds per operation (as in test_bench)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread
 
 
 WORDS = "the cat sat on a mat and then ran to see the dog who likes fish in the sun".split()

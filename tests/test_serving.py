@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import trained_checkpoint
 from ktm import KTokenMerging
 from ktm.cli import main
 from ktm.export import ENCODER_FILE, SERVING_CONFIG, ExportError, export_model
@@ -31,19 +32,6 @@ from ktm.serving import (
 )
 
 PROMPTS = ["Review: fits well, Label:", "a", "0123456789" * 5, "  spaced  out  "]
-
-
-def trained_checkpoint(folder, base, k=3, seed=0, **options):
-    """A saved ktm model with a random (not zero) LoRA and, for merge, a random encoder MLP."""
-    if options.get("method", "merge") == "merge":
-        options.setdefault("encoder_init", "paper")
-    m = KTokenMerging.from_base(base, k=k, seed=seed, lora_dropout=0.0, **options).eval()
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in m.trainable_parameters()["lora"]:
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    m.save_pretrained(folder)
-    return m
 
 
 @pytest.fixture(scope="module")
