@@ -3,7 +3,8 @@
     python benchmarks/merge_variants.py probe --k 1 2 4 --layout fixed lines tail12 \
         [--checkpoint runs/k1/model=K1-trained ...] --out docs/recipes/probe
 
-``probe`` asks whether the *untrained* model already computes the answer: it reads each
+``probe`` asks whether the *untrained* model already computes the answer (of the tree
+task, or with ``--task amazon --reviews DIR`` the sentiment of a review): it reads each
 prompt (merged with a mean encoder, no LoRA update), takes the hidden state of the last
 prompt position at several layers, and fits a logistic-regression probe on training
 questions. Held-out probe accuracy well above the majority class means the base model's
@@ -139,14 +140,19 @@ def probe_accuracy(x: torch.Tensor, y: torch.Tensor, xt: torch.Tensor, yt: torch
 
 def cmd_probe(args) -> int:
     from ktm import KTokenMerging
-    from ktm.tasks import TreeTask
+    from ktm.tasks import AmazonTask, TreeTask
 
-    task = TreeTask(args.stage, num_trees=args.num_trees, seed=args.data_seed)
+    if args.task == "amazon":
+        if not args.reviews:
+            raise SystemExit("--task amazon needs --reviews FOLDER (e.g. ../shared/data/amazon)")
+        task, positive = AmazonTask(args.reviews, max_chars=args.review_chars), "positive"
+    else:
+        task, positive = TreeTask(args.stage, num_trees=args.num_trees, seed=args.data_seed), "true"
     train = task.examples("train")
     random.Random(args.seed).shuffle(train)
     train, test = train[:args.train_examples], task.examples("test")[:args.test_examples or None]
-    y = torch.tensor([e.answer == "true" for e in train]).float()
-    yt = torch.tensor([e.answer == "true" for e in test]).float()
+    y = torch.tensor([e.answer == positive for e in train]).float()
+    yt = torch.tensor([e.answer == positive for e in test]).float()
     majority = max(float(yt.mean()), 1 - float(yt.mean()))
     rows = []
 
@@ -180,7 +186,7 @@ def cmd_probe(args) -> int:
         accs = " | ".join(f"{100 * a:.1f}" for a in r["accuracy_by_layer"].values())
         lines.append(f"| {r['k']} | {r['layout']} | {r['model']} | {r['merged_length']:.1f} | {accs} | "
                      f"{100 * r['best']:.1f} | {r['sink_norm']:.0f} / {r['other_norm']:.0f} |")
-    lines.append(f"\nProbe accuracy in % on {len(test)} held-out questions (majority class "
+    lines.append(f"\nProbe accuracy in % on {len(test)} held-out {args.task} examples (majority class "
                  f"{100 * majority:.1f}%), trained on {len(train)}.")
     table = "\n".join(lines)
     print(table)
@@ -197,6 +203,10 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     probe = sub.add_parser("probe", help="linear probe of the untrained model per K and block layout")
     probe.add_argument("--model", default=None, help="base model (default: the embedded SmolLM2-135M)")
+    probe.add_argument("--task", choices=["tree", "amazon"], default="tree",
+                       help="binary task whose answer is probed (tree: true/false; amazon: positive/negative)")
+    probe.add_argument("--reviews", default=None, help="amazon: folder with train.jsonl and dev.jsonl")
+    probe.add_argument("--review-chars", type=int, default=0, help="amazon: cut each review to this many characters")
     probe.add_argument("--stage", default="small")
     probe.add_argument("--num-trees", type=int, default=2000)
     probe.add_argument("--data-seed", type=int, default=0)

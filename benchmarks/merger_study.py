@@ -6,7 +6,7 @@ Merging, against K = 1 and keep-first, over several seeds (docs/RECIPES.md).
         --pretrained 4=runs/pre-k4/model --pretrained 4:2=runs/pre-k4-j2/model \\
         -- --task amazon --reviews ../shared/data/amazon --review-chars 200 --steps 60 --batch-size 8 \\
            --eval-every 20 --eval-examples 200 --device cpu --dtype float32
-    python benchmarks/merger_study.py report runs/study-amazon --out docs/recipes/study-amazon
+    python benchmarks/merger_study.py report runs/study-amazon runs/study-amazon-lr=lr3e-4 --out docs/recipes/study
 
 ``run`` trains one ``ktm train`` run per (variant, K, seed) in ``OUT/<variant>-k<K>-s<seed>``
 with the options after ``--`` (the same for every cell) plus the variant's own:
@@ -20,8 +20,8 @@ with the options after ``--`` (the same for every cell) plus the variant's own:
 
 Finished cells are kept, an interrupted one resumes from its checkpoint, so the command can be
 rerun until done. Cells run one at a time, each as its own ``ktm train`` process, in the order
-seed, then variant, so the first seed of every variant comes first. ``report`` reads the cells
-(and, given ``--pretrain-runs``, the pretraining runs' ``pretrain.json``) and writes
+seed, then variant, so the first seed of every variant comes first. ``report`` reads the cells of
+one or more study folders (and, given ``--pretrain-runs``, the pretraining runs' ``pretrain.json``) and writes
 ``NAME.json``, ``NAME.md`` (final numbers with mean, standard deviation and range over seeds;
 the mean curve; wall time) and ``NAME.png`` (mean curves with the range over seeds shaded).
 """
@@ -246,9 +246,13 @@ def plot(summary: dict[str, dict], path: Path, title: str) -> None:
 
 
 def report(args) -> None:
-    summary = summarise(read_cells(Path(args.folder)))
-    if not summary:
-        raise SystemExit(f"{args.folder}: no finished cells")
+    summary = {}
+    for spec in args.folders:
+        folder, _, label = spec.partition("=")
+        part = summarise(read_cells(Path(folder)))
+        if not part:
+            raise SystemExit(f"{folder}: no finished cells")
+        summary.update({f"{group} ({label})" if label else group: g for group, g in part.items()})
     pre = pretrain_rows(args.pretrain_runs)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -278,7 +282,8 @@ def main(argv=None) -> None:
     r.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     r.add_argument("--pretrained", nargs="*", default=[], metavar="K[:J]=PATH")
     p = sub.add_parser("report", help="tables and plot of a study folder")
-    p.add_argument("folder")
+    p.add_argument("folders", nargs="+", metavar="FOLDER[=LABEL]",
+                   help="study folders; a LABEL is added to the names of its variants")
     p.add_argument("--out", required=True, help="output path without extension")
     p.add_argument("--title", default="held-out accuracy")
     p.add_argument("--pretrain-runs", nargs="*", default=[], metavar="RUN[=LABEL]")

@@ -87,3 +87,25 @@ def test_probe_runs_on_a_tiny_model(mod, tmp_path, tokenizer, capsys):
     # K = 2 reads about half as many positions as K = 1 (ceil(n / 2) per question)
     assert rows[0]["merged_length"] / 2 <= rows[1]["merged_length"] <= rows[0]["merged_length"] / 2 + 1
     assert "| 2 | lines | untrained |" in (tmp_path / "p.md").read_text()
+
+
+def test_probe_reads_review_sentiment(mod, tmp_path, tokenizer):
+    from conftest import tiny_llama
+
+    base = tmp_path / "base"
+    tiny_llama(len(tokenizer), max_position_embeddings=512).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    reviews = tmp_path / "reviews"
+    reviews.mkdir()
+    for split, n in (("train", 40), ("dev", 12)):
+        (reviews / f"{split}.jsonl").write_text("".join(
+            json.dumps({"rating": 5.0 if i % 3 else 1.0, "text": ("good " if i % 3 else "bad ") * (2 + i % 4)}) + "\n"
+            for i in range(n)))
+    mod.main(["probe", "--task", "amazon", "--reviews", str(reviews), "--review-chars", "12", "--model", str(base),
+              "--k", "1", "4", "--train-examples", "40", "--out", str(tmp_path / "p")])
+    data = json.loads((tmp_path / "p.json").read_text())
+    assert [r["k"] for r in data["rows"]] == [1, 4]
+    assert data["majority_rate"] == pytest.approx(8 / 12)  # 8 of the 12 dev reviews are positive
+    assert "12 held-out amazon examples" in (tmp_path / "p.md").read_text()
+    with pytest.raises(SystemExit, match="needs --reviews"):
+        mod.main(["probe", "--task", "amazon", "--model", str(base)])

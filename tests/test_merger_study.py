@@ -78,6 +78,11 @@ def test_run_trains_each_cell_once_and_reports_the_spread(base_dir, tmp_path, in
     assert summary["k1"]["steps"] == [1, 2] and summary["pre-k4"]["seeds"] == [0]
     md = (tmp_path / "doc" / "study.md").read_text()
     assert "| k1 | 0,1 |" in md and "--init-from" in md
+    # several folders: a label tells their variants apart
+    mod.main(["report", str(out), f"{out}=again", "--out", str(tmp_path / "doc" / "two")])
+    two = json.loads((tmp_path / "doc" / "two.json").read_text())["cells"]
+    assert set(two) == {"k1", "scratch-k4", "pre-k4", "k1 (again)", "scratch-k4 (again)", "pre-k4 (again)"}
+    assert two["k1 (again)"]["final"] == two["k1"]["final"]
     assert (tmp_path / "doc" / "study.png").stat().st_size > 1000
 
 
