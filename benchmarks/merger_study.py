@@ -134,11 +134,11 @@ def run(args, common: list[str]) -> None:
 # --------------------------------------------------------------------------- report
 
 def read_cells(folder: Path) -> dict[str, list[dict]]:
-    """{group: [cell, ...]} where a group is a cell name without its seed."""
+    """{group: [cell, ...]} of the finished cells, where a group is a cell name without its seed."""
     groups: dict[str, list[dict]] = {}
     for cell in sorted(folder.iterdir()):
         m = re.match(r"^(.*)-s(\d+)$", cell.name)
-        if not m or not (cell / "history.json").is_file():
+        if not m or not finished(cell, None):  # a cell still training is left out
             continue
         history = json.loads((cell / "history.json").read_text())["history"]
         config = json.loads((cell / "run_config.json").read_text())
@@ -153,9 +153,22 @@ def spread(values: list[float]) -> dict:
             "min": min(values), "max": max(values), "n": len(values), "values": values}
 
 
+def order(group: str) -> tuple:
+    """Sort key of a group name: the references first (k1, keep-first), then scratch, pre,
+    contextual and pretrained-contextual variants, each by K.
+
+    >>> sorted(["pre-k4", "ctx2-k4", "k1", "scratch-k2", "scratch-k4", "keep-first-k4"], key=order)
+    ['k1', 'keep-first-k4', 'scratch-k2', 'scratch-k4', 'pre-k4', 'ctx2-k4']
+    """
+    m = re.match(r"^(.*?)(?:-k(\d+))?$", group)
+    name, k = m.group(1), int(m.group(2) or 1)
+    rank = {"k1": 0, "keep-first": 1, "scratch": 2, "pre": 3}.get(name, 5 if name.startswith("pre-") else 4)
+    return rank, name, k
+
+
 def summarise(groups: dict[str, list[dict]]) -> dict[str, dict]:
     out = {}
-    for group, cells in groups.items():
+    for group, cells in sorted(groups.items(), key=lambda item: order(item[0])):
         steps = sorted(set.intersection(*({r["step"] for r in c["history"]} for c in cells)))
         curve = {s: spread([next(r["value"] for r in c["history"] if r["step"] == s) for c in cells]) for s in steps}
         final = [c["history"][-1] for c in cells]
@@ -166,6 +179,8 @@ def summarise(groups: dict[str, list[dict]]) -> dict[str, dict]:
             "train_loss": spread([r.get("train_loss") or 0.0 for r in final]),
             "wall_min": spread([r.get("elapsed_s", 0.0) / 60 for r in final]),
             "majority_rate": final[0].get("majority_rate"), "metric": final[0].get("metric", "value"),
+            "majority": spread([r["majority_rate"] for r in final]) if all("majority_rate" in r for r in final)
+            else None,
             "commands": ["ktm " + " ".join(c["argv"]) for c in cells],
         }
     return out
@@ -195,18 +210,18 @@ def pct(s: dict) -> str:
 def markdown(summary: dict[str, dict], pre: list[dict]) -> str:
     steps = sorted({s for g in summary.values() for s in g["steps"]})
     head = ["variant", "seeds", *(f"step {s}" for s in steps), "final: mean ± sd (range)", "macro-F1",
-            "train loss", "wall (min)"]
+            "majority class", "train loss", "wall (min)"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for group, g in summary.items():
         curve = [f"{100 * g['curve'][s]['mean']:.1f}" if s in g["curve"] else "" for s in steps]
         f1 = f"{g['macro_f1']['mean']:.3f}" if g["macro_f1"] else ""
-        lines.append("| " + " | ".join([group, ",".join(map(str, g["seeds"])), *curve, pct(g["final"]), f1,
+        majority = f"{100 * g['majority']['mean']:.1f}" if g.get("majority") else ""
+        lines.append("| " + " | ".join([group, ",".join(map(str, g["seeds"])), *curve, pct(g["final"]), f1, majority,
                                         f"{g['train_loss']['mean']:.3f}", f"{g['wall_min']['mean']:.1f}"]) + " |")
-    rate = next((g["majority_rate"] for g in summary.values() if g["majority_rate"] is not None), None)
     text = "\n".join(lines)
-    if rate is not None:
-        text += (f"\n\nAccuracy in % on the held-out examples (mean over seeds at each evaluation); majority class "
-                 f"{100 * rate:.1f}% on seed {min(min(g['seeds']) for g in summary.values())}'s subset.")
+    text += ("\n\nHeld-out accuracy in % (mean over seeds at each evaluation; the final one with its standard "
+             "deviation and range); the majority class's rate on the seeds' evaluation subsets (mean), and the "
+             "mean macro-F1, train loss and wall time (training and evaluations) at the last step.")
     if pre:
         text += ("\n\nPretraining runs (held-out continuation perplexity):\n\n"
                  "| run | K | context layers | steps | merged | base model, plain prompt | base model, no prompt | "

@@ -67,6 +67,9 @@ def test_run_trains_each_cell_once_and_reports_the_spread(base_dir, tmp_path, in
     with pytest.raises(SystemExit, match="set per cell"):
         mod.main(["run", "--out", str(out), "--variants", "k1", "--", "--seed", "3"])
 
+    # a cell still training (history, no model yet) is not reported
+    (out / "pre-k4-s1").mkdir()
+    (out / "pre-k4-s1" / "history.json").write_text(json.dumps({"history": [{"step": 1, "value": 0.0}]}))
     mod.main(["report", str(out), "--out", str(tmp_path / "doc" / "study")])
     summary = json.loads((tmp_path / "doc" / "study.json").read_text())["cells"]
     assert set(summary) == {"k1", "scratch-k4", "pre-k4"}
