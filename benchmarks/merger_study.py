@@ -240,16 +240,20 @@ def plot(summary: dict[str, dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.4))
-    for group, g in summary.items():
+    colours = plt.get_cmap("tab20" if len(summary) > 10 else "tab10")
+    for i, (group, g) in enumerate(summary.items()):
         xs = g["steps"]
         mean = [100 * g["curve"][s]["mean"] for s in xs]
-        line, = ax.plot(xs, mean, marker="o", label=f"{group} (n={len(g['seeds'])})")
+        line, = ax.plot(xs, mean, marker="o", color=colours(i), linestyle="--" if group.endswith(")") else "-",
+                        label=f"{group} (n={len(g['seeds'])})")
         if len(g["seeds"]) > 1:
             ax.fill_between(xs, [100 * g["curve"][s]["min"] for s in xs], [100 * g["curve"][s]["max"] for s in xs],
                             color=line.get_color(), alpha=0.12)
-    rate = next((g["majority_rate"] for g in summary.values() if g["majority_rate"] is not None), None)
-    if rate is not None:
-        ax.axhline(100 * rate, color="grey", linestyle="--", linewidth=1, label="majority class")
+    rates = {seed: rate for g in summary.values() if g.get("majority")  # one rate per seed's subset
+             for seed, rate in zip(g["seeds"], g["majority"]["values"])}
+    if rates:
+        ax.axhline(100 * statistics.fmean(rates.values()), color="grey", linestyle=":", linewidth=1.5,
+                   label="majority class (mean over seeds)")
     ax.set_xlabel("training step")
     ax.set_ylabel("held-out accuracy (%), mean over seeds; range shaded")
     ax.set_title(title)
