@@ -208,15 +208,13 @@ def cmd_pretrain(args) -> int:
     print(f"pretrain: K = {model_cfg.k}, context layers {model_cfg.context_layers}, lr {train_cfg.lr}, batch "
           f"{train_cfg.batch_size}, {train_cfg.steps} steps, windows of {text.prompt_tokens} + "
           f"{text.continuation_tokens} tokens")
-    run, plain = pretrain_run(model_cfg, train_cfg, text, args.out, base=args.model, device=args.device,
+    run, references = pretrain_run(model_cfg, train_cfg, text, args.out, base=args.model, device=args.device,
                               dtype=args.dtype, resume=args.resume, overwrite=args.overwrite, log=tqdm.write,
                               record={"argv": args.argv}, trust_remote_code=getattr(args, "trust_remote_code", None))
     last = run.trainer.history[-1]
-    record = json.loads((Path(args.out) / "pretrain.json").read_text()) if run.trainer.is_main else {}
-    none = record.get("no_context_perplexity")
     print(f"held-out continuation perplexity {last['value']:.4f} reading merged prompts (K = {model_cfg.k}); "
-          f"{plain:.4f} for the base model reading them plain"
-          + ("" if none is None else f", {none:.4f} reading no prompt at all"))
+          f"{references['plain_perplexity']:.4f} for the base model reading them plain, "
+          f"{references['no_context_perplexity']:.4f} reading no prompt at all")
     print(f"saved {run.path}; start a task from it with: ktm train --init-from {run.path} --k {model_cfg.k} ...")
     return 0
 

@@ -48,12 +48,13 @@ def pretrain_configs(recipe: str | None = None, model: dict | None = None,
 
 def pretrain_run(model_cfg: ModelConfig, train_cfg: TrainConfig, text: TextOptions, out, *, base=None,
                  tokenizer=None, device=None, dtype=None, resume: bool = False, overwrite: bool = False,
-                 log=print, record: dict | None = None, **load_options) -> tuple[RunResult, float]:
+                 log=print, record: dict | None = None, **load_options) -> tuple[RunResult, dict[str, float]]:
     """Pretrain in folder ``out`` on ``text.text`` (see :func:`ktm.phases.train_run` for
     ``resume``, ``overwrite`` and ``record``). ``tokenizer`` cuts the texts (default: the base model's,
-    loaded without its weights). Returns the run and the held-out perplexity of the base
-    model reading the plain prompts (:func:`plain_perplexity`), which ``OUT/pretrain.json``
-    records with the text options and the evaluation history."""
+    loaded without its weights). Returns the run and the held-out perplexities of the base
+    model reading the plain prompts and reading none (:func:`plain_perplexity`), as
+    ``{"plain_perplexity", "no_context_perplexity"}``, which ``OUT/pretrain.json`` records
+    with the text options and the evaluation history."""
     from .loading import base_tokenizer
 
     if tokenizer is None:
@@ -64,13 +65,12 @@ def pretrain_run(model_cfg: ModelConfig, train_cfg: TrainConfig, text: TextOptio
     run = train_run(model_cfg, train_cfg, task, out, base=base, device=device, dtype=dtype, resume=resume,
                     overwrite=overwrite, record={**(record or {}), "pretrain": to_dict(text)}, log=log, **load_options)
     held_out = subsample(task.examples("test"), train_cfg.eval_examples, train_cfg.seed)
-    reference = plain_perplexity(run.model, held_out)
+    references = {"plain_perplexity": plain_perplexity(run.model, held_out),
+                  "no_context_perplexity": plain_perplexity(run.model, held_out, context=False)}
     if run.trainer.is_main:
-        save_json(Path(out) / "pretrain.json", {"text": to_dict(text), "plain_perplexity": reference,
-                                                "no_context_perplexity": plain_perplexity(run.model, held_out,
-                                                                                          context=False),
+        save_json(Path(out) / "pretrain.json", {"text": to_dict(text), **references,
                                                 "history": run.trainer.history})
-    return run, reference
+    return run, references
 
 
 @torch.no_grad()
