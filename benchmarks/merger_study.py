@@ -178,7 +178,7 @@ def summarise(groups: dict[str, list[dict]]) -> dict[str, dict]:
             "macro_f1": spread([r["macro_f1"] for r in final]) if all("macro_f1" in r for r in final) else None,
             "train_loss": spread([r.get("train_loss") or 0.0 for r in final]),
             "wall_min": spread([r.get("elapsed_s", 0.0) / 60 for r in final]),
-            "majority_rate": final[0].get("majority_rate"), "metric": final[0].get("metric", "value"),
+            "metric": final[0].get("metric", "value"),
             "majority": spread([r["majority_rate"] for r in final]) if all("majority_rate" in r for r in final)
             else None,
             "commands": ["ktm " + " ".join(c["argv"]) for c in cells],

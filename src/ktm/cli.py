@@ -209,8 +209,9 @@ def cmd_pretrain(args) -> int:
           f"{train_cfg.batch_size}, {train_cfg.steps} steps, windows of {text.prompt_tokens} + "
           f"{text.continuation_tokens} tokens")
     run, references = pretrain_run(model_cfg, train_cfg, text, args.out, base=args.model, device=args.device,
-                              dtype=args.dtype, resume=args.resume, overwrite=args.overwrite, log=tqdm.write,
-                              record={"argv": args.argv}, trust_remote_code=getattr(args, "trust_remote_code", None))
+                                   dtype=args.dtype, resume=args.resume, overwrite=args.overwrite, log=tqdm.write,
+                                   record={"argv": args.argv},
+                                   trust_remote_code=getattr(args, "trust_remote_code", None))
     last = run.trainer.history[-1]
     print(f"held-out continuation perplexity {last['value']:.4f} reading merged prompts (K = {model_cfg.k}); "
           f"{references['plain_perplexity']:.4f} for the base model reading them plain, "
