@@ -23,7 +23,8 @@ rerun until done. Cells run one at a time, each as its own ``ktm train`` process
 seed, then variant, so the first seed of every variant comes first. ``report`` reads the cells of
 one or more study folders (and, given ``--pretrain-runs``, the pretraining runs' ``pretrain.json``) and writes
 ``NAME.json``, ``NAME.md`` (final numbers with mean, standard deviation and range over seeds;
-the mean curve; wall time) and ``NAME.png`` (mean curves with the range over seeds shaded).
+the mean curve; wall time) and ``NAME.png`` (mean curves with the range over seeds shaded);
+``report --k 2`` keeps the cells of K = 2 and the K = 1 reference only.
 """
 
 from __future__ import annotations
@@ -153,6 +154,16 @@ def spread(values: list[float]) -> dict:
             "min": min(values), "max": max(values), "n": len(values), "values": values}
 
 
+def group_k(group: str) -> int:
+    """The K of a group name (``k1`` and names without ``-kN`` are K = 1).
+
+    >>> group_k("pre-ctx2-k4"), group_k("k1"), group_k("keep-first-k2")
+    (4, 1, 2)
+    """
+    m = re.search(r"-k(\d+)$", group)
+    return int(m.group(1)) if m else 1
+
+
 def order(group: str) -> tuple:
     """Sort key of a group name: the references first (k1, keep-first), then scratch, pre,
     contextual and pretrained-contextual variants, each by K.
@@ -268,9 +279,12 @@ def report(args) -> None:
     summary = {}
     for spec in args.folders:
         folder, _, label = spec.partition("=")
-        part = summarise(read_cells(Path(folder)))
+        groups = read_cells(Path(folder))
+        if args.k:  # K = 1 stays as the reference
+            groups = {g: cells for g, cells in groups.items() if group_k(g) in {1, *args.k}}
+        part = summarise(groups)
         if not part:
-            raise SystemExit(f"{folder}: no finished cells")
+            raise SystemExit(f"{folder}: no finished cells" + (f" at K = {args.k}" if args.k else ""))
         summary.update({f"{group} ({label})" if label else group: g for group, g in part.items()})
     pre = pretrain_rows(args.pretrain_runs)
     out = Path(args.out)
@@ -306,6 +320,8 @@ def main(argv=None) -> None:
     p.add_argument("--out", required=True, help="output path without extension")
     p.add_argument("--title", default="held-out accuracy")
     p.add_argument("--pretrain-runs", nargs="*", default=[], metavar="RUN[=LABEL]")
+    p.add_argument("--k", nargs="+", type=int, default=None,
+                   help="report only the cells of these K (and the K = 1 reference)")
     args = ap.parse_args(argv)
     if args.command == "run":
         if any(a in common for a in ("--k", "--seed", "--out", "--init-from", "--context-layers", "--method")):

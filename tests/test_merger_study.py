@@ -87,6 +87,11 @@ def test_run_trains_each_cell_once_and_reports_the_spread(base_dir, tmp_path, in
     assert set(two) == {"k1", "scratch-k4", "pre-k4", "k1 (again)", "scratch-k4 (again)", "pre-k4 (again)"}
     assert two["k1 (again)"]["final"] == two["k1"]["final"]
     assert (tmp_path / "doc" / "study.png").stat().st_size > 1000
+    # --k keeps one K's cells and the K = 1 reference
+    mod.main(["report", str(out), "--k", "2", "--out", str(tmp_path / "doc" / "k2")])
+    assert set(json.loads((tmp_path / "doc" / "k2.json").read_text())["cells"]) == {"k1"}
+    mod.main(["report", str(out), "--k", "4", "--out", str(tmp_path / "doc" / "k4")])
+    assert set(json.loads((tmp_path / "doc" / "k4.json").read_text())["cells"]) == {"k1", "scratch-k4", "pre-k4"}
 
 
 def test_a_failed_cell_stops_the_study(tmp_path, monkeypatch):
