@@ -154,14 +154,14 @@ def spread(values: list[float]) -> dict:
             "min": min(values), "max": max(values), "n": len(values), "values": values}
 
 
-def group_k(group: str) -> int:
-    """The K of a group name (``k1`` and names without ``-kN`` are K = 1).
+def split_group(group: str) -> tuple[str, int]:
+    """``(variant, K)`` of a group name (``k1`` and names without ``-kN`` are K = 1).
 
-    >>> group_k("pre-ctx2-k4"), group_k("k1"), group_k("keep-first-k2")
-    (4, 1, 2)
+    >>> split_group("pre-ctx2-k4"), split_group("k1"), split_group("keep-first-k2")
+    (('pre-ctx2', 4), ('k1', 1), ('keep-first', 2))
     """
-    m = re.search(r"-k(\d+)$", group)
-    return int(m.group(1)) if m else 1
+    m = re.match(r"^(.*?)(?:-k(\d+))?$", group)
+    return m.group(1), int(m.group(2) or 1)
 
 
 def order(group: str) -> tuple:
@@ -171,8 +171,7 @@ def order(group: str) -> tuple:
     >>> sorted(["pre-k4", "ctx2-k4", "k1", "scratch-k2", "scratch-k4", "keep-first-k4"], key=order)
     ['k1', 'keep-first-k4', 'scratch-k2', 'scratch-k4', 'pre-k4', 'ctx2-k4']
     """
-    m = re.match(r"^(.*?)(?:-k(\d+))?$", group)
-    name, k = m.group(1), int(m.group(2) or 1)
+    name, k = split_group(group)
     rank = {"k1": 0, "keep-first": 1, "scratch": 2, "pre": 3}.get(name, 5 if name.startswith("pre-") else 4)
     return rank, name, k
 
@@ -281,10 +280,10 @@ def report(args) -> None:
         folder, _, label = spec.partition("=")
         groups = read_cells(Path(folder))
         if args.k:  # K = 1 stays as the reference
-            groups = {g: cells for g, cells in groups.items() if group_k(g) in {1, *args.k}}
+            groups = {g: cells for g, cells in groups.items() if split_group(g)[1] in {1, *args.k}}
         part = summarise(groups)
         if not part:
-            raise SystemExit(f"{folder}: no finished cells" + (f" at K = {args.k}" if args.k else ""))
+            raise SystemExit(f"{folder}: no finished cells" + (f" at K = {', '.join(map(str, args.k))}" if args.k else ""))
         summary.update({f"{group} ({label})" if label else group: g for group, g in part.items()})
     pre = pretrain_rows(args.pretrain_runs)
     out = Path(args.out)
