@@ -7,6 +7,10 @@ A saved model folder (``KTokenMerging.save_pretrained``) holds::
     adapter/                 the LoRA adapter (peft's format, safetensors)
     tokenizer/               the tokenizer
 
+Mergers that ship inside the package (:mod:`ktm.zoo`, folder ``ktm/mergers/``) are such
+folders too, addressed as ``zoo:NAME`` wherever a saved folder is expected
+(:func:`resolve_folder`).
+
 A training checkpoint (``OUT/checkpoint``) is such a folder plus the optimiser state. Every
 folder is written beside its destination and renamed into place (:func:`write_dir`), so a
 reader sees the old folder or the new one, never half of one. Whether a saved folder fits a
@@ -41,13 +45,39 @@ FUNCTION_FIELDS = ("k", "method", "lora_r", "lora_alpha", "lora_targets", "lora_
 ADAPTER_FIELDS = ("lora_r", "lora_alpha", "lora_targets", "lora_lm_head")
 
 
+#: the folder of the pretrained mergers shipped with ktm (``zoo:NAME``; :mod:`ktm.zoo`)
+MERGERS_DIR = Path(__file__).resolve().parent / "mergers"
+ZOO_PREFIX = "zoo:"
+
+
 class CheckpointError(ValueError):
     """A saved ktm folder that cannot be used as asked (missing, corrupt or mismatched)."""
 
 
+def shipped_mergers() -> list[str]:
+    """Names of the mergers shipped with ktm (``zoo:NAME``), sorted."""
+    if not MERGERS_DIR.is_dir():
+        return []
+    return sorted(p.name for p in MERGERS_DIR.iterdir() if (p / CONFIG_NAME).is_file())
+
+
+def resolve_folder(path: str | os.PathLike) -> Path:
+    """The folder a saved-model reference names: ``zoo:NAME`` is the merger NAME shipped with
+    ktm (``MERGERS_DIR / NAME``), anything else a path. :class:`CheckpointError` for a
+    ``zoo:`` name that does not ship, listing the ones that do."""
+    text = os.fspath(path)
+    if not text.startswith(ZOO_PREFIX):
+        return Path(path)
+    name = text[len(ZOO_PREFIX):]
+    if name not in shipped_mergers():
+        have = ", ".join(f"{ZOO_PREFIX}{n}" for n in shipped_mergers()) or "none"
+        raise CheckpointError(f"no merger {name!r} ships with ktm (shipped: {have}; see `ktm zoo list`)")
+    return MERGERS_DIR / name
+
+
 def read_config(path: str | os.PathLike) -> dict:
-    """Read and check ``ktm_config.json`` of a saved folder."""
-    path = Path(path)
+    """Read and check ``ktm_config.json`` of a saved folder (a path or ``zoo:NAME``)."""
+    path = resolve_folder(path)
     cfg = path / CONFIG_NAME
     if not path.is_dir():
         raise CheckpointError(f"no ktm checkpoint folder at {path}")

@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import save_file
 
 from . import __version__
-from .checkpoint import CheckpointError, file_sha256, load_tensors, write_dir
+from .checkpoint import CheckpointError, file_sha256, load_tensors, resolve_folder, write_dir
 from .config import ModelConfig, from_dict, save_json, to_dict
 
 SERVING_CONFIG = "ktm_serving.json"
@@ -148,7 +148,7 @@ def export_model(checkpoint: str | os.PathLike, out: str | os.PathLike, *, overw
     from .loading import resolve_dtype
     from .model import KTokenMerging
 
-    checkpoint, out = Path(checkpoint), Path(out)
+    checkpoint, out = resolve_folder(checkpoint), Path(out)
     _check_destination(checkpoint, out, overwrite)
     save_dtype = resolve_dtype(dtype, "cpu")
     model = KTokenMerging.from_pretrained(checkpoint, base=base, device="cpu", dtype="float32",

@@ -52,6 +52,7 @@ from .checkpoint import (
     check_compatible,
     load_weights,
     read_config,
+    resolve_folder,
     weight_hashes,
     write_dir,
 )
@@ -604,7 +605,7 @@ class KTokenMerging(nn.Module):
         hub id). Raises :class:`CheckpointError` for a missing or corrupt folder, another K, or a
         base model whose embedding table differs from the one the checkpoint was trained on.
         """
-        path = Path(path)
+        path = resolve_folder(path)
         meta = read_config(path)
         try:
             config = from_dict(ModelConfig, meta["model"])
@@ -639,7 +640,7 @@ class KTokenMerging(nn.Module):
         """
         from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-        path = Path(path)
+        path = resolve_folder(path)
         meta = read_config(path)
         check_compatible(meta, path, fingerprint=self.base_fingerprint, config=self.config,
                          fields=ADAPTER_FIELDS if adapter_only else FUNCTION_FIELDS)
@@ -673,7 +674,7 @@ class KTokenMerging(nn.Module):
         :class:`CheckpointError` when the saved stages are not a proper prefix of this
         model's, or the encoders differ in norm matching or residual.
         """
-        path = Path(path)
+        path = resolve_folder(path)
         meta = read_config(path)
         saved = from_dict(ModelConfig, meta["model"])
         src = tuple(saved.encoder_stages or (saved.k,))

@@ -1,0 +1,232 @@
+"""Pretrained mergers that ship with ktm (``zoo:NAME``), and the one command that rebuilds each.
+
+A shipped merger is an ordinary saved ktm folder (:meth:`ktm.KTokenMerging.save_pretrained`)
+inside the package, ``ktm/mergers/NAME/``, slimmed by :func:`write_slim`: weights in
+bfloat16, no tokenizer (the base model's is used). Its ``zoo.json`` says how it was built
+and what it measured. Everything that takes a saved folder takes ``zoo:NAME``
+(:func:`ktm.checkpoint.resolve_folder`)::
+
+    ktm train --task amazon --reviews ../shared/data/amazon --k 2 --init-from zoo:default-k2 --out runs/a
+    KTokenMerging.from_pretrained("zoo:default-k2")       # the embedded SmolLM2 as base
+
+``ktm zoo build NAME --out RUN`` rebuilds one from the settings recorded in :data:`ZOO`: it
+pretrains (:func:`ktm.pretrain.pretrain_run`, resumable in RUN), writes the slim copy into
+``ktm/mergers/NAME`` (``--into`` elsewhere) and measures the held-out continuation
+perplexity of the float32 run and of the slim copy, so the card shows what the cast costs.
+``ktm zoo list`` shows what ships.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from . import __version__, checkpoint
+from .checkpoint import (
+    ADAPTER_DIR,
+    ADAPTER_FILE,
+    CONFIG_NAME,
+    ENCODER_NAME,
+    TOKENIZER_DIR,
+    CheckpointError,
+    load_weights,
+    read_config,
+    resolve_folder,
+    shipped_mergers,
+    weight_hashes,
+    write_dir,
+)
+from .config import save_json
+
+#: the card each shipped merger carries: how it was built, what it measured
+CARD_NAME = "zoo.json"
+#: the texts the shipped mergers were pretrained on, relative to the repository root
+#: (train files only; the dev files stay held out)
+SHARED_TEXT = ("../shared/data/commits/train.jsonl", "../shared/data/amazon/train.jsonl")
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """How one shipped merger is built: ``ktm pretrain`` with these settings, then slimmed.
+
+    ``model`` / ``train`` / ``text``: :class:`~ktm.config.ModelConfig`,
+    :class:`~ktm.config.TrainConfig` and :class:`~ktm.tasks.text.TextOptions` fields, over
+    ``recipe`` and pretraining's own defaults (:func:`ktm.pretrain.pretrain_configs`).
+    ``base``: the base model reference (None: the embedded SmolLM2-135M-Instruct)."""
+
+    name: str
+    summary: str
+    model: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)
+    text: dict = field(default_factory=dict)
+    recipe: str = "fast"
+    base: str | None = None
+    save_dtype: str = "bfloat16"
+
+
+ZOO: dict[str, ZooEntry] = {e.name: e for e in [
+    ZooEntry(
+        name="default-k2",
+        summary="K = 2 merger for the embedded SmolLM2-135M-Instruct, pretrained 360 steps of 8 on real code "
+                "and reviews (continuation distillation); narrow encoder (hidden 256), LoRA rank 8",
+        model=dict(k=2, encoder_hidden=256),
+        train=dict(steps=360, warmup_steps=10, batch_size=8, eval_examples=32, eval_every=60),
+        text=dict(text=SHARED_TEXT, text_field=("text", "new_contents"), prompt_tokens=64,
+                  continuation_tokens=16),
+    ),
+]}
+
+
+def get_entry(name: str) -> ZooEntry:
+    if name not in ZOO:
+        raise ValueError(f"no zoo entry {name!r}; known: {', '.join(sorted(ZOO))}")
+    return ZOO[name]
+
+
+# ---------------------------------------------------------------- slim copies
+def write_slim(src, dst, dtype: str = "bfloat16", tokenizer: bool = False, card: dict | None = None) -> Path:
+    """Write ``dst``: saved ktm folder ``src`` with its floating-point weights cast to
+    ``dtype``, its tokenizer left out unless ``tokenizer`` (a model loaded from ``dst`` then
+    uses its base model's), and ``card`` (if given) as ``zoo.json``. The weight hashes of
+    ``src`` are checked on reading; ``dst`` gets its own and is written atomically.
+    ``ktm_config.json`` records the dtype as ``weights_dtype``; loading casts the weights to
+    the model's dtype."""
+    from .loading import resolve_dtype
+
+    src = resolve_folder(src)
+    meta = read_config(src)
+    torch_dtype = resolve_dtype(dtype, "cpu")
+
+    def cast(tensors: dict) -> dict:
+        return {k: (v.to(torch_dtype) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
+
+    encoder = cast(load_weights(meta, src, ENCODER_NAME))
+    adapter = cast(load_weights(meta, src, f"{ADAPTER_DIR}/{ADAPTER_FILE}"))
+    adapter_config = src / ADAPTER_DIR / "adapter_config.json"
+    if not adapter_config.is_file():
+        raise CheckpointError(f"{adapter_config} is missing")
+
+    def write(tmp: Path) -> None:
+        (tmp / ADAPTER_DIR).mkdir()
+        save_file(encoder, str(tmp / ENCODER_NAME))
+        save_file(adapter, str(tmp / ADAPTER_DIR / ADAPTER_FILE), metadata={"format": "pt"})
+        shutil.copy2(adapter_config, tmp / ADAPTER_DIR / adapter_config.name)
+        if tokenizer and (src / TOKENIZER_DIR).is_dir():
+            shutil.copytree(src / TOKENIZER_DIR, tmp / TOKENIZER_DIR)
+        kept = {k: v for k, v in meta.items() if k != "files"}
+        save_json(tmp / CONFIG_NAME, {**kept, "weights_dtype": str(torch_dtype).removeprefix("torch."),
+                                      "files": weight_hashes(tmp)})
+        if card is not None:
+            save_json(tmp / CARD_NAME, card)
+
+    return write_dir(dst, write)
+
+
+def folder_bytes(folder) -> int:
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+# ---------------------------------------------------------------- build
+def build(entry: ZooEntry | str, out, *, into=None, text=None, base=None, tokenizer=None, device=None,
+          dtype="float32", resume: bool = False, overwrite: bool = False, log=print,
+          command: str | None = None) -> tuple[Path, dict]:
+    """Build shipped merger ``entry`` (a :class:`ZooEntry` or a name in :data:`ZOO`).
+
+    Pretrains in run folder ``out`` (``resume`` / ``overwrite`` as for ``ktm pretrain``),
+    writes the slim copy to ``into / entry.name`` (default: the package's own
+    ``ktm/mergers``) with its card, and returns that folder and the card. ``text`` replaces
+    the entry's text sources (same settings otherwise); ``base`` / ``tokenizer`` replace
+    the entry's base model (tests use a tiny one)."""
+    from .evaluate import evaluate
+    from .pretrain import pretrain_configs, pretrain_run
+    from .tasks.hub import is_hub_id
+    from .tasks.text import TextOptions, TextTask
+
+    entry = get_entry(entry) if isinstance(entry, str) else entry
+    out = Path(out)
+    text_opts = TextOptions(**{**entry.text, **({"text": tuple(text)} if text else {})})
+    missing = [s for s in text_opts.text if not Path(s).exists() and not is_hub_id(s)]
+    if missing:
+        raise FileNotFoundError(f"pretraining text not found: {', '.join(missing)} (run from the repository root, "
+                                f"next to ../shared, or give --text)")
+    model_cfg, train_cfg = pretrain_configs(entry.recipe, entry.model, entry.train)
+    base = base if base is not None else entry.base
+    run, references = pretrain_run(model_cfg, train_cfg, text_opts, out, base=base, tokenizer=tokenizer,
+                                   device=device, dtype=dtype, resume=resume, overwrite=overwrite, log=log,
+                                   record={"zoo": entry.name})
+    model = run.model
+    task = TextTask(text_opts.text, model.tokenizer, text_opts)
+    n = train_cfg.eval_examples
+    scored = evaluate(model, task, max_examples=n, seed=train_cfg.seed, progress=False)
+    full = scored["value"]
+    slim = write_slim(run.path, out / "slim", dtype=entry.save_dtype)
+    model.load_trained(slim)  # the cast weights, into the same model
+    slim_value = evaluate(model, task, max_examples=n, seed=train_cfg.seed, progress=False)["value"]
+    history = run.trainer.history
+    card = {
+        "name": entry.name,
+        "summary": entry.summary,
+        "command": command or f"ktm zoo build {entry.name} --out {out}",
+        "ktm_version": __version__,
+        "built": time.strftime("%Y-%m-%d", time.gmtime()),
+        "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU threads, "
+                   f"torch {torch.__version__}, device {model.device}",
+        "base": read_config(slim)["base"],
+        "k": model.k,
+        "settings": {"recipe": entry.recipe, "model": entry.model, "train": entry.train,
+                     "text": dataclasses.asdict(text_opts)},
+        "pretrain_steps": history[-1]["step"] if history else 0,
+        "pretrain_minutes": round(history[-1].get("elapsed_s", 0.0) / 60, 1) if history else None,
+        "held_out": {"windows": scored["n"],
+                     "merged_perplexity_float32": full,
+                     f"merged_perplexity_{entry.save_dtype}": slim_value,
+                     "plain_perplexity": references["plain_perplexity"],
+                     "no_prompt_perplexity": references["no_context_perplexity"]},
+        "weights_dtype": entry.save_dtype,
+        "bytes": folder_bytes(slim),
+    }
+    card = json.loads(json.dumps(card))  # as it reads back: lists, not tuples
+    target = Path(into or checkpoint.MERGERS_DIR) / entry.name
+    shipped = write_slim(run.path, target, dtype=entry.save_dtype, card=card)
+    shutil.rmtree(slim, ignore_errors=True)
+    log(f"zoo {entry.name}: held-out continuation perplexity {full:.3f} (float32), {slim_value:.3f} "
+        f"({entry.save_dtype}); plain prompt {references['plain_perplexity']:.3f}, no prompt "
+        f"{references['no_context_perplexity']:.3f}; {card['bytes'] / 2**20:.1f} MiB in {shipped}")
+    return shipped, card
+
+
+# ---------------------------------------------------------------- what ships
+def read_card(name: str) -> dict:
+    """The card (``zoo.json``) of shipped merger ``name``; ``{}`` when it has none."""
+    folder = resolve_folder(f"zoo:{name}")
+    card = folder / CARD_NAME
+    if not card.is_file():
+        return {}
+    try:
+        return json.loads(card.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{card} is corrupt ({e})") from e
+
+
+def describe_shipped() -> list[dict]:
+    """One row per shipped merger: name, K, base reference, size, dtype and the card's numbers."""
+    rows = []
+    for name in shipped_mergers():
+        meta, card = read_config(f"zoo:{name}"), read_card(name)
+        rows.append({"name": name, "k": meta["model"]["k"], "base": meta["base"]["reference"],
+                     "weights_dtype": meta.get("weights_dtype", "float32"),
+                     "bytes": folder_bytes(resolve_folder(f"zoo:{name}")), "summary": card.get("summary", ""),
+                     "held_out": card.get("held_out", {}), "command": card.get("command", "")})
+    return rows
+
+
+__all__ = ["ZOO", "ZooEntry", "CARD_NAME", "build", "describe_shipped", "get_entry", "read_card", "write_slim"]
