@@ -186,3 +186,13 @@ def test_the_shipped_k2_merger_continues_real_text_far_better_than_block_means(t
     untrained = KTokenMerging.from_base(None, k=2, encoder_hidden=256, device="cpu", dtype="float32")
     block_mean = evaluate(untrained, task, examples, progress=False)["value"]
     assert pretrained < 0.7 * block_mean, (pretrained, block_mean)
+
+
+def test_the_amazon_demo_points_to_the_shipped_merger(monkeypatch, tmp_path):
+    from ktm.demo import AMAZON_DEMO, shipped_merger_hint
+
+    hint = shipped_merger_hint("../shared/data/amazon", AMAZON_DEMO)
+    assert "--init-from zoo:default-k2 --lr 3e-4" in hint and f"--steps {AMAZON_DEMO['steps']}" in hint
+    assert shipped_merger_hint("x", AMAZON_DEMO, model="some/other-model") is None
+    monkeypatch.setattr(checkpoint, "MERGERS_DIR", tmp_path)
+    assert shipped_merger_hint("x", AMAZON_DEMO) is None

@@ -149,10 +149,27 @@ def run_amazon_demo(reviews=None, out: str = "runs/demo-amazon", k: int = 4, ste
     log(f"majority class (always {rows[0]['majority_label']!r}): {rows[0]['majority_rate']:.1%} of the "
         f"{rows[0]['n']} test reviews")
     log("verdict: " + verdict)
+    hint = shipped_merger_hint(reviews, cfg, model)
+    if hint:
+        log(hint)
     log(f"total {(time.perf_counter() - t0) / 60:.1f} min; the runs, pareto.md and pareto.png are in {out}")
     summary = {"rows": rows, "verdict": verdict, "grid": grid.key(), "threads": torch.get_num_threads()}
     save_json(Path(out) / "demo.json", summary)
     return summary
+
+
+def shipped_merger_hint(reviews, cfg: dict, model=None) -> str | None:
+    """The next command to try on the embedded model (``model`` None): K = 2 started from the
+    pretrained merger that ships with ktm (``zoo:default-k2``), at the fine-tuning rate
+    measured in docs/RECIPES.md; None when it does not ship or another base model is used."""
+    from .checkpoint import shipped_mergers
+
+    if model is not None or "default-k2" not in shipped_mergers():
+        return None
+    return (f"next: K = 2 started from the pretrained merger that ships with ktm (zoo:default-k2; measured in "
+            f"docs/RECIPES.md): ktm train --task amazon --reviews {reviews} --review-chars {cfg['review_chars']} "
+            f"--k 2 --init-from zoo:default-k2 --lr 3e-4 --encoder-lr 3e-4 --steps {cfg['steps']} "
+            f"--batch-size {cfg['batch_size']} --eval-examples {cfg['eval_examples']} --out runs/demo-k2-zoo")
 
 
 def comparison_table(rows: list[dict]) -> str:
