@@ -24,7 +24,8 @@ seed, then variant, so the first seed of every variant comes first. ``report`` r
 one or more study folders (and, given ``--pretrain-runs``, the pretraining runs' ``pretrain.json``) and writes
 ``NAME.json``, ``NAME.md`` (final numbers with mean, standard deviation and range over seeds;
 the mean curve; wall time) and ``NAME.png`` (mean curves with the range over seeds shaded);
-``report --k 2`` keeps the cells of K = 2 and the K = 1 reference only.
+``report --k 2`` keeps the cells of K = 2 and the K = 1 reference only, ``report --seeds 0 1 2``
+the cells of those seeds only.
 """
 
 from __future__ import annotations
@@ -281,9 +282,12 @@ def report(args) -> None:
         groups = read_cells(Path(folder))
         if args.k:  # K = 1 stays as the reference
             groups = {g: cells for g, cells in groups.items() if split_group(g)[1] in {1, *args.k}}
+        if args.seeds is not None:  # the same seeds for every variant, when some have more
+            groups = {g: kept for g, cells in groups.items() if (kept := [c for c in cells if c["seed"] in args.seeds])}
         part = summarise(groups)
         if not part:
-            raise SystemExit(f"{folder}: no finished cells" + (f" at K = {', '.join(map(str, args.k))}" if args.k else ""))
+            raise SystemExit(f"{folder}: no finished cells" + (f" at K = {', '.join(map(str, args.k))}" if args.k else "")
+                             + (f" of seeds {', '.join(map(str, args.seeds))}" if args.seeds is not None else ""))
         summary.update({f"{group} ({label})" if label else group: g for group, g in part.items()})
     pre = pretrain_rows(args.pretrain_runs)
     out = Path(args.out)
@@ -321,6 +325,8 @@ def main(argv=None) -> None:
     p.add_argument("--pretrain-runs", nargs="*", default=[], metavar="RUN[=LABEL]")
     p.add_argument("--k", nargs="+", type=int, default=None,
                    help="report only the cells of these K (and the K = 1 reference)")
+    p.add_argument("--seeds", nargs="+", type=int, default=None,
+                   help="report only the cells of these seeds (default: every finished cell)")
     args = ap.parse_args(argv)
     if args.command == "run":
         if any(a in common for a in ("--k", "--seed", "--out", "--init-from", "--context-layers", "--method")):

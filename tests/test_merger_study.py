@@ -92,6 +92,12 @@ def test_run_trains_each_cell_once_and_reports_the_spread(base_dir, tmp_path, in
     assert set(json.loads((tmp_path / "doc" / "k2.json").read_text())["cells"]) == {"k1"}
     mod.main(["report", str(out), "--k", "4", "--out", str(tmp_path / "doc" / "k4")])
     assert set(json.loads((tmp_path / "doc" / "k4.json").read_text())["cells"]) == {"k1", "scratch-k4", "pre-k4"}
+    # --seeds keeps those seeds' cells (k1 has seeds 0 and 1, the others seed 0 only)
+    mod.main(["report", str(out), "--seeds", "1", "--out", str(tmp_path / "doc" / "s1")])
+    s1 = json.loads((tmp_path / "doc" / "s1.json").read_text())["cells"]
+    assert set(s1) == {"k1"} and s1["k1"]["seeds"] == [1] and s1["k1"]["final"]["mean"] == pytest.approx(finals[1])
+    with pytest.raises(SystemExit, match="no finished cells at K = 4 of seeds 7"):
+        mod.main(["report", str(out), "--k", "4", "--seeds", "7", "--out", str(tmp_path / "doc" / "none")])
 
 
 def test_a_failed_cell_stops_the_study(tmp_path, monkeypatch):

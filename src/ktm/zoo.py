@@ -146,62 +146,71 @@ def build(entry: ZooEntry | str, out, *, into=None, text=None, base=None, tokeni
     ``ktm/mergers``) with its card, and returns that folder and the card. ``text`` replaces
     the entry's text sources (same settings otherwise); ``base`` / ``tokenizer`` replace
     the entry's base model (tests use a tiny one)."""
-    from .evaluate import evaluate
     from .pretrain import pretrain_configs, pretrain_run
-    from .tasks.hub import is_hub_id
-    from .tasks.text import TextOptions, TextTask
 
     entry = get_entry(entry) if isinstance(entry, str) else entry
     out = Path(out)
-    text_opts = TextOptions(**{**entry.text, **({"text": tuple(text)} if text else {})})
-    missing = [s for s in text_opts.text if not Path(s).exists() and not is_hub_id(s)]
-    if missing:
-        raise FileNotFoundError(f"pretraining text not found: {', '.join(missing)} (run from the repository root, "
-                                f"next to ../shared, or give --text)")
+    text_opts = text_options(entry, text)
     model_cfg, train_cfg = pretrain_configs(entry.recipe, entry.model, entry.train)
-    base = base if base is not None else entry.base
-    run, references = pretrain_run(model_cfg, train_cfg, text_opts, out, base=base, tokenizer=tokenizer,
-                                   device=device, dtype=dtype, resume=resume, overwrite=overwrite, log=log,
-                                   record={"zoo": entry.name})
-    model = run.model
-    task = TextTask(text_opts.text, model.tokenizer, text_opts)
-    n = train_cfg.eval_examples
-    scored = evaluate(model, task, max_examples=n, seed=train_cfg.seed, progress=False)
-    full = scored["value"]
+    run, references = pretrain_run(model_cfg, train_cfg, text_opts, out, base=entry.base if base is None else base,
+                                   tokenizer=tokenizer, device=device, dtype=dtype, resume=resume,
+                                   overwrite=overwrite, log=log, record={"zoo": entry.name})
     slim = write_slim(run.path, out / "slim", dtype=entry.save_dtype)
-    model.load_trained(slim)  # the cast weights, into the same model
-    slim_value = evaluate(model, task, max_examples=n, seed=train_cfg.seed, progress=False)["value"]
+    held = held_out_perplexities(run.model, slim, text_opts, train_cfg, entry.save_dtype)
+    held.update(plain_perplexity=references["plain_perplexity"],
+                no_prompt_perplexity=references["no_context_perplexity"])
     history = run.trainer.history
     card = {
-        "name": entry.name,
-        "summary": entry.summary,
+        "name": entry.name, "summary": entry.summary,
         "command": command or f"ktm zoo build {entry.name} --out {out}",
-        "ktm_version": __version__,
-        "built": time.strftime("%Y-%m-%d", time.gmtime()),
+        "ktm_version": __version__, "built": time.strftime("%Y-%m-%d", time.gmtime()),
         "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU threads, "
-                   f"torch {torch.__version__}, device {model.device}",
-        "base": read_config(slim)["base"],
-        "k": model.k,
+                   f"torch {torch.__version__}, device {run.model.device}",
+        "base": read_config(slim)["base"], "k": run.model.k,
         "settings": {"recipe": entry.recipe, "model": entry.model, "train": entry.train,
                      "text": dataclasses.asdict(text_opts)},
         "pretrain_steps": history[-1]["step"] if history else 0,
         "pretrain_minutes": round(history[-1].get("elapsed_s", 0.0) / 60, 1) if history else None,
-        "held_out": {"windows": scored["n"],
-                     "merged_perplexity_float32": full,
-                     f"merged_perplexity_{entry.save_dtype}": slim_value,
-                     "plain_perplexity": references["plain_perplexity"],
-                     "no_prompt_perplexity": references["no_context_perplexity"]},
-        "weights_dtype": entry.save_dtype,
-        "bytes": folder_bytes(slim),
+        "held_out": held, "weights_dtype": entry.save_dtype, "bytes": folder_bytes(slim),
     }
     card = json.loads(json.dumps(card))  # as it reads back: lists, not tuples
-    target = Path(into or checkpoint.MERGERS_DIR) / entry.name
-    shipped = write_slim(run.path, target, dtype=entry.save_dtype, card=card)
+    shipped = write_slim(run.path, Path(into or checkpoint.MERGERS_DIR) / entry.name, dtype=entry.save_dtype,
+                         card=card)
     shutil.rmtree(slim, ignore_errors=True)
-    log(f"zoo {entry.name}: held-out continuation perplexity {full:.3f} (float32), {slim_value:.3f} "
-        f"({entry.save_dtype}); plain prompt {references['plain_perplexity']:.3f}, no prompt "
-        f"{references['no_context_perplexity']:.3f}; {card['bytes'] / 2**20:.1f} MiB in {shipped}")
+    log(f"zoo {entry.name}: held-out continuation perplexity {held['merged_perplexity_float32']:.3f} (float32), "
+        f"{held[f'merged_perplexity_{entry.save_dtype}']:.3f} ({entry.save_dtype}); plain prompt "
+        f"{held['plain_perplexity']:.3f}, no prompt {held['no_prompt_perplexity']:.3f}; "
+        f"{card['bytes'] / 2**20:.1f} MiB in {shipped}")
     return shipped, card
+
+
+def text_options(entry: ZooEntry, text=None):
+    """The entry's :class:`~ktm.tasks.text.TextOptions`, with ``text`` as its sources if given;
+    ``FileNotFoundError`` for a source that is neither a path nor a Hub dataset id."""
+    from .tasks.hub import is_hub_id
+    from .tasks.text import TextOptions
+
+    opts = TextOptions(**{**entry.text, **({"text": tuple(text)} if text else {})})
+    missing = [s for s in opts.text if not Path(s).exists() and not is_hub_id(s)]
+    if missing:
+        raise FileNotFoundError(f"pretraining text not found: {', '.join(missing)} (run from the repository root, "
+                                f"next to ../shared, or give --text)")
+    return opts
+
+
+def held_out_perplexities(model, slim, text_opts, train_cfg, save_dtype: str) -> dict:
+    """Held-out continuation perplexity of ``model`` as trained, then with the weights of
+    its slim copy ``slim`` loaded into it (left so): the pretraining's evaluation windows."""
+    from .evaluate import evaluate
+    from .tasks.text import TextTask
+
+    task = TextTask(text_opts.text, model.tokenizer, text_opts)
+    n, seed = train_cfg.eval_examples, train_cfg.seed
+    full = evaluate(model, task, max_examples=n, seed=seed, progress=False)
+    model.load_trained(slim)
+    cast = evaluate(model, task, max_examples=n, seed=seed, progress=False)
+    return {"windows": full["n"], "merged_perplexity_float32": full["value"],
+            f"merged_perplexity_{save_dtype}": cast["value"]}
 
 
 # ---------------------------------------------------------------- what ships
