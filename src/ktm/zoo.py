@@ -93,10 +93,10 @@ def get_entry(name: str) -> ZooEntry:
 
 
 # ---------------------------------------------------------------- slim copies
-def write_slim(src, dst, dtype: str = "bfloat16", tokenizer: bool = False, card: dict | None = None) -> Path:
+def write_slim(src, dst, dtype: str = "bfloat16", tokenizer: bool = False) -> Path:
     """Write ``dst``: saved ktm folder ``src`` with its floating-point weights cast to
-    ``dtype``, its tokenizer left out unless ``tokenizer`` (a model loaded from ``dst`` then
-    uses its base model's), and ``card`` (if given) as ``zoo.json``. The weight hashes of
+    ``dtype`` and its tokenizer left out unless ``tokenizer`` (a model loaded from ``dst``
+    then uses its base model's). The weight hashes of
     ``src`` are checked on reading; ``dst`` gets its own and is written atomically.
     ``ktm_config.json`` records the dtype as ``weights_dtype``; loading casts the weights to
     the model's dtype."""
@@ -125,8 +125,6 @@ def write_slim(src, dst, dtype: str = "bfloat16", tokenizer: bool = False, card:
         kept = {k: v for k, v in meta.items() if k != "files"}
         save_json(tmp / CONFIG_NAME, {**kept, "weights_dtype": str(torch_dtype).removeprefix("torch."),
                                       "files": weight_hashes(tmp)})
-        if card is not None:
-            save_json(tmp / CARD_NAME, card)
 
     return write_dir(dst, write)
 
@@ -174,8 +172,12 @@ def build(entry: ZooEntry | str, out, *, into=None, text=None, base=None, tokeni
         "held_out": held, "weights_dtype": entry.save_dtype, "bytes": folder_bytes(slim),
     }
     card = json.loads(json.dumps(card))  # as it reads back: lists, not tuples
-    shipped = write_slim(run.path, Path(into or checkpoint.MERGERS_DIR) / entry.name, dtype=entry.save_dtype,
-                         card=card)
+
+    def publish(tmp: Path) -> None:  # the measured slim copy itself, with its card
+        shutil.copytree(slim, tmp, dirs_exist_ok=True)
+        save_json(tmp / CARD_NAME, card)
+
+    shipped = write_dir(Path(into or checkpoint.MERGERS_DIR) / entry.name, publish)
     shutil.rmtree(slim, ignore_errors=True)
     log(f"zoo {entry.name}: held-out continuation perplexity {held['merged_perplexity_float32']:.3f} (float32), "
         f"{held[f'merged_perplexity_{entry.save_dtype}']:.3f} ({entry.save_dtype}); plain prompt "
@@ -230,10 +232,11 @@ def describe_shipped() -> list[dict]:
     """One row per shipped merger: name, K, base reference, size, dtype and the card's numbers."""
     rows = []
     for name in shipped_mergers():
-        meta, card = read_config(f"zoo:{name}"), read_card(name)
+        folder = resolve_folder(f"zoo:{name}")
+        meta, card = read_config(folder), read_card(name)
         rows.append({"name": name, "k": meta["model"]["k"], "base": meta["base"]["reference"],
                      "weights_dtype": meta.get("weights_dtype", "float32"),
-                     "bytes": folder_bytes(resolve_folder(f"zoo:{name}")), "summary": card.get("summary", ""),
+                     "bytes": folder_bytes(folder), "summary": card.get("summary", ""),
                      "held_out": card.get("held_out", {}), "command": card.get("command", "")})
     return rows
 
