@@ -99,7 +99,7 @@ def last_states(model, prompts: list[str], layers=LAYERS, layout: str = "fixed",
     merged with ``layout``), and the ``{"sink_norm", "other_norm", "merged_length"}``: the
     mean norm of the states at the first position (the attention sink) and at the others,
     at layer :data:`SINK_LAYER` (or the last), and the mean merged prompt length."""
-    from ktm.blocks import pad_sequences
+    from ktm.model.blocks import pad_sequences
 
     out, sink, rest, lengths = [], [], [], []
     with torch.no_grad():

@@ -97,7 +97,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
 
     from ktm import KTokenMerging
-    from ktm.evaluate import evaluate, subsample
+    from ktm.train.evaluate import evaluate, subsample
     from ktm.tasks import TreeTask
 
     task = TreeTask(args.stage, num_trees=args.num_trees, seed=args.data_seed)

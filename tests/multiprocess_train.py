@@ -1,4 +1,4 @@
-"""Train a tiny run with ``ktm.phases.train_run`` and save every process's final weights.
+"""Train a tiny run with ``ktm.train.phases.train_run`` and save every process's final weights.
 
 Run by ``tests/test_multiprocess.py``, alone or under ``accelerate launch --multi_gpu
 --num_processes N`` (``ACCELERATE_USE_CPU=1`` on a machine without GPUs: gloo on CPU).
@@ -25,7 +25,7 @@ def train_and_save(base: str, data: str, out: str, batch_size: int, grad_accum: 
     from safetensors.torch import save_file
 
     from ktm.config import ModelConfig, TrainConfig
-    from ktm.phases import train_run
+    from ktm.train.phases import train_run
     from ktm.tasks import JsonlTask
 
     torch.set_num_threads(1)

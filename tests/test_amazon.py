@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from ktm.evaluate import macro_f1
+from ktm.train.evaluate import macro_f1
 from ktm.tasks import TASKS, AmazonTask
 from ktm.tasks.amazon import review_prompt, sentiment
 

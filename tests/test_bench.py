@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from ktm import bench
+from ktm.experiments import bench
 from ktm.config import overrides
 
 TEXT = ("def binomial(n, r):\n    c = [0] * (r + 1)\n    c[0] = 1\n    for i in range(1, n + 1):\n"

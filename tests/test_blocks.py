@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ktm.blocks import (
+from ktm.model.blocks import (
     answer_targets,
     block_slots,
     check_k,

@@ -7,7 +7,7 @@ from safetensors.torch import load_file, save_file
 
 from ktm.checkpoint import ADAPTER_DIR, ADAPTER_FILE, CheckpointError, check_compatible, read_config, write_dir
 from ktm.config import TrainConfig
-from ktm.trainer import Trainer
+from ktm.train.trainer import Trainer
 
 
 @pytest.mark.parametrize("field,options", [

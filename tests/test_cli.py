@@ -151,8 +151,8 @@ def test_teacher_auto_trains_a_k1_teacher_first_and_reuses_it(tmp_path, base_dir
 def test_demo_with_a_teacher_recipe_trains_the_teacher_first(tmp_path, base_dir, monkeypatch, recipe, k):
     import dataclasses
 
-    from ktm import recipes
-    from ktm.demo import run_demo
+    from ktm.train import recipes
+    from ktm.experiments.demo import run_demo
 
     quick = dataclasses.replace(recipes.RECIPES[recipe], train={**recipes.RECIPES[recipe].train, "teacher_steps": 2})
     monkeypatch.setitem(recipes.RECIPES, recipe, quick)

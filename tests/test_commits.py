@@ -76,7 +76,7 @@ def test_the_shared_commits_load():
 
 
 def test_generation_scores_by_hand():
-    from ktm.evaluate import generation_scores
+    from ktm.train.evaluate import generation_scores
 
     # chrF by hand: character n-grams of orders 1..6 match 5/6, 4/5, 3/4, 2/3, 1/2 and 0 (precision =
     # recall at each order, so F = precision); chrF = 100 x their mean
@@ -104,8 +104,8 @@ def _small_commits(tmp_path):
 
 
 def test_evaluate_generates_a_fixed_subset_and_scores_it(tmp_path, make_model, monkeypatch):
-    import ktm.evaluate
-    from ktm.evaluate import GENERATE_MARGIN, evaluate, generation_scores, subsample
+    import ktm.train.evaluate
+    from ktm.train.evaluate import GENERATE_MARGIN, evaluate, generation_scores, subsample
 
     task, model = _small_commits(tmp_path), make_model(k=4)
     plain = evaluate(model, task, progress=False)
@@ -125,7 +125,7 @@ def test_evaluate_generates_a_fixed_subset_and_scores_it(tmp_path, make_model, m
         return [answers[p] + "  " if int(p.split("add one to ")[1][0]) % 2 == 0 else "x = 0" for p in prompts]
 
     monkeypatch.setattr(model, "generate", generate)
-    monkeypatch.setattr(ktm.evaluate, "GENERATE_CAP", 3)
+    monkeypatch.setattr(ktm.train.evaluate, "GENERATE_CAP", 3)
     res = evaluate(model, task, generate_examples=10, batch_size=4, progress=False)
     assert res["generated"] == 6 and res["exact_match"] == 0.5 and calls == [3, 3]  # capped, 2 batches
     with pytest.raises(ValueError, match="generate_examples must be >= 0"):

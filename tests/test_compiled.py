@@ -5,8 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ktm.blocks import pad_sequences, position_ids
-from ktm.compiled import StaticDecoder, cache_mask, left_pad_to, round_up
+from ktm.model.blocks import pad_sequences, position_ids
+from ktm.model.compiled import StaticDecoder, cache_mask, left_pad_to, round_up
 
 PROMPTS = ["hello world, this is a longer test prompt", "short", "x" * 70]
 

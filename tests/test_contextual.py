@@ -6,8 +6,9 @@ import json
 import pytest
 import torch
 
-from ktm import KTokenMerging, bench
-from ktm.blocks import block_slots, fill_blocks
+from ktm import KTokenMerging
+from ktm.experiments import bench
+from ktm.model.blocks import block_slots, fill_blocks
 from ktm.checkpoint import CheckpointError
 from ktm.config import ModelConfig
 

@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ktm import MergeEncoder
-from ktm.encoder import StackedEncoder, build_encoder, default_hidden, encoder_stages
+from ktm.model.encoder import StackedEncoder, build_encoder, default_hidden, encoder_stages
 
 
 @settings(max_examples=30, deadline=None)
@@ -59,7 +59,7 @@ def test_stacked_mean_init_equals_block_mean(stages, d, seed):
 @given(n_real=st.integers(1, 8), seed=st.integers(0, 99))
 def test_stacked_stages_refill_partial_blocks(n_real, seed):
     """Each stage sees a partial block as a single-stage encoder of its size would."""
-    from ktm.blocks import fill_blocks
+    from ktm.model.blocks import fill_blocks
 
     torch.manual_seed(seed)
     x = torch.randn(1, 8, 6)

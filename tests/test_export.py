@@ -11,11 +11,11 @@ from safetensors import safe_open
 
 from conftest import char_tokenizer, tiny_llama, trained_checkpoint
 from ktm import KTokenMerging
-from ktm.blocks import position_ids
+from ktm.model.blocks import position_ids
 from ktm.cli import escape_line, main
 from ktm.config import ModelConfig
-from ktm.export import SERVING_CONFIG, ExportError, check_servable, export_model, read_export
-from ktm.serving import read_embeds
+from ktm.serve.export import SERVING_CONFIG, ExportError, check_servable, export_model, read_export
+from ktm.serve.serving import read_embeds
 
 
 @pytest.fixture(scope="module")
@@ -118,14 +118,14 @@ def test_export_never_replaces_its_own_checkpoint(tmp_path, base_dir):
 
 
 def test_an_interrupted_export_leaves_nothing_behind(tmp_path, base_dir, monkeypatch):
-    import ktm.export
+    import ktm.serve.export
 
     trained_checkpoint(tmp_path / "ck", base_dir, k=2)
 
     def disk_full(*a, **kw):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ktm.export, "save_file", disk_full)
+    monkeypatch.setattr(ktm.serve.export, "save_file", disk_full)
     with pytest.raises(OSError):
         export_model(tmp_path / "ck", tmp_path / "exp")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
@@ -164,7 +164,7 @@ def test_read_export_explains_what_is_wrong(tmp_path, base_dir):
 def test_a_dequantized_gguf_model_loses_its_quantizer_and_other_quantized_models_are_refused():
     from types import SimpleNamespace
 
-    from ktm.export import _drop_dequantized_gguf
+    from ktm.serve.export import _drop_dequantized_gguf
 
     removed = []
 
@@ -189,7 +189,7 @@ def test_export_of_the_embedded_gguf_model(tmp_path):
     """The default base is loaded from a GGUF file: its export is a plain model folder."""
     from transformers import AutoModelForCausalLM
 
-    from ktm.serving import PromptEncoder
+    from ktm.serve.serving import PromptEncoder
 
     m = KTokenMerging.from_base(None, k=4, seed=0, encoder_init="paper", lora_dropout=0.0, device="cpu",
                                 dtype="float32").eval()

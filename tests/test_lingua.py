@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ktm import lingua
+from ktm.experiments import lingua
 from ktm.tasks.base import Example
 
 WORDS = ("the shoes were very good and great but the size was small so I sent them back "

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ktm.blocks import num_blocks
+from ktm.model.blocks import num_blocks
 
 @pytest.fixture(scope="module")
 def mod():

@@ -5,7 +5,7 @@ import math
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ktm.methods import TOKEN_METHODS, kept_positions, select_tokens
+from ktm.model.methods import TOKEN_METHODS, kept_positions, select_tokens
 
 
 @settings(max_examples=80, deadline=None)
@@ -45,7 +45,7 @@ def test_mean_is_the_untrained_block_mean_and_stays_so(make_model):
     import torch
 
     from ktm.config import TrainConfig
-    from ktm.trainer import Trainer
+    from ktm.train.trainer import Trainer
     from test_trainer import LastChar
 
     m = make_model(k=2, method="mean")

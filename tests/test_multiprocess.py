@@ -96,7 +96,7 @@ def test_two_processes_equal_one_process_with_the_global_batch(tmp_path):
 def test_process_shares_make_up_the_one_process_batch():
     from ktm.config import TrainConfig
     from ktm.tasks import Example
-    from ktm.trainer import batch_indices, process_share
+    from ktm.train.trainer import batch_indices, process_share
 
     examples = [Example(f"p{i}", "a") for i in range(50)]
     for balance, labels in ((False, None), (True, ["a"])):

@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ktm.blocks import num_blocks
-from ktm.objectives import (
+from ktm.model.blocks import num_blocks
+from ktm.train.objectives import (
     RECON_CUE,
     add_auxiliary,
     distill_positions,
@@ -81,7 +81,7 @@ def test_distillation_equals_a_hand_computed_kl(make_model):
             q = F.log_softmax(m._lm_head(s_h[j]), -1)
             terms.append((p.exp() * (p - q)).sum())
     want = torch.stack(terms).mean()
-    from ktm.blocks import pad_sequences
+    from ktm.model.blocks import pad_sequences
 
     hidden = m._decoder(inputs_embeds=pad_sequences(merged, side="right")[0],
                         attention_mask=pad_sequences(merged, side="right")[1]).last_hidden_state
@@ -212,7 +212,7 @@ def test_alignment_modes_zero_when_teacher_reads_the_same_input(make_model, mode
 
 
 def test_standardized_alignment_by_hand_and_without_the_sink(make_model):
-    from ktm.objectives import alignment_loss
+    from ktm.train.objectives import alignment_loss
 
     m = make_model(k=2)
     ids = m.tokenize(PROMPTS)

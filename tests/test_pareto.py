@@ -8,11 +8,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import ktm.pareto as pareto
+import ktm.experiments.pareto as pareto
 from ktm.cli import main
-from ktm.frontier import length_reduction, normalised_performance, p_lf1, pareto_front
-from ktm.pareto import Cell, GridConfig, cell_model_config, grid_cells, run_grid
-from ktm.pareto_report import score_rows
+from ktm.experiments.frontier import length_reduction, normalised_performance, p_lf1, pareto_front
+from ktm.experiments.pareto import Cell, GridConfig, cell_model_config, grid_cells, run_grid
+from ktm.experiments.pareto_report import score_rows
 
 
 # ---------------------------------------------------------------- arithmetic
@@ -67,7 +67,7 @@ def test_frontier_points_are_not_dominated_and_the_rest_are(points):
 
 
 def test_a_majority_class_model_scores_zero_over_majority():
-    from ktm.frontier import above_majority
+    from ktm.experiments.frontier import above_majority
 
     rows = [dict(method="plain", k=1, metric="accuracy", value=0.8, majority_rate=0.6, length_reduction=0.0),
             dict(method="merge", k=4, metric="accuracy", value=0.6, majority_rate=0.6, length_reduction=0.75),
@@ -199,7 +199,7 @@ def _rows(plain, merge, first, majority=0.6, n=200):
 
 
 def test_the_verdict_follows_the_numbers():
-    from ktm.demo import amazon_verdict
+    from ktm.experiments.demo import amazon_verdict
 
     lose = amazon_verdict(_rows((0.80, 0.78), (0.60, 0.38), (0.70, 0.66)))
     assert "stayed at the majority class" in lose and "keep-first" in lose and "does not pay" in lose
@@ -210,7 +210,7 @@ def test_the_verdict_follows_the_numbers():
 
 
 def test_amazon_demo_on_a_tiny_model(tmp_path, base_dir):
-    from ktm.demo import run_amazon_demo
+    from ktm.experiments.demo import run_amazon_demo
 
     reviews = tmp_path / "reviews"
     reviews.mkdir()
@@ -228,7 +228,7 @@ def test_amazon_demo_on_a_tiny_model(tmp_path, base_dir):
 
 
 def test_the_demo_without_reviews_says_what_to_pass(monkeypatch, tmp_path):
-    import ktm.demo as demo
+    import ktm.experiments.demo as demo
 
     monkeypatch.setattr(demo, "_SHARED_REVIEWS", tmp_path / "nowhere")
     with pytest.raises(ValueError, match="--reviews FOLDER"):
@@ -275,7 +275,7 @@ def test_a_perplexity_grid_scores_generations_and_inverts_the_frontier(tmp_path,
 def test_doctests():
     import doctest
 
-    import ktm.frontier
+    import ktm.experiments.frontier
 
-    for module in (ktm.frontier, pareto):
+    for module in (ktm.experiments.frontier, pareto):
         assert doctest.testmod(module).failed == 0

@@ -1,11 +1,11 @@
-"""ktm.phases.train_run: one training run from Python, chains included, resumable."""
+"""ktm.train.phases.train_run: one training run from Python, chains included, resumable."""
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from ktm.config import ModelConfig, TrainConfig
-from ktm.phases import train_run
+from ktm.train.phases import train_run
 from ktm.tasks import TreeTask
 
 

@@ -1,5 +1,5 @@
 """ktm pretrain: plain text cut into prompt + continuation windows (ktm.tasks.text), answer
-distillation from the base model (ktm.objectives), and the run on the one trainer."""
+distillation from the base model (ktm.train.objectives), and the run on the one trainer."""
 
 import itertools
 import json
@@ -13,8 +13,8 @@ import torch
 from ktm.cli import main
 from ktm.config import TrainConfig
 from ktm.model import KTokenMerging
-from ktm.objectives import add_auxiliary, answer_teacher_ids
-from ktm.pretrain import pretrain_configs
+from ktm.train.objectives import add_auxiliary, answer_teacher_ids
+from ktm.train.pretrain import pretrain_configs
 from ktm.tasks.text import TextOptions, TextTask, cut_windows
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread
@@ -188,7 +188,7 @@ def test_pretrain_learns_and_a_task_starts_from_it(base_dir, tmp_path, capsys):
     pre = KTokenMerging.from_pretrained(run / "model")
     assert pre.config.context_layers == 1 and pre.k == 4
     # a task starts from it: the same weights before its first step
-    from ktm.phases import build_model
+    from ktm.train.phases import build_model
 
     start = build_model(pretrain_configs(model={"k": 4})[0], init_from=run / "model")
     a, b = _weights(pre), _weights(start)

@@ -3,7 +3,7 @@ import argparse
 import pytest
 
 from ktm.config import ModelConfig, TrainConfig, add_arguments, from_dict, overrides, to_dict
-from ktm.recipes import DEFAULT_RECIPE, RECIPES, get_recipe
+from ktm.train.recipes import DEFAULT_RECIPE, RECIPES, get_recipe
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
@@ -90,7 +90,7 @@ def test_encoder_stages_must_multiply_to_k():
 
 
 def test_hierarchical_recipe_and_default_stages():
-    from ktm.phases import with_default_stages
+    from ktm.train.phases import with_default_stages
 
     t = get_recipe("hierarchical").train_config()
     assert (t.teacher, t.grow_from, t.align) == ("auto", "auto", 1.0)

@@ -277,12 +277,12 @@ def test_out_of_range_arguments_are_rejected_in_one_line(argv, message, capsys):
 
 # ---------------------------------------------------------------- 5. encoder size guard
 def test_an_encoder_too_large_for_memory_is_refused_before_allocation(monkeypatch, make_model):
-    import ktm.encoder
-    from ktm.encoder import build_encoder, encoder_parameters
+    import ktm.model.encoder
+    from ktm.model.encoder import build_encoder, encoder_parameters
 
     with pytest.raises(ValueError, match=r"K = 64 on d = 576 .*\(15\.\d GiB in float32\).*--encoder-hidden"):
         build_encoder(64, 576)  # the real case: refused from the arithmetic alone
-    monkeypatch.setattr(ktm.encoder, "MAX_ENCODER_BYTES", 2**20)  # 1 MiB
+    monkeypatch.setattr(ktm.model.encoder, "MAX_ENCODER_BYTES", 2**20)  # 1 MiB
     assert 4 * encoder_parameters(16, 32) > 2**20
     with pytest.raises(ValueError, match=r"more than the 0\.0009765\d* GiB limit .*encoder_hidden \(--encoder-hidden\), "
                                          r"at most about \d+"):
@@ -294,10 +294,10 @@ def test_an_encoder_too_large_for_memory_is_refused_before_allocation(monkeypatc
 def test_the_suggested_encoder_hidden_fits(monkeypatch):
     import re
 
-    import ktm.encoder
-    from ktm.encoder import build_encoder
+    import ktm.model.encoder
+    from ktm.model.encoder import build_encoder
 
-    monkeypatch.setattr(ktm.encoder, "MAX_ENCODER_BYTES", 2**18)
+    monkeypatch.setattr(ktm.model.encoder, "MAX_ENCODER_BYTES", 2**18)
     for stages in (None, (4, 4)):
         with pytest.raises(ValueError) as e:
             build_encoder(16, 32, stages=stages)

@@ -10,7 +10,7 @@ import pytest
 from conftest import save_tiny_base
 from ktm.checkpoint import clean_stale, recover_dir, write_dir
 from ktm.config import ModelConfig, TrainConfig
-from ktm.phases import LOCK_NAME, run_lock, train_run
+from ktm.train.phases import LOCK_NAME, run_lock, train_run
 from ktm.tasks import JsonlTask
 from ktm.tasks.base import read_jsonl
 
@@ -72,7 +72,7 @@ def test_a_missing_test_split_stops_the_run_before_its_first_step(tmp_path, base
 
 
 def test_the_final_checkpoint_is_written_before_the_final_evaluation(tmp_path, base_dir, monkeypatch):
-    import ktm.trainer as trainer_mod
+    import ktm.train.trainer as trainer_mod
 
     def broken(*a, **kw):
         raise RuntimeError("evaluation failed")

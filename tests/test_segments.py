@@ -1,5 +1,5 @@
 """Kept spans: segmented prompts merge only their ``merge`` spans and read ``keep`` spans
-token-exact (``ktm.segments``, ``ktm.blocks.segment_layout``, ``ModelConfig.keep``)."""
+token-exact (``ktm.model.segments``, ``ktm.model.blocks.segment_layout``, ``ModelConfig.keep``)."""
 
 import itertools
 
@@ -8,9 +8,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ktm.blocks import block_slots, num_blocks, segment_layout, segmented_length
+from ktm.model.blocks import block_slots, num_blocks, segment_layout, segmented_length
 from ktm.config import ModelConfig
-from ktm.segments import check_segments, cue_pattern, keep_mask, kept_ranges, segments_of, task_keep_pattern
+from ktm.model.segments import check_segments, cue_pattern, keep_mask, kept_ranges, segments_of, task_keep_pattern
 from test_model import perturb
 
 keeps_st = st.lists(st.lists(st.booleans(), min_size=1, max_size=40), min_size=1, max_size=5)

@@ -1,4 +1,4 @@
-"""ktm.serving: the client-side encoder equals merge_prompts, the payloads decode the way vLLM
+"""ktm.serve.serving: the client-side encoder equals merge_prompts, the payloads decode the way vLLM
 decodes them (checked by a local fake server), what a server accepts is bounded, and
 ktm encode / ktm serve build what they should."""
 
@@ -18,8 +18,8 @@ import torch
 from conftest import trained_checkpoint
 from ktm import KTokenMerging
 from ktm.cli import main
-from ktm.export import ENCODER_FILE, SERVING_CONFIG, ExportError, export_model
-from ktm.serving import (
+from ktm.serve.export import ENCODER_FILE, SERVING_CONFIG, ExportError, export_model
+from ktm.serve.serving import (
     PromptEncoder,
     check_prompt_embeds,
     completion_request,
@@ -361,10 +361,10 @@ def test_ktm_serve_refuses_what_it_sets_itself(exported, capsys, argv, message):
 
 
 def test_ktm_serve_without_vllm_says_how_to_install_it(exported, capsys, monkeypatch, tmp_path):
-    import ktm.serving
+    import ktm.serve.serving
 
     _, out, ck = exported
-    monkeypatch.setattr(ktm.serving, "vllm_installed", lambda: False)
+    monkeypatch.setattr(ktm.serve.serving, "vllm_installed", lambda: False)
     capsys.readouterr()
     assert main(["serve", "--export", str(out)]) == 2
     err = capsys.readouterr().err
@@ -375,7 +375,7 @@ def test_ktm_serve_without_vllm_says_how_to_install_it(exported, capsys, monkeyp
 
 def test_ktm_serve_runs_the_vllm_command_with_its_arguments(exported, monkeypatch, tmp_path, capsys):
     """The launch itself, with a stand-in `vllm` on PATH that records its arguments (no vLLM here)."""
-    import ktm.serving
+    import ktm.serve.serving
 
     _, out, _ = exported
     bin_dir = tmp_path / "bin"
@@ -383,7 +383,7 @@ def test_ktm_serve_runs_the_vllm_command_with_its_arguments(exported, monkeypatc
     script = bin_dir / "vllm"
     script.write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > {tmp_path / 'args'}\nexit 3\n")
     script.chmod(0o755)
-    monkeypatch.setattr(ktm.serving, "vllm_installed", lambda: True)
+    monkeypatch.setattr(ktm.serve.serving, "vllm_installed", lambda: True)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     assert main(["serve", "--export", str(out), "--", "--seed", "7"]) == 3  # vllm's own exit status
     assert (tmp_path / "args").read_text().split() == serve_command(out, extra=["--seed", "7"])[1:]

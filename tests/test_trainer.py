@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from ktm.config import TrainConfig
-from ktm.evaluate import evaluate
+from ktm.train.evaluate import evaluate
 from ktm.model import CheckpointError
 from ktm.tasks.base import Example, Task
-from ktm.trainer import Trainer, batch_indices, lr_factor
+from ktm.train.trainer import Trainer, batch_indices, lr_factor
 
 
 class LastChar(Task):
@@ -40,7 +40,7 @@ def test_lr_schedule():
 def test_cosine_restarts_each_curriculum_round(make_model):
     """The cosine horizon is a round, not the whole run: a later stage starts at the full
     rate instead of training at the floor (the bug: it spanned cfg.steps only)."""
-    from ktm.phases import train_curriculum
+    from ktm.train.phases import train_curriculum
 
     cfg = TrainConfig(steps=4, batch_size=2, eval_examples=4, eval_every=0, lr=1e-2, warmup_steps=0,
                       decay="cosine")
@@ -145,7 +145,7 @@ def test_checkpoint_is_whole_or_absent(make_model, tmp_path):
 
 
 def test_curriculum_repeats_a_stage_until_its_threshold_and_resumes(make_model, tmp_path):
-    from ktm.phases import train_curriculum
+    from ktm.train.phases import train_curriculum
 
     cfg = TrainConfig(steps=2, batch_size=4, eval_examples=8, lr=1e-4)
     t = Trainer(make_model(k=2), cfg, output_dir=tmp_path, progress=False, log=lambda s: None)
@@ -160,7 +160,7 @@ def test_curriculum_repeats_a_stage_until_its_threshold_and_resumes(make_model, 
 
 
 def test_curriculum_finishes_an_interrupted_round(make_model, tmp_path):
-    from ktm.phases import train_curriculum
+    from ktm.train.phases import train_curriculum
 
     cfg = TrainConfig(steps=4, batch_size=4, eval_examples=8, lr=1e-4)
     t = Trainer(make_model(k=2), cfg, output_dir=tmp_path, progress=False, log=lambda s: None)
@@ -175,7 +175,7 @@ def test_curriculum_finishes_an_interrupted_round(make_model, tmp_path):
 
 
 def test_curriculum_threshold_needs_an_accuracy_task(make_model):
-    from ktm.phases import train_curriculum
+    from ktm.train.phases import train_curriculum
 
     class Perplexity(LastChar):
         metric = "perplexity"
@@ -206,8 +206,8 @@ def test_auxiliary_losses_train_and_are_logged(make_model):
     ([0.5, 0.6, 0.7, 0.99], 6, True),  # never reached within 3 rounds: warns, goes on
 ])
 def test_phase_trains_more_rounds_until_its_threshold(make_model, tmp_path, monkeypatch, values, steps, warned):
-    import ktm.phases as phases_mod
-    import ktm.trainer as trainer_mod
+    import ktm.train.phases as phases_mod
+    import ktm.train.trainer as trainer_mod
 
     scripted = iter(values)
     monkeypatch.setattr(trainer_mod, "evaluate",
@@ -223,7 +223,7 @@ def test_phase_trains_more_rounds_until_its_threshold(make_model, tmp_path, monk
 
 
 def test_phase_threshold_needs_an_accuracy_task(make_model, tmp_path):
-    import ktm.phases as phases_mod
+    import ktm.train.phases as phases_mod
 
     class Perplexity(LastChar):
         metric = "perplexity"

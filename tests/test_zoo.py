@@ -1,4 +1,4 @@
-"""Pretrained mergers that ship with ktm (ktm.zoo): slim copies, zoo:NAME references, the build."""
+"""Pretrained mergers that ship with ktm (ktm.train.zoo): slim copies, zoo:NAME references, the build."""
 
 import json
 
@@ -10,7 +10,7 @@ from test_pretrain import write_texts
 from ktm import KTokenMerging, checkpoint
 from ktm.checkpoint import CheckpointError, read_config, resolve_folder
 from ktm.cli import main
-from ktm.zoo import CARD_NAME, ZOO, ZooEntry, build, describe_shipped, write_slim
+from ktm.train.zoo import CARD_NAME, ZOO, ZooEntry, build, describe_shipped, write_slim
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -136,7 +136,7 @@ def test_build_refuses_missing_text_and_unknown_names(tmp_path, capsys):
 
 def test_the_recorded_entries_build_what_ships():
     """Each entry's settings are valid, and a merger that ships was built from its entry."""
-    from ktm.pretrain import pretrain_configs
+    from ktm.train.pretrain import pretrain_configs
     from ktm.tasks.text import TextOptions
 
     for entry in ZOO.values():
@@ -168,7 +168,7 @@ TEXTS = [
 
 @pytest.mark.integration
 def test_the_shipped_k2_merger_continues_real_text_far_better_than_block_means(tmp_path):
-    from ktm.evaluate import evaluate
+    from ktm.train.evaluate import evaluate
     from ktm.tasks.text import TextOptions, TextTask
 
     assert "default-k2" in checkpoint.shipped_mergers()
@@ -189,7 +189,7 @@ def test_the_shipped_k2_merger_continues_real_text_far_better_than_block_means(t
 
 
 def test_the_amazon_demo_points_to_the_shipped_merger(monkeypatch, tmp_path):
-    from ktm.demo import AMAZON_DEMO, shipped_merger_hint
+    from ktm.experiments.demo import AMAZON_DEMO, shipped_merger_hint
 
     hint = shipped_merger_hint("../shared/data/amazon", AMAZON_DEMO)
     assert "--init-from zoo:default-k2 --lr 3e-4" in hint and f"--steps {AMAZON_DEMO['steps']}" in hint

@@ -34,19 +34,19 @@ timeout "$(left 75)" python3 benchmarks/gpu/tree_runs.py probe --model "$WORK"/s
 cp "$WORK"/probe/probe.json "$RES/" 2>/dev/null
 
 echo "== speed ($SECONDS s)"
-timeout "$(left 170)" python3 -m ktm.bench speed --device cuda --model "$WORK"/smol-rand \
+timeout "$(left 170)" python3 -m ktm.experiments.bench speed --device cuda --model "$WORK"/smol-rand \
   --out "$RES/speed" > "$RES/speed.log" 2>&1
 tail -n 90 "$RES/speed.log"
 
 echo "== compile reduce-overhead ($SECONDS s)"
-timeout "$(left 170)" python3 -m ktm.bench speed --device cuda --model "$WORK"/smol-rand --modes compile \
+timeout "$(left 170)" python3 -m ktm.experiments.bench speed --device cuda --model "$WORK"/smol-rand --modes compile \
   --compile-modes reduce-overhead --batch-sizes 1 --lengths 512 1024 2048 --repeats 5 \
   --out "$RES/compile-reduce-overhead" > "$RES/compile-reduce-overhead.log" 2>&1
 grep -E "^compile|Error|error" "$RES/compile-reduce-overhead.log" | tail -20
 
 if [ $((LIMIT - SECONDS)) -gt 110 ]; then
   echo "== compile default ($SECONDS s)"
-  timeout "$(left 400)" python3 -m ktm.bench speed --device cuda --model "$WORK"/smol-rand --modes compile \
+  timeout "$(left 400)" python3 -m ktm.experiments.bench speed --device cuda --model "$WORK"/smol-rand --modes compile \
     --compile-modes default --batch-sizes 1 --lengths 512 2048 --ks 1 4 --repeats 5 \
     --out "$RES/compile-default" > "$RES/compile-default.log" 2>&1
   grep -E "^compile|Error|error" "$RES/compile-default.log" | tail -12

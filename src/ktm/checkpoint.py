@@ -7,7 +7,7 @@ A saved model folder (``KTokenMerging.save_pretrained``) holds::
     adapter/                 the LoRA adapter (peft's format, safetensors)
     tokenizer/               the tokenizer
 
-Mergers that ship inside the package (:mod:`ktm.zoo`, folder ``ktm/mergers/``) are such
+Mergers that ship inside the package (:mod:`ktm.train.zoo`, folder ``ktm/mergers/``) are such
 folders too, addressed as ``zoo:NAME`` wherever a saved folder is expected
 (:func:`resolve_folder`).
 
@@ -45,7 +45,7 @@ FUNCTION_FIELDS = ("k", "method", "lora_r", "lora_alpha", "lora_targets", "lora_
 ADAPTER_FIELDS = ("lora_r", "lora_alpha", "lora_targets", "lora_lm_head")
 
 
-#: the folder of the pretrained mergers shipped with ktm (``zoo:NAME``; :mod:`ktm.zoo`)
+#: the folder of the pretrained mergers shipped with ktm (``zoo:NAME``; :mod:`ktm.train.zoo`)
 MERGERS_DIR = Path(__file__).resolve().parent / "mergers"
 ZOO_PREFIX = "zoo:"
 

@@ -19,19 +19,26 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .blocks import check_k
-from .encoder import INITS
-
 #: the choices of the string options, as types (argparse offers exactly these)
 EncoderInit = typing.Literal["mean", "paper", "random"]
 Decay = typing.Literal["constant", "cosine"]
 AlignMode = typing.Literal["cosine", "standardized"]
 Method = typing.Literal["merge", "mean", "keep-first", "keep-last", "stride", "random-drop"]
-#: hidden-state alignment modes (ktm.objectives.alignment_loss)
+#: hidden-state alignment modes (ktm.train.objectives.alignment_loss)
 ALIGN_MODES = typing.get_args(AlignMode)
-assert typing.get_args(EncoderInit) == INITS
+#: the merge encoder's initialisations (ktm.model.encoder.MergeEncoder)
+INITS = typing.get_args(EncoderInit)
 
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def check_k(k: int) -> int:
+    """Validate a block size: an integer >= 1 (K = 1 is the uncompressed baseline)."""
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"K must be an int, got {type(k).__name__}")
+    if k < 1:
+        raise ValueError(f"K must be >= 1 (K = 1 is the uncompressed baseline), got K = {k}")
+    return k
 
 
 def _help(text: str, **kw):
@@ -44,12 +51,12 @@ class ModelConfig:
 
     k: int = _help("block size K: tokens merged into one embedding (1 = uncompressed)", default=4)
     method: Method = _help(
-        "how a prompt is shortened K-fold (ktm.methods): merge (K-Token Merging), mean (the block "
+        "how a prompt is shortened K-fold (ktm.model.methods): merge (K-Token Merging), mean (the block "
         "mean, not trained), or a token-space baseline keeping ceil(n/K) tokens: keep-first, keep-last, "
         "stride, random-drop", default="merge")
     keep: str | None = _help(
         "keep spans of every prompt uncompressed: a regular expression whose matches are read "
-        "token by token while the rest is merged (ktm.segments), or 'cue' for the task's cue "
+        "token by token while the rest is merged (ktm.model.segments), or 'cue' for the task's cue "
         "(tree: 'Parent: .., Child: .., Answer: ', amazon: 'Label:'; saved resolved)", default=None)
     encoder_hidden: int | None = _help(
         "encoder MLP width h (default: the paper's int(a*K)*d)", default=None
@@ -134,12 +141,12 @@ class TrainConfig:
     balance: bool = _help("sample classes equally (classification tasks)", default=False)
     reconstruct: float = _help(
         "weight of the auxiliary loss of recovering the prompt's tokens from its merged "
-        "embeddings (0: off; ktm.objectives)", default=0.0)
+        "embeddings (0: off; ktm.train.objectives)", default=0.0)
     reconstruct_rows: int = _help(
         "rows of each batch that also get the reconstruction loss (0: all)", default=0)
     distill: float = _help(
         "weight of dense self-distillation from the base model reading the plain prompt "
-        "(0: off; ktm.objectives)", default=0.0)
+        "(0: off; ktm.train.objectives)", default=0.0)
     distill_answer: float = _help(
         "weight of distillation on the answer tokens: at each answer position the student's "
         "next-token distribution moves towards the teacher's (the base model, or --teacher) reading "
@@ -148,7 +155,7 @@ class TrainConfig:
         "weight of the answer's cross-entropy (0: train on the auxiliary losses alone)", default=1.0)
     align: float = _help(
         "weight of hidden-state alignment with the teacher at every block end and layer "
-        "(0: off; ktm.objectives)", default=0.0)
+        "(0: off; ktm.train.objectives)", default=0.0)
     align_mode: AlignMode = _help(
         "alignment distance: 'cosine' on the raw hidden states, or 'standardized' (per-dimension "
         "standardised by the teacher's batch statistics, attention-sink position left out)",

@@ -56,7 +56,7 @@ class Task:
     #: raises it to fit the longest reference answer and its end token)
     max_new_tokens: int = 8
     #: how many final words of a prompt are its cue (``Label:``), which a prompt compressor
-    #: keeps verbatim (the ``llmlingua2`` baseline, :mod:`ktm.lingua`)
+    #: keeps verbatim (the ``llmlingua2`` baseline, :mod:`ktm.experiments.lingua`)
     cue_words: int = 1
     #: each answer is followed by the end token, a target of the loss and of perplexity; False
     #: for answers that are texts cut mid-way (:class:`ktm.tasks.text.TextTask`)

@@ -48,7 +48,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from .tasks.base import Example, ExamplesTask
+from ..tasks.base import Example, ExamplesTask
 
 DEFAULT_LINGUA_MODEL = "microsoft/llmlingua-2-xlm-roberta-large-meetingbank"
 

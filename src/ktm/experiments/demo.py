@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from .config import save_json
-from .evaluate import evaluate, subsample
-from .recipes import get_recipe
-from .tasks.tree import TreeTask, parse_question
-from .phases import train_run
+from ..config import save_json
+from ..train.evaluate import evaluate, subsample
+from ..train.recipes import get_recipe
+from ..tasks.tree import TreeTask, parse_question
+from ..train.phases import train_run
 
 #: training steps that fit the demo's ~10 minute budget on 2 CPU cores (K = 4, batch 16)
 DEMO_STEPS = 250
@@ -130,7 +130,7 @@ def run_amazon_demo(reviews=None, out: str = "runs/demo-amazon", k: int = 4, ste
     same settings reuses the finished runs in ``out`` (it is a ``ktm pareto`` grid)."""
     from .pareto import GridConfig, run_grid
     from .pareto_report import score_rows
-    from .recipes import get_recipe
+    from ..train.recipes import get_recipe
 
     t0 = time.perf_counter()
     reviews = Path(reviews) if reviews else default_reviews()
@@ -162,7 +162,7 @@ def shipped_merger_hint(reviews, cfg: dict, model=None) -> str | None:
     """The next command to try on the embedded model (``model`` None): K = 2 started from the
     pretrained merger that ships with ktm (``zoo:default-k2``), at the fine-tuning rate
     measured in docs/RECIPES.md; None when it does not ship or another base model is used."""
-    from .checkpoint import shipped_mergers
+    from ..checkpoint import shipped_mergers
 
     if model is not None or "default-k2" not in shipped_mergers():
         return None

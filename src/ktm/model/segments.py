@@ -10,7 +10,7 @@ that straddles a border, such as ``" Label"``, goes to the kept side).
 ``ModelConfig.keep`` applies the same split to plain strings: a regular expression whose
 matches are kept (``"cue"`` = the task's cue, :func:`task_keep_pattern`; tree: the final
 ``Parent: AA, Child: BB, Answer: ``, amazon: ``Label:``). The block arithmetic of what the
-LLM then reads is :func:`ktm.blocks.segment_layout`.
+LLM then reads is :func:`ktm.model.blocks.segment_layout`.
 
 Example::
 
@@ -29,7 +29,7 @@ from collections.abc import Sequence
 
 MERGE, KEEP = "merge", "keep"
 KINDS = (MERGE, KEEP)
-#: ``ModelConfig.keep`` value that stands for the task's cue (resolved by ``ktm.phases.train_run``)
+#: ``ModelConfig.keep`` value that stands for the task's cue (resolved by ``ktm.train.phases.train_run``)
 TASK_CUE = "cue"
 
 

@@ -37,8 +37,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .blocks import answer_targets, check_k, concat_right_padded, num_blocks, pad_sequences
-from .config import ALIGN_MODES
+from ..model.blocks import answer_targets, check_k, concat_right_padded, num_blocks, pad_sequences
+from ..config import ALIGN_MODES
 
 RECON_CUE = "\nRepeat:\n"
 

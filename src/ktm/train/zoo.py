@@ -10,7 +10,7 @@ and what it measured. Everything that takes a saved folder takes ``zoo:NAME``
     KTokenMerging.from_pretrained("zoo:default-k2")       # the embedded SmolLM2 as base
 
 ``ktm zoo build NAME --out RUN`` rebuilds one from the settings recorded in :data:`ZOO`: it
-pretrains (:func:`ktm.pretrain.pretrain_run`, resumable in RUN), writes the slim copy into
+pretrains (:func:`ktm.train.pretrain.pretrain_run`, resumable in RUN), writes the slim copy into
 ``ktm/mergers/NAME`` (``--into`` elsewhere) and measures the held-out continuation
 perplexity of the float32 run and of the slim copy, so the card shows what the cast costs.
 ``ktm zoo list`` shows what ships.
@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from . import __version__, checkpoint
-from .checkpoint import (
+from .. import __version__, checkpoint
+from ..checkpoint import (
     ADAPTER_DIR,
     ADAPTER_FILE,
     CONFIG_NAME,
@@ -45,7 +45,7 @@ from .checkpoint import (
     weight_hashes,
     write_dir,
 )
-from .config import save_json
+from ..config import save_json
 
 #: the card each shipped merger carries: how it was built, what it measured
 CARD_NAME = "zoo.json"
@@ -60,7 +60,7 @@ class ZooEntry:
 
     ``model`` / ``train`` / ``text``: :class:`~ktm.config.ModelConfig`,
     :class:`~ktm.config.TrainConfig` and :class:`~ktm.tasks.text.TextOptions` fields, over
-    ``recipe`` and pretraining's own defaults (:func:`ktm.pretrain.pretrain_configs`).
+    ``recipe`` and pretraining's own defaults (:func:`ktm.train.pretrain.pretrain_configs`).
     ``base``: the base model reference (None: the embedded SmolLM2-135M-Instruct)."""
 
     name: str
@@ -100,7 +100,7 @@ def write_slim(src, dst, dtype: str = "bfloat16", tokenizer: bool = False) -> Pa
     ``src`` are checked on reading; ``dst`` gets its own and is written atomically.
     ``ktm_config.json`` records the dtype as ``weights_dtype``; loading casts the weights to
     the model's dtype."""
-    from .loading import resolve_dtype
+    from ..loading import resolve_dtype
 
     src = resolve_folder(src)
     meta = read_config(src)
@@ -189,8 +189,8 @@ def build(entry: ZooEntry | str, out, *, into=None, text=None, base=None, tokeni
 def text_options(entry: ZooEntry, text=None):
     """The entry's :class:`~ktm.tasks.text.TextOptions`, with ``text`` as its sources if given;
     ``FileNotFoundError`` for a source that is neither a path nor a Hub dataset id."""
-    from .tasks.hub import is_hub_id
-    from .tasks.text import TextOptions
+    from ..tasks.hub import is_hub_id
+    from ..tasks.text import TextOptions
 
     opts = TextOptions(**{**entry.text, **({"text": tuple(text)} if text else {})})
     missing = [s for s in opts.text if not Path(s).exists() and not is_hub_id(s)]
@@ -204,7 +204,7 @@ def held_out_perplexities(model, slim, text_opts, train_cfg, save_dtype: str) ->
     """Held-out continuation perplexity of ``model`` as trained, then with the weights of
     its slim copy ``slim`` loaded into it (left so): the pretraining's evaluation windows."""
     from .evaluate import evaluate
-    from .tasks.text import TextTask
+    from ..tasks.text import TextTask
 
     task = TextTask(text_opts.text, model.tokenizer, text_opts)
     n, seed = train_cfg.eval_examples, train_cfg.seed

@@ -2,7 +2,7 @@
 
 :func:`score_rows` adds to each cell's row its normalised performance against ``plain``,
 its P-LF1 and whether it is on the Pareto frontier of (length reduction, performance)
-(:mod:`ktm.frontier`); :func:`write_report` writes ``pareto.json``, ``pareto.csv``,
+(:mod:`ktm.experiments.frontier`); :func:`write_report` writes ``pareto.json``, ``pareto.csv``,
 ``pareto.md`` and ``pareto.png``.
 """
 
@@ -12,7 +12,7 @@ import csv
 import io
 from pathlib import Path
 
-from .config import save_json
+from ..config import save_json
 from .frontier import HIGHER_IS_BETTER, above_majority, normalised_performance, p_lf1, pareto_front
 
 P_LF1_DEFINITION = ("P-LF1 = 2 P R / (P + R), the harmonic mean of P, the performance normalised by plain's "

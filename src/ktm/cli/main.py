@@ -19,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import ModelConfig, TrainConfig, add_arguments, overrides, save_json
+from ..config import ModelConfig, TrainConfig, add_arguments, overrides, save_json
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -81,7 +81,7 @@ TRUST_HELP = ("let transformers run Python code shipped with the model folder, c
 # ---------------------------------------------------------------- shared options
 def _add_task_args(p: argparse.ArgumentParser) -> None:
     """``--task`` and every task's own options (``Task.Options``), one group per task."""
-    from .tasks import TASKS
+    from ..tasks import TASKS
 
     p.add_argument_group("task").add_argument("--task", choices=sorted(TASKS), default="tree",
                                               help="task (default: tree)")
@@ -100,7 +100,7 @@ def _add_base_args(p: argparse.ArgumentParser) -> None:
 
 def _tasks(args) -> list:
     """The task(s) the options name: one, or several in order for a curriculum."""
-    from .tasks import TASKS
+    from ..tasks import TASKS
 
     cls = TASKS[args.task]
     return cls.from_options(cls.Options(**overrides(args, cls.Options)))
@@ -123,7 +123,7 @@ def _fmt_result(res: dict) -> str:
 
 # ---------------------------------------------------------------- commands
 def cmd_data(args) -> int:
-    from .tasks.tree import write_stage
+    from ..tasks.tree import write_stage
 
     counts = write_stage(args.out, args.stage, args.num_trees, args.seed)
     print(f"wrote {args.out}/train.jsonl ({counts['train']} questions) and "
@@ -135,9 +135,9 @@ def cmd_data_source(args) -> int:
     """``ktm data amazon|commits``: the task's prompt/answer records, both splits, as JSONL.
     ``--source`` is a local folder or file, or a Hugging Face dataset id (one category's or
     language's raw file, split as the paper's release does)."""
-    from .tasks import AmazonTask, CommitsTask, amazon, commits
-    from .tasks.base import write_jsonl
-    from .tasks.hub import is_hub_id
+    from ..tasks import AmazonTask, CommitsTask, amazon, commits
+    from ..tasks.base import write_jsonl
+    from ..tasks.hub import is_hub_id
 
     hub_options = {"category": "--category", "language": "--language", "test_size": "--test-size",
                    "train_fraction": "--train-fraction", "seed": "--seed"}
@@ -169,15 +169,15 @@ def cmd_data_source(args) -> int:
 def cmd_train(args) -> int:
     from tqdm.auto import tqdm
 
-    from .phases import train_run
-    from .recipes import get_recipe
+    from ..train.phases import train_run
+    from ..train.recipes import get_recipe
 
     recipe = get_recipe(args.recipe)
     model_cfg = recipe.model_config(**overrides(args, ModelConfig))
     train_cfg = recipe.train_config(**overrides(args, TrainConfig))
     tasks = _tasks(args)
     if args.init_from:
-        from .phases import check_init_options
+        from ..train.phases import check_init_options
 
         check_init_options(args.init_from, overrides(args, ModelConfig))
     print(f"recipe {recipe.name}: K = {model_cfg.k}, lr {train_cfg.lr}, batch {train_cfg.batch_size}, "
@@ -198,8 +198,8 @@ def cmd_train(args) -> int:
 def cmd_pretrain(args) -> int:
     from tqdm.auto import tqdm
 
-    from .pretrain import pretrain_configs, pretrain_run
-    from .tasks.text import TextOptions
+    from ..train.pretrain import pretrain_configs, pretrain_run
+    from ..tasks.text import TextOptions
 
     text = TextOptions(**overrides(args, TextOptions))
     if not text.text:
@@ -221,8 +221,8 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_zoo_list(args) -> int:
-    from . import checkpoint
-    from .zoo import describe_shipped
+    from .. import checkpoint
+    from ..train.zoo import describe_shipped
 
     rows = describe_shipped()
     if not rows:
@@ -251,7 +251,7 @@ def cmd_zoo_list(args) -> int:
 def cmd_zoo_build(args) -> int:
     from tqdm.auto import tqdm
 
-    from .zoo import build
+    from ..train.zoo import build
 
     command = f"ktm zoo build {args.name} --out {args.out}"
     folder, card = build(args.name, args.out, into=args.into, text=args.text, base=args.model, device=args.device,
@@ -263,8 +263,8 @@ def cmd_zoo_build(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import evaluate
-    from .model import KTokenMerging
+    from ..train.evaluate import evaluate
+    from ..model.core import KTokenMerging
 
     model = KTokenMerging.from_pretrained(args.checkpoint, base=args.model, device=args.device, dtype=args.dtype,
                                           trust_remote_code=args.trust_remote_code)
@@ -323,8 +323,8 @@ def cmd_generate(args) -> int:
 
     import torch
 
-    from .checkpoint import read_config
-    from .model import KTokenMerging, check_sampling
+    from ..checkpoint import read_config
+    from ..model.core import KTokenMerging, check_sampling
 
     check_sampling(args.sample, args.temperature, args.top_k, args.top_p)
     if args.checkpoint:
@@ -364,7 +364,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_amazon_demo, run_demo
+    from ..experiments.demo import run_amazon_demo, run_demo
 
     if args.task == "tree":
         run_demo(steps=args.steps, k=args.k, out=args.out or "runs/demo", num_trees=args.num_trees,
@@ -376,8 +376,8 @@ def cmd_demo(args) -> int:
 
 
 def cmd_pareto(args) -> int:
-    from .pareto import GridConfig, run_grid
-    from .tasks import TASKS
+    from ..experiments.pareto import GridConfig, run_grid
+    from ..tasks import TASKS
 
     cls = TASKS[args.task]
     grid = GridConfig(task=args.task, task_options=overrides(args, cls.Options), recipe=args.recipe,
@@ -387,7 +387,7 @@ def cmd_pareto(args) -> int:
                       lingua_model=args.lingua_model)
     rows = run_grid(grid, args.methods, args.k, args.out, device=args.device, overwrite=args.overwrite,
                     timing_prompts=args.timing_prompts)
-    from .pareto_report import markdown_table, score_rows
+    from ..experiments.pareto_report import markdown_table, score_rows
 
     print(markdown_table(score_rows(rows)))
     print(f"report: {Path(args.out) / 'pareto.md'} (and pareto.json, pareto.csv, pareto.png)")
@@ -396,7 +396,7 @@ def cmd_pareto(args) -> int:
 
 # ---------------------------------------------------------------- parser
 def _add_data_parser(sub) -> None:
-    from .tasks import amazon, commits
+    from ..tasks import amazon, commits
 
     d = sub.add_parser("data", help="write task data as JSONL")
     dsub = d.add_subparsers(dest="dataset", required=True)
@@ -436,7 +436,7 @@ def _add_data_parser(sub) -> None:
 
 
 def _add_train_parser(sub) -> None:
-    from .recipes import DEFAULT_RECIPE, RECIPES
+    from ..train.recipes import DEFAULT_RECIPE, RECIPES
 
     tr = sub.add_parser("train", help="train LoRA + encoder on a task (accelerate launch for multi-GPU)",
                         formatter_class=HelpFormatter)
@@ -463,9 +463,9 @@ def _add_train_parser(sub) -> None:
 
 
 def _add_pretrain_parser(sub) -> None:
-    from .pretrain import pretrain_configs
-    from .recipes import DEFAULT_RECIPE, RECIPES
-    from .tasks.text import TextOptions
+    from ..train.pretrain import pretrain_configs
+    from ..train.recipes import DEFAULT_RECIPE, RECIPES
+    from ..tasks.text import TextOptions
 
     pt = sub.add_parser(
         "pretrain", help="a task-agnostic merger for a base model and K, trained on plain text",
@@ -474,7 +474,7 @@ def _add_pretrain_parser(sub) -> None:
                     "LoRA + encoder so that the model continues the text as the base model reading the plain "
                     "prompt would (distillation of its next-token distributions, --distill-answer; "
                     "--task-loss adds the continuation's cross-entropy). OUT/model starts a task with "
-                    "ktm train --init-from OUT/model. See ktm.pretrain and ktm.tasks.text.")
+                    "ktm train --init-from OUT/model. See ktm.train.pretrain and ktm.tasks.text.")
     pt.add_argument("--recipe", default=DEFAULT_RECIPE, choices=sorted(RECIPES),
                     help="model and optimiser settings, before pretraining's own (docs/RECIPES.md)")
     pt.add_argument("--out", required=True, help="run folder: checkpoint/, model/, history.json, pretrain.json")
@@ -490,7 +490,7 @@ def _add_pretrain_parser(sub) -> None:
 
 
 def _add_zoo_parser(sub) -> None:
-    from .zoo import ZOO
+    from ..train.zoo import ZOO
 
     z = sub.add_parser("zoo", help="pretrained mergers that ship with ktm (zoo:NAME): list them, or rebuild one")
     zsub = z.add_subparsers(dest="zoo_command", required=True)
@@ -498,7 +498,7 @@ def _add_zoo_parser(sub) -> None:
     zl.set_defaults(func=cmd_zoo_list)
     zb = zsub.add_parser(
         "build", help="rebuild a shipped merger: ktm pretrain with its recorded settings, then a bf16 copy",
-        description="Pretrain with the settings recorded for NAME (ktm.zoo.ZOO; resumable with --resume), "
+        description="Pretrain with the settings recorded for NAME (ktm.train.zoo.ZOO; resumable with --resume), "
                     "write the slim bfloat16 copy into the package's mergers/NAME (or --into DIR/NAME) with its "
                     "card zoo.json, and measure the held-out continuation perplexity of both copies.")
     zb.add_argument("name", choices=sorted(ZOO), help="the merger to build")
@@ -562,7 +562,7 @@ def _add_generate_parser(sub) -> None:
 
 
 def _add_demo_parser(sub) -> None:
-    from .recipes import DEFAULT_RECIPE, RECIPES
+    from ..train.recipes import DEFAULT_RECIPE, RECIPES
 
     dm = sub.add_parser(
         "demo", help="end to end on the embedded model: is merging worth it on real reviews?",
@@ -589,8 +589,8 @@ def _add_demo_parser(sub) -> None:
 
 
 def _add_pareto_parser(sub) -> None:
-    from .pareto import METHODS
-    from .recipes import DEFAULT_RECIPE, RECIPES
+    from ..experiments.pareto import METHODS
+    from ..train.recipes import DEFAULT_RECIPE, RECIPES
 
     pa = sub.add_parser(
         "pareto", help="train and score every method at every K on one task; table, plot and Pareto frontier",
@@ -625,9 +625,9 @@ def _add_pareto_parser(sub) -> None:
     pa.set_defaults(func=cmd_pareto)
 
 
-# ---------------------------------------------------------------- serving (ktm.export, ktm.serving)
+# ---------------------------------------------------------------- serving (ktm.serve.export, ktm.serve.serving)
 def cmd_export(args) -> int:
-    from .export import export_model
+    from ..serve.export import export_model
 
     out = export_model(args.checkpoint, args.out, overwrite=args.overwrite, dtype=args.dtype, base=args.model,
                        trust_remote_code=args.trust_remote_code)
@@ -636,10 +636,10 @@ def cmd_export(args) -> int:
 
 
 def cmd_encode(args) -> int:
-    from .checkpoint import CONFIG_NAME
-    from .export import SERVING_CONFIG
-    from .model import KTokenMerging
-    from .serving import PromptEncoder, encode_prompts, save_embeds
+    from ..checkpoint import CONFIG_NAME
+    from ..serve.export import SERVING_CONFIG
+    from ..model.core import KTokenMerging
+    from ..serve.serving import PromptEncoder, encode_prompts, save_embeds
 
     folder = Path(args.checkpoint)
     if (folder / SERVING_CONFIG).is_file():
@@ -669,7 +669,7 @@ def cmd_serve(args) -> int:
     import shlex
     import subprocess
 
-    from .serving import serve_command, vllm_executable
+    from ..serve.serving import serve_command, vllm_executable
 
     cmd = serve_command(args.export, max_model_len=args.max_model_len, name=args.name, host=args.host,
                         port=args.port, extra=args.vllm_args)
@@ -735,7 +735,8 @@ def _add_serving_parsers(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``ktm`` parser: one sub-command per ``_add_*_parser``, plus ``bench``."""
-    from . import __version__, bench
+    from .. import __version__
+    from ..experiments import bench
 
     p = argparse.ArgumentParser(prog="ktm", description="K-Token Merging: latent-space prompt compression.")
     p.add_argument("--version", action="version", version=f"ktm {__version__}")
@@ -757,7 +758,7 @@ def user_error(e: BaseException) -> str | None:
     whose traceback must stay visible."""
     from safetensors import SafetensorError
 
-    from .checkpoint import CheckpointError
+    from ..checkpoint import CheckpointError
 
     where = getattr(e, "filename", None)
     if isinstance(e, CheckpointError):
@@ -783,7 +784,7 @@ def user_error(e: BaseException) -> str | None:
 def _remote_code_allowed(allowed: bool):
     """With ``--trust-remote-code``, models loaded anywhere in the command (teacher and growth
     phases, the demo) may run code shipped with them: KTM_TRUST_REMOTE_CODE=1 meanwhile."""
-    from .loading import TRUST_REMOTE_CODE_ENV
+    from ..loading import TRUST_REMOTE_CODE_ENV
 
     if not allowed:
         yield

@@ -38,9 +38,9 @@ import math
 import torch
 from torch import nn
 
-from .blocks import check_k, fill_blocks
+from ..config import INITS, check_k
+from .blocks import fill_blocks
 
-INITS = ("mean", "paper", "random")
 
 #: Largest encoder :func:`build_encoder` builds, in bytes of float32 parameters. The paper's
 #: width grows as K^2 (K = 64 on the 576-wide SmolLM2 would need about 15 GiB); above this a
@@ -80,7 +80,7 @@ def check_encoder_size(k: int, dim: int, hidden: int | None = None, stages=None,
     raise ValueError(
         f"the merge encoder for K = {k} on d = {dim} with {width} would have "
         f"{n / 1e9:.2f} billion parameters ({4 * n / 2**30:.1f} GiB in float32), more than the "
-        f"{limit / 2**30:g} GiB limit (ktm.encoder.MAX_ENCODER_BYTES): {advice}"
+        f"{limit / 2**30:g} GiB limit (ktm.model.encoder.MAX_ENCODER_BYTES): {advice}"
     )
 
 
@@ -94,7 +94,7 @@ class MergeEncoder(nn.Module):
         init: ``"mean"``, ``"paper"`` or ``"random"`` (see the module docstring).
 
     Shapes: ``forward(blocks)`` takes (..., K, d) and returns (..., d). Partial blocks
-    must already be filled (:func:`ktm.blocks.fill_blocks`); ``valid`` is accepted for the
+    must already be filled (:func:`ktm.model.blocks.fill_blocks`); ``valid`` is accepted for the
     same interface as :class:`StackedEncoder` and not needed.
 
     >>> enc = MergeEncoder(k=4, dim=8)

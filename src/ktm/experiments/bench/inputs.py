@@ -15,7 +15,7 @@ def corpus_text(path: str | os.PathLike | None = None) -> str:
     field, e.g. the commit data) or any text file. Default: ktm's own source code.
     """
     if path is None:
-        files = sorted(Path(__file__).parents[1].rglob("*.py"))
+        files = sorted(Path(__file__).parents[2].rglob("*.py"))
         return "\n\n".join(f.read_text(encoding="utf-8") for f in files)
     path = Path(path)
     if path.suffix == ".jsonl":
@@ -84,7 +84,7 @@ def tree_examples(count: int, stage: str = "small", seed: int = 0) -> tuple[list
     """``count`` Textualized Tree questions ``(prompts, answers)`` of ``stage``."""
     import random
 
-    from ..tasks.tree import generate_tree, tree_questions
+    from ...tasks.tree import generate_tree, tree_questions
 
     rng = random.Random(seed)
     prompts, answers = [], []

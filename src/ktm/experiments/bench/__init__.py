@@ -1,7 +1,7 @@
 """Speed benchmark: what merging K tokens into one buys in prefill, decoding, training and memory.
 
     ktm bench speed --device cpu --lengths 512 1024 2048 --out benchmarks/results/cpu
-    python -m ktm.bench speed --modes prefill decode
+    python -m ktm.experiments.bench speed --modes prefill decode
 
 The package has one module per concept:
 
@@ -37,8 +37,8 @@ from pathlib import Path
 
 import torch
 
-from ..compiled import COMPILE_MODES
-from ..config import add_arguments, overrides, save_json
+from ...model.compiled import COMPILE_MODES
+from ...config import add_arguments, overrides, save_json
 from .inputs import (
     corpus_text,
     id_prompts,
@@ -172,8 +172,8 @@ def default_out(device: str) -> Path:
 
 def _load(model, cfg: BenchConfig, log):
     """The model to time: ``model`` itself, or a K = 1 model loaded from a base reference."""
-    from ..loading import resolve_device
-    from ..model import KTokenMerging
+    from ...loading import resolve_device
+    from ...model.core import KTokenMerging
 
     if isinstance(model, KTokenMerging):
         return model
@@ -278,7 +278,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def _command_line() -> str:
     args = " ".join(sys.argv[1:])
-    return f"ktm {args}" if Path(sys.argv[0]).name == "ktm" else f"python -m ktm.bench {args}"
+    return f"ktm {args}" if Path(sys.argv[0]).name == "ktm" else f"python -m ktm.experiments.bench {args}"
 
 
 def cmd_speed(args) -> int:
@@ -288,7 +288,7 @@ def cmd_speed(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ktm.bench", description="ktm benchmarks")
+    p = argparse.ArgumentParser(prog="python -m ktm.experiments.bench", description="ktm benchmarks")
     sub = p.add_subparsers(dest="bench", required=True)
     _add_speed_parser(sub)
     args = p.parse_args(argv)

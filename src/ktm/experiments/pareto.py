@@ -8,16 +8,16 @@ stopped; cells can be added later (more methods or K) with the same settings. Th
 that change results (task, recipe, steps, ...) are kept in ``OUT/grid.json``, and a rerun
 with other settings is refused instead of mixing runs.
 
-After every cell the report is rewritten (:mod:`ktm.pareto_report`): ``pareto.json``,
+After every cell the report is rewritten (:mod:`ktm.experiments.pareto_report`): ``pareto.json``,
 ``pareto.csv``, ``pareto.md`` and ``pareto.png`` in ``OUT``.
 
 Methods (``METHODS``): ``plain`` (K = 1, LoRA only; always in the grid, the reference of
 the normalised performance), ``merge`` (K-Token Merging), ``mean`` (block mean, no
 trained encoder), ``merge-random-init`` (the paper's ablation: the encoder MLP randomly
-initialised, no mean residual), the token-space methods of :mod:`ktm.methods`
+initialised, no mean residual), the token-space methods of :mod:`ktm.model.methods`
 (``keep-first``, ``keep-last``, ``stride``, ``random-drop``) and ``llmlingua2``
 (prompts compressed by LLMLingua-2 to the kept fraction 1/K, then read plainly;
-:mod:`ktm.lingua`), and ``merge-keep-cue`` (K-Token Merging with the task's cue kept
+:mod:`ktm.experiments.lingua`), and ``merge-keep-cue`` (K-Token Merging with the task's cue kept
 token-exact, ``ModelConfig.keep = "cue"``: tree's question, amazon's ``Label:``).
 """
 
@@ -32,10 +32,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .config import ModelConfig, save_json
-from .evaluate import subsample
+from ..config import ModelConfig, save_json
+from ..train.evaluate import subsample
 from .frontier import length_reduction
-from .tasks.base import ExamplesTask, Task
+from ..tasks.base import ExamplesTask, Task
 
 METHODS = ("plain", "merge", "mean", "merge-random-init", "keep-first", "keep-last", "stride", "random-drop",
            "llmlingua2", "merge-keep-cue")
@@ -114,7 +114,7 @@ class GridConfig:
 def build_task(grid: GridConfig) -> Task:
     """The grid's task from its name and options, its training set cut to
     ``train_examples`` (a fixed random subset) when that is > 0."""
-    from .tasks import TASKS
+    from ..tasks import TASKS
 
     if grid.task not in TASKS:
         raise ValueError(f"unknown task {grid.task!r}; choose from {sorted(TASKS)}")
@@ -157,7 +157,7 @@ def cell_task(cell: Cell, task: Task, grid: GridConfig, folder: Path, log) -> Ta
     if cell.method != "llmlingua2":
         return task
     from .lingua import DEFAULT_LINGUA_MODEL, compress_task
-    from .loading import base_tokenizer
+    from ..loading import base_tokenizer
 
     log(f"{cell.name}: compressing the prompts with LLMLingua-2 to 1/{cell.k} of the base model's tokens")
     return compress_task(task, 1.0 / cell.k, model=grid.lingua_model or DEFAULT_LINGUA_MODEL,
@@ -182,8 +182,8 @@ def time_prefill(model, plain_prompts: list[str], cell_prompts: list[str], repea
 def run_cell(cell: Cell, grid: GridConfig, task: Task, folder: Path, *, device="auto", timing_prompts: int = 16,
              log=tqdm.write) -> dict:
     """Train (or resume) one cell, score it, time its prefill; returns its row."""
-    from .phases import train_run
-    from .recipes import get_recipe
+    from ..train.phases import train_run
+    from ..train.recipes import get_recipe
 
     rec = get_recipe(grid.recipe)
     tcfg = rec.train_config(steps=grid.steps, batch_size=grid.batch_size, eval_every=grid.eval_every,
@@ -203,7 +203,7 @@ def run_cell(cell: Cell, grid: GridConfig, task: Task, folder: Path, *, device="
     row.update(prompt_tokens=sum(lengths) / len(lengths), llm_positions=sum(positions) / len(positions),
                length_reduction=length_reduction(lengths, positions))
     if grid.generate_examples and task.metric == "perplexity":
-        from .evaluate import evaluate
+        from ..train.evaluate import evaluate
 
         gen = evaluate(run.model, data, max_examples=grid.eval_examples, seed=grid.seed, progress=False,
                        generate_examples=grid.generate_examples)
@@ -224,7 +224,7 @@ def run_grid(grid: GridConfig, methods: list[str], ks: list[int], out, *, device
     """Run (or continue) the grid in ``out``; returns the rows of its cells, in grid order,
     and writes the report after every cell."""
     from .pareto_report import write_report
-    from .phases import run_lock
+    from ..train.phases import run_lock
 
     cells = grid_cells(methods, ks)
     out = Path(out)

@@ -12,7 +12,7 @@ methods are compared at the same length reduction, with the same LoRA and budget
 
 ``plain`` (no compression) is ``merge`` at K = 1. The paper's ``merge-random-init`` ablation
 is ``merge`` with ``encoder_init="random"`` (the MLP alone, randomly initialised). Prompt
-compressors that rewrite the text (``llmlingua2``) are in :mod:`ktm.lingua`.
+compressors that rewrite the text (``llmlingua2``) are in :mod:`ktm.experiments.lingua`.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .tasks.base import Example, Task, majority_rate
+from ..tasks.base import Example, Task, majority_rate
 
 
 def subsample(examples: Sequence[Example], n: int, seed: int = 0) -> list[Example]:

@@ -13,7 +13,7 @@ An export folder holds::
 
 The LLM reads a prompt of n tokens (tokenized without special tokens, no chat template) as
 the ``ceil(n / K)`` merged embeddings of :meth:`ktm.model.KTokenMerging.merge_prompts`, and
-answers in its vocabulary. :mod:`ktm.serving` computes those embeddings on the client from
+answers in its vocabulary. :mod:`ktm.serve.serving` computes those embeddings on the client from
 this folder (tokenizer, embedding table and encoder only) and sends them to a server started
 with ``--enable-prompt-embeds``. Merging the LoRA into the weights means the server needs no
 LoRA support (vLLM has crashed on Llama models with LoRA and prompt embeddings together).
@@ -33,16 +33,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from . import __version__
-from .checkpoint import CheckpointError, file_sha256, load_tensors, resolve_folder, write_dir
-from .config import ModelConfig, from_dict, save_json, to_dict
+from .. import __version__
+from ..checkpoint import CheckpointError, file_sha256, load_tensors, resolve_folder, write_dir
+from ..config import ModelConfig, from_dict, save_json, to_dict
 
 SERVING_CONFIG = "ktm_serving.json"
 ENCODER_FILE = "ktm_encoder.safetensors"
 FORMAT = "ktm-export"
 FORMAT_VERSION = 1
 
-#: ModelConfig fields that ktm.serving reproduces on the client (how a prompt is merged)
+#: ModelConfig fields that ktm.serve.serving reproduces on the client (how a prompt is merged)
 CLIENT_FIELDS = ("k", "method", "encoder_hidden", "encoder_init", "encoder_norm", "encoder_stages")
 #: fields that only shape the LoRA, which the export merges into the weights
 MERGED_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "lora_lm_head")
@@ -55,7 +55,7 @@ class ExportError(ValueError):
 def check_servable(config: ModelConfig) -> None:
     """Raise :class:`ExportError` when ``config`` sets a model option (other than the ones in
     :data:`CLIENT_FIELDS` and :data:`MERGED_FIELDS`) to a value other than its default: the
-    client encoder of :mod:`ktm.serving` would not reproduce what the model reads."""
+    client encoder of :mod:`ktm.serve.serving` would not reproduce what the model reads."""
     default = ModelConfig(k=config.k)
     odd = [f.name for f in dataclasses.fields(ModelConfig)
            if f.name not in CLIENT_FIELDS + MERGED_FIELDS
@@ -63,7 +63,7 @@ def check_servable(config: ModelConfig) -> None:
     if odd:
         raise ExportError(
             f"this model uses {', '.join(f'{n} = {getattr(config, n)!r}' for n in odd)}, which the "
-            f"client-side encoder of ktm.serving does not reproduce: it cannot be exported for serving")
+            f"client-side encoder of ktm.serve.serving does not reproduce: it cannot be exported for serving")
 
 
 def _check_destination(checkpoint: Path, out: Path, overwrite: bool) -> None:
@@ -116,7 +116,7 @@ def _saved_keys(folder: Path) -> set[str]:
 
 def serving_config(model, lm, key: str, dtype: torch.dtype) -> dict:
     """The content of ``ktm_serving.json`` for ``model`` (a KTokenMerging) whose merged LM is ``lm``."""
-    from .loading import embedding_fingerprint
+    from ..loading import embedding_fingerprint
 
     llm = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
     return {
@@ -145,8 +145,8 @@ def export_model(checkpoint: str | os.PathLike, out: str | os.PathLike, *, overw
     the base model, when not the one saved in the checkpoint. Raises :class:`ExportError`
     (or :class:`~ktm.checkpoint.CheckpointError` for a bad checkpoint).
     """
-    from .loading import resolve_dtype
-    from .model import KTokenMerging
+    from ..loading import resolve_dtype
+    from ..model.core import KTokenMerging
 
     checkpoint, out = resolve_folder(checkpoint), Path(out)
     _check_destination(checkpoint, out, overwrite)

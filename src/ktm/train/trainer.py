@@ -24,13 +24,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .config import TrainConfig, save_json, to_dict
+from ..config import TrainConfig, save_json, to_dict
 from .evaluate import evaluate
-from .checkpoint import CheckpointError, recover_dir, write_dir
-from .model import KTokenMerging, load_teacher
+from ..checkpoint import CheckpointError, recover_dir, write_dir
+from ..model.core import KTokenMerging, load_teacher
 from .objectives import add_auxiliary
-from .blocks import num_blocks
-from .tasks.base import Example, Task
+from ..model.blocks import num_blocks
+from ..tasks.base import Example, Task
 
 CHECKPOINT_DIR = "checkpoint"
 FINAL_DIR = "model"
@@ -158,7 +158,7 @@ class Trainer:
 
         self.output_dir = Path(self.output_dir) if self.output_dir else None
         if self.teacher is None and self.cfg.teacher == "auto":
-            raise ValueError("teacher='auto' trains a K = 1 teacher first: use ktm.phases.train_run (which "
+            raise ValueError("teacher='auto' trains a K = 1 teacher first: use ktm.train.phases.train_run (which "
                              "resolves it), or pass the folder of a trained K = 1 model as teacher")
         if self.teacher is None and self.cfg.teacher:
             self.teacher = load_teacher(self.cfg.teacher, self.model)

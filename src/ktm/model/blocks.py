@@ -21,6 +21,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ..config import check_k  # noqa: F401  (K is checked where it is configured; blocks re-exports it)
+
 
 def num_blocks(n: int, k: int) -> int:
     """Number of merged embeddings for a prompt of ``n`` tokens: ``ceil(n / k)``.
@@ -32,15 +34,6 @@ def num_blocks(n: int, k: int) -> int:
     if n < 0:
         raise ValueError(f"prompt length must be >= 0, got {n}")
     return -(-n // k)
-
-
-def check_k(k: int) -> int:
-    """Validate a block size: an integer >= 1 (K = 1 is the uncompressed baseline)."""
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"K must be an int, got {type(k).__name__}")
-    if k < 1:
-        raise ValueError(f"K must be >= 1 (K = 1 is the uncompressed baseline), got K = {k}")
-    return k
 
 
 def block_slots(lengths: Sequence[int], k: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:

@@ -48,9 +48,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .blocks import block_slots, fill_blocks, num_blocks
+from ..model.blocks import block_slots, fill_blocks, num_blocks
 from .export import ExportError, export_model_config, load_export_encoder, read_export
-from .methods import TOKEN_METHODS, select_tokens
+from ..model.methods import TOKEN_METHODS, select_tokens
 
 #: the dtypes a prompt-embeddings tensor may have (vLLM casts them to the model's dtype)
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -79,10 +79,10 @@ class PromptEncoder:
         """Load the tokenizer, the embedding table and the encoder of an export folder.
 
         Checks the encoder file against its recorded SHA-256 and the table against the
-        embedding fingerprint recorded at export; raises :class:`~ktm.export.ExportError`.
+        embedding fingerprint recorded at export; raises :class:`~ktm.serve.export.ExportError`.
         """
-        from .encoder import build_encoder
-        from .loading import embedding_fingerprint, load_tokenizer
+        from ..model.encoder import build_encoder
+        from ..loading import embedding_fingerprint, load_tokenizer
 
         path = Path(path)
         meta = read_export(path)

@@ -5,12 +5,12 @@ Merged prompts learn slowly from a task's answers (about one bit per example,
 first: each text is cut into a prompt, which the model reads merged, and its continuation
 (:class:`ktm.tasks.text.TextTask`), and at every continuation token the model's next-token
 distribution moves towards the base model's reading the *plain* prompt and the continuation
-so far (``distill_answer``, :mod:`ktm.objectives`). The merged prefix must let the model
+so far (``distill_answer``, :mod:`ktm.train.objectives`). The merged prefix must let the model
 continue the text as the plain model would. The continuation's cross-entropy
 (``task_loss``) and the other auxiliary losses (``reconstruct``, ``distill``, ``align``) can
 be added.
 
-It is an ordinary run of the one trainer (:func:`ktm.phases.train_run`): checkpoints,
+It is an ordinary run of the one trainer (:func:`ktm.train.phases.train_run`): checkpoints,
 ``--resume`` and progress bars work as for ``ktm train``, and ``OUT/model`` is an ordinary
 ktm model that ``ktm train --init-from OUT/model`` starts a task from.
 
@@ -27,12 +27,12 @@ from pathlib import Path
 
 import torch
 
-from .blocks import pad_sequences
-from .config import ModelConfig, TrainConfig, save_json, to_dict
+from ..model.blocks import pad_sequences
+from ..config import ModelConfig, TrainConfig, save_json, to_dict
 from .evaluate import subsample
 from .phases import RunResult, train_run
 from .recipes import get_recipe
-from .tasks.text import TextOptions, TextTask
+from ..tasks.text import TextOptions, TextTask
 
 #: what pretraining changes in a recipe's training settings (explicit options still win)
 PRETRAIN_TRAIN = dict(distill_answer=1.0, task_loss=0.0, batch_size=8, eval_examples=64)
@@ -49,13 +49,13 @@ def pretrain_configs(recipe: str | None = None, model: dict | None = None,
 def pretrain_run(model_cfg: ModelConfig, train_cfg: TrainConfig, text: TextOptions, out, *, base=None,
                  tokenizer=None, device=None, dtype=None, resume: bool = False, overwrite: bool = False,
                  log=print, record: dict | None = None, **load_options) -> tuple[RunResult, dict[str, float]]:
-    """Pretrain in folder ``out`` on ``text.text`` (see :func:`ktm.phases.train_run` for
+    """Pretrain in folder ``out`` on ``text.text`` (see :func:`ktm.train.phases.train_run` for
     ``resume``, ``overwrite`` and ``record``). ``tokenizer`` cuts the texts (default: the base model's,
     loaded without its weights). Returns the run and the held-out perplexities of the base
     model reading the plain prompts and reading none (:func:`plain_perplexity`), as
     ``{"plain_perplexity", "no_context_perplexity"}``, which ``OUT/pretrain.json`` records
     with the text options and the evaluation history."""
-    from .loading import base_tokenizer
+    from ..loading import base_tokenizer
 
     if tokenizer is None:
         tokenizer = base_tokenizer(base, trust_remote_code=load_options.get("trust_remote_code"))

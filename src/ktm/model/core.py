@@ -1,7 +1,7 @@
 """KTokenMerging: one object that owns the tokenizer, the LoRA-adapted base LM and the encoder.
 
 What the LLM reads for a prompt of n tokens is ``ceil(n / K)`` merged embeddings (see
-:mod:`ktm.blocks` for the block and fill rules), followed, in training, by the answer's
+:mod:`ktm.model.blocks` for the block and fill rules), followed, in training, by the answer's
 ordinary token embeddings and the end token. ``forward(prompts, answers)`` returns the loss
 over the answer and end tokens (vocabulary logits only at those positions);
 ``generate(prompts)`` prefills the merged prompts and decodes with a KV cache.
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from . import __version__
+from .. import __version__
 from .blocks import (
     answer_targets,
     block_slots,
@@ -40,7 +40,7 @@ from .blocks import (
     segment_layout,
     segmented_length,
 )
-from .checkpoint import (
+from ..checkpoint import (
     ADAPTER_DIR,
     ADAPTER_FIELDS,
     ADAPTER_FILE,
@@ -56,9 +56,9 @@ from .checkpoint import (
     weight_hashes,
     write_dir,
 )
-from .config import ModelConfig, from_dict, save_json, to_dict
+from ..config import ModelConfig, from_dict, save_json, to_dict
 from .encoder import build_encoder, encoder_stages
-from .loading import describe_base, embedding_fingerprint, load_base, load_tokenizer
+from ..loading import describe_base, embedding_fingerprint, load_base, load_tokenizer
 from .methods import TOKEN_METHODS, select_tokens
 from .segments import TASK_CUE, check_segments, keep_mask, kept_ranges, segments_of
 
@@ -68,7 +68,7 @@ class LossOutput:
     """What a forward pass gives: the task loss and what the auxiliary losses need.
 
     ``loss``: mean cross-entropy over all target tokens of the batch (plus the auxiliary
-    terms once :func:`ktm.objectives.add_auxiliary` has added them); ``logits``: (N, V)
+    terms once :func:`ktm.train.objectives.add_auxiliary` has added them); ``logits``: (N, V)
     float32 logits at the N target positions; ``targets``: (N,) token ids; ``rows``: (N,)
     batch row of each target (to sum per example); ``parts``: each loss term, detached
     (``{"task": ...}`` plus any auxiliary term); ``prompt_ids``: the prompts' token ids;
@@ -116,7 +116,7 @@ class KTokenMerging(nn.Module):
             raise ValueError("the tokenizer has no end-of-sequence token; set tokenizer.eos_token")
         self.eos_ids = sorted(eos)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self._static = None  # a ktm.compiled.StaticDecoder after enable_compile()
+        self._static = None  # a ktm.model.compiled.StaticDecoder after enable_compile()
         if config.context_layers:
             self._context_stack()  # fails now, not at the first prompt, for too many layers
 
@@ -153,7 +153,7 @@ class KTokenMerging(nn.Module):
         from peft import LoraConfig, get_peft_model
 
         if config.keep == TASK_CUE:
-            raise ValueError("keep='cue' names a task's cue: train_run resolves it (ktm.segments.task_keep_pattern); "
+            raise ValueError("keep='cue' names a task's cue: train_run resolves it (ktm.model.segments.task_keep_pattern); "
                              "give the model a regular expression")
         fingerprint = fingerprint or embedding_fingerprint(base)
         targets = list(config.lora_targets)
@@ -285,13 +285,13 @@ class KTokenMerging(nn.Module):
 
         All prompts' blocks go through the encoder as one flat batch; each prompt's blocks
         start at its own first token (no batch padding is ever merged). With a token-space
-        ``config.method`` (a baseline, see :mod:`ktm.methods`) the embeddings of the
+        ``config.method`` (a baseline, see :mod:`ktm.model.methods`) the embeddings of the
         ``ceil(n_i / K)`` kept tokens are returned instead.
 
-        ``keep`` (segmented prompts, :mod:`ktm.segments`): per prompt, whether each token is
+        ``keep`` (segmented prompts, :mod:`ktm.model.segments`): per prompt, whether each token is
         kept. Kept tokens are read as their own embeddings, unchanged, and each run of merged
         tokens is merged K at a time from its own first token
-        (:func:`ktm.blocks.segment_layout`); prompt i then gives (segmented_length, d).
+        (:func:`ktm.model.blocks.segment_layout`); prompt i then gives (segmented_length, d).
         """
         if keep is not None and not any(any(x) for x in keep):
             keep = None  # nothing kept: exactly the plain path
@@ -366,7 +366,7 @@ class KTokenMerging(nn.Module):
         """Token ids of each prompt and which tokens are kept (None: none is).
 
         A prompt is a string, split by ``config.keep`` when it is set, or a list of
-        ``("merge" | "keep", text)`` segments (:mod:`ktm.segments`), taken as given. The
+        ``("merge" | "keep", text)`` segments (:mod:`ktm.model.segments`), taken as given. The
         segments' texts are joined and tokenised whole, so the ids are those of the plain
         prompt; a token overlapping a kept span is kept (needs a fast tokenizer; a slow one
         tokenises each segment on its own).
@@ -424,9 +424,9 @@ class KTokenMerging(nn.Module):
 
         The LLM reads [merged prompt][answer tokens][end token] per row (right-padded,
         padding masked); vocabulary logits are computed only where a target exists.
-        The output also carries what the auxiliary losses of :mod:`ktm.objectives` need
+        The output also carries what the auxiliary losses of :mod:`ktm.train.objectives` need
         (every layer's hidden states with ``all_layers``); the trainer adds them with
-        :func:`ktm.objectives.add_auxiliary`. ``end_token=False`` leaves the end token out
+        :func:`ktm.train.objectives.add_auxiliary`. ``end_token=False`` leaves the end token out
         (an answer that is a text cut mid-way, :class:`ktm.tasks.text.TextTask`): the answer's
         last token is then the last target. A prompt is a string or a list of ``("merge" |
         "keep", text)`` segments (:meth:`tokenize_prompts`).
@@ -534,13 +534,13 @@ class KTokenMerging(nn.Module):
         return run(), step
 
     def enable_compile(self, mode="reduce-overhead", **options) -> "KTokenMerging":
-        """Decode with static shapes, compiled (see :mod:`ktm.compiled`); returns ``self``.
+        """Decode with static shapes, compiled (see :mod:`ktm.model.compiled`); returns ``self``.
 
         ``mode``: ``"reduce-overhead"`` (inductor + CUDA graphs), ``"default"`` (inductor),
         ``"cudagraphs"`` (CUDA graphs alone), None (static shapes, not compiled), or a
-        :class:`~ktm.compiled.StaticDecoder` to share (models of several K on one LLM).
+        :class:`~ktm.model.compiled.StaticDecoder` to share (models of several K on one LLM).
         ``options``: ``prompt_bucket``, ``cache_bucket``, ``dynamic`` of
-        :class:`ktm.compiled.StaticDecoder`. The answers are those of eager decoding (up to
+        :class:`ktm.model.compiled.StaticDecoder`. The answers are those of eager decoding (up to
         floating-point rounding); the first call per shape pays the compilation.
         """
         from .compiled import StaticDecoder

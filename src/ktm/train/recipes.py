@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .config import ModelConfig, TrainConfig
+from ..config import ModelConfig, TrainConfig
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..blocks import num_blocks
+from ...model.blocks import num_blocks
 from .inputs import id_prompts, texts_of_length, tree_examples
 from .report import _mib, derive_compile, derive_decode, derive_memory, derive_prefill, derive_train
 from .timing import _sync, measure, median, summary
@@ -42,7 +42,7 @@ def prefill(model, ids: list[list[int]]):
 
 def plain_prefill(model, ids: list[list[int]]):
     """The ideal: the same LLM forward on the ids' plain token embeddings (no encoder)."""
-    from ..blocks import pad_sequences
+    from ...model.blocks import pad_sequences
 
     embeds, mask = pad_sequences(model.embed_each(ids), side="left")
     cache = model.new_cache()
@@ -321,9 +321,9 @@ def bench_memory(model, stream: Sequence[int], *, lengths: Sequence[int], ks: Se
 
 
 def static_prefill(model, decoder, ids: list[list[int]]):
-    """:func:`prefill` through a :class:`~ktm.compiled.StaticDecoder`: merge, left-pad,
+    """:func:`prefill` through a :class:`~ktm.model.compiled.StaticDecoder`: merge, left-pad,
     compiled forward into a static cache, next token of each row."""
-    from ..blocks import pad_sequences
+    from ...model.blocks import pad_sequences
 
     embeds, mask = pad_sequences(model.merge_ids(ids), side="left")
     logits, _ = decoder.start(embeds, mask, 1)
@@ -345,7 +345,7 @@ def bench_compile(model, stream: Sequence[int], *, compile_modes: Sequence[str],
                   log=print) -> list[dict]:
     """Eager against static-shape compiled prefill and decoding, per compile mode.
 
-    For each mode one :class:`~ktm.compiled.StaticDecoder` (``dynamic=True``: compiled once
+    For each mode one :class:`~ktm.model.compiled.StaticDecoder` (``dynamic=True``: compiled once
     for all shapes, a CUDA graph recorded per shape) serves every K. ``first_call_s`` is the
     first call of each shape (compilation and graph recording included). Prefill rows: every
     (B, L <= 2048, K). Decode rows: ``new_tokens`` greedy tokens after a ``decode_length``-token
@@ -355,7 +355,7 @@ def bench_compile(model, stream: Sequence[int], *, compile_modes: Sequence[str],
     use ``"aot_eager"``).
     Returns rows for :func:`derive_compile` (already applied).
     """
-    from ..compiled import StaticDecoder
+    from ...model.compiled import StaticDecoder
 
     ks = sorted(set(ks) | {1})
     lengths = [L for L in lengths if L <= COMPILE_MAX_LENGTH and _fits(model, L)]

@@ -22,11 +22,11 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .checkpoint import clean_stale, recover_dir
-from .config import ModelConfig, TrainConfig, save_json, to_dict
-from .model import KTokenMerging
-from .segments import task_keep_pattern
-from .tasks.base import Task
+from ..checkpoint import clean_stale, recover_dir
+from ..config import ModelConfig, TrainConfig, save_json, to_dict
+from ..model.core import KTokenMerging
+from ..model.segments import task_keep_pattern
+from ..tasks.base import Task
 from .trainer import CHECKPOINT_DIR, FINAL_DIR, Trainer
 
 TEACHER_DIR = "teacher"
@@ -95,7 +95,7 @@ def check_init_options(init_from, given: dict) -> None:
     """Refuse model options given explicitly (``given``: field -> value) that differ from the
     saved model ``init_from`` starts from: that model's own settings are what it loads with,
     so such an option would be silently ignored."""
-    from .checkpoint import read_config
+    from ..checkpoint import read_config
 
     saved = read_config(init_from)["model"]
     norm = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731 (JSON lists = tuples)

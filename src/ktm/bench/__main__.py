@@ -1,7 +1,0 @@
-"""``python -m ktm.bench speed ...``: the same as ``ktm bench speed ...``."""
-
-import sys
-
-from . import main
-
-sys.exit(main())
