@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from ktm.model.blocks import pad_sequences, position_ids
 from ktm.model.compiled import StaticDecoder, cache_mask, left_pad_to, round_up
+from ktm.model.generation import cached_steps
 
 PROMPTS = ["hello world, this is a longer test prompt", "short", "x" * 70]
 
@@ -58,7 +59,7 @@ def test_static_steps_equal_eager_steps(make_model, buckets):
     with torch.inference_mode():
         cache = m.new_cache()
         ref = m.logits(m.decode(embeds, mask, cache).last_hidden_state[:, -1])
-        ref_step = m._cached_steps(cache, mask)
+        ref_step = cached_steps(m, cache, mask)
         got, step = dec.start(embeds, mask, 6)
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
         gen = torch.Generator().manual_seed(0)
@@ -84,9 +85,9 @@ def test_static_decoder_refuses_more_steps_than_it_holds(make_model):
 def test_caches_are_reused_and_reset(make_model):
     m = make_model(k=2).enable_compile(None, prompt_bucket=8, cache_bucket=16)
     first = m.generate(PROMPTS, 4, return_tokens=True)
-    assert len(m._static._caches) == 1
+    assert len(m.static_decoder.caches) == 1
     again = m.generate(PROMPTS, 4, return_tokens=True)
-    assert again == first and len(m._static._caches) == 1
+    assert again == first and len(m.static_decoder.caches) == 1
 
 
 @pytest.mark.parametrize("sample", [False, True])
@@ -130,4 +131,4 @@ def test_enable_compile_errors(make_model):
     shared = StaticDecoder(m, None)
     with pytest.raises(ValueError, match="not to a shared one"):
         m.enable_compile(shared, cache_bucket=8)
-    assert m.enable_compile(shared)._static is shared
+    assert m.enable_compile(shared).static_decoder is shared

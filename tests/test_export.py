@@ -164,7 +164,7 @@ def test_read_export_explains_what_is_wrong(tmp_path, base_dir):
 def test_a_dequantized_gguf_model_loses_its_quantizer_and_other_quantized_models_are_refused():
     from types import SimpleNamespace
 
-    from ktm.serve.export import _drop_dequantized_gguf
+    from ktm.serve.export import drop_dequantized_gguf
 
     removed = []
 
@@ -173,14 +173,14 @@ def test_a_dequantized_gguf_model_loses_its_quantizer_and_other_quantized_models
                                remove_quantization_config=removed.append)
 
     lm = tiny_llama(10)
-    _drop_dequantized_gguf(lm)  # not quantized: nothing to do
+    drop_dequantized_gguf(lm)  # not quantized: nothing to do
     lm.hf_quantizer = quantizer("gguf")
-    _drop_dequantized_gguf(lm)
+    drop_dequantized_gguf(lm)
     assert removed == [lm]
     for q in (quantizer("bitsandbytes"), quantizer("gguf", packed={"model.layers.0.mlp.up_proj": None})):
         lm.hf_quantizer = q
         with pytest.raises(ExportError, match="quantized"):
-            _drop_dequantized_gguf(lm)
+            drop_dequantized_gguf(lm)
 
 
 @pytest.mark.slow

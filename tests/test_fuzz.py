@@ -23,6 +23,8 @@ from hypothesis import strategies as st  # noqa: E402
 
 from conftest import char_tokenizer, tiny_llama  # noqa: E402
 
+from ktm.model.generation import cached_steps  # noqa: E402
+
 LIMIT = 256  # positions of the tiny model (tiny_llama's max_position_embeddings)
 NEW = 3  # tokens generated per prompt
 #: first-step logits, alone vs in a batch (float32, logits of size ~3). Measured on this tiny
@@ -81,7 +83,7 @@ def models():
 def _trace_logits(model, prompt: str, tokens: list[int]) -> torch.Tensor:
     """Greedy decoding's logits of ``prompt`` alone when it produced ``tokens`` so far: (len+1, V)."""
     logits, cache, mask = model.prefill(model.tokenize([prompt]))
-    step = model._cached_steps(cache, mask)
+    step = cached_steps(model, cache, mask)
     out = [logits[0]]
     for t in tokens:
         logits = step(model.embed(torch.tensor([[t]])))

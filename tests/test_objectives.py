@@ -77,14 +77,13 @@ def test_distillation_equals_a_hand_computed_kl(make_model):
         with m.lm.disable_adapter():
             t_h = m.decode(m.embed(torch.tensor([x])), torch.ones(1, len(x), dtype=torch.long)).last_hidden_state[0]
         for j in range(e.shape[0] - 1):
-            p = F.log_softmax(m._lm_head(t_h[(j + 1) * 3 - 1]), -1)
-            q = F.log_softmax(m._lm_head(s_h[j]), -1)
+            p = F.log_softmax(m.logits(t_h[(j + 1) * 3 - 1]), -1)
+            q = F.log_softmax(m.logits(s_h[j]), -1)
             terms.append((p.exp() * (p - q)).sum())
     want = torch.stack(terms).mean()
     from ktm.model.blocks import pad_sequences
 
-    hidden = m._decoder(inputs_embeds=pad_sequences(merged, side="right")[0],
-                        attention_mask=pad_sequences(merged, side="right")[1]).last_hidden_state
+    hidden = m.decode(*pad_sequences(merged, side="right")).last_hidden_state
     got = distillation_loss(m, ids, hidden, teacher_hidden(m, ids))
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
@@ -98,8 +97,8 @@ def test_reconstruction_equals_per_prompt_cross_entropy(make_model):
     nll, count = 0.0, 0
     for x, e in zip(ids, merged):
         plain = torch.tensor(cue + x)
-        embeds = torch.cat([e, m._embedding(plain)], 0)[None]
-        logits = m._lm_head(m._decoder(inputs_embeds=embeds).last_hidden_state[0])
+        embeds = torch.cat([e, m.embed(plain)], 0)[None]
+        logits = m.logits(m.decode(embeds, torch.ones(embeds.shape[:2], dtype=torch.long)).last_hidden_state[0])
         start = e.shape[0] + len(cue) - 1
         targets = torch.tensor(x + [eos])
         nll = nll + F.cross_entropy(logits[start:start + len(targets)], targets, reduction="sum")

@@ -214,7 +214,7 @@ def test_phase_trains_more_rounds_until_its_threshold(make_model, tmp_path, monk
                         lambda model, task, **kw: {"metric": "accuracy", "value": next(scripted), "n": 1})
     lines = []
     cfg = TrainConfig(steps=2, batch_size=4, phase_threshold=0.95, phase_rounds=3)
-    _, trainer = phases_mod._train_phase(make_model(k=2), cfg, tmp_path / "phase", [LastChar()], 2,
+    _, trainer = phases_mod.train_phase(make_model(k=2), cfg, tmp_path / "phase", [LastChar()], 2,
                                           lines.append, "teacher")
     assert trainer.step == steps
     assert [row["step"] for row in trainer.history] == list(range(2, steps + 1, 2))
@@ -229,7 +229,7 @@ def test_phase_threshold_needs_an_accuracy_task(make_model, tmp_path):
         metric = "perplexity"
 
     with pytest.raises(ValueError, match="held-out accuracy"):
-        phases_mod._train_phase(make_model(k=2), TrainConfig(steps=2, phase_threshold=0.9), tmp_path,
+        phases_mod.train_phase(make_model(k=2), TrainConfig(steps=2, phase_threshold=0.9), tmp_path,
                                  [Perplexity()], 2, print)
     with pytest.raises(ValueError, match="phase_threshold"):
         TrainConfig(phase_threshold=1.5)

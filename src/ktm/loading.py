@@ -233,12 +233,18 @@ def load_base(reference=None, tokenizer=None, dtype=None, device=None, *,
 
 
 def embedding_fingerprint(model) -> str:
-    """SHA-256 of the input-embedding table and its shape: names the base model.
+    """SHA-256 of the model's input-embedding table and its shape: names the base model
+    (:func:`table_fingerprint` of ``model.get_input_embeddings().weight``)."""
+    return table_fingerprint(model.get_input_embeddings().weight)
+
+
+def table_fingerprint(table: torch.Tensor) -> str:
+    """SHA-256 of an embedding table (V, d) and its shape.
 
     The table is rounded to bfloat16 first, so the same base loaded in float32 or bfloat16
     has the same fingerprint.
     """
-    w = model.get_input_embeddings().weight.detach().to("cpu").to(torch.bfloat16).contiguous()
+    w = table.detach().to("cpu").to(torch.bfloat16).contiguous()
     h = hashlib.sha256(str(tuple(w.shape)).encode())
     h.update(w.view(torch.int16).numpy().tobytes())
     return h.hexdigest()[:32]

@@ -264,7 +264,7 @@ def cmd_zoo_build(args) -> int:
 
 def cmd_eval(args) -> int:
     from ..train.evaluate import evaluate
-    from ..model.core import KTokenMerging
+    from ..model import KTokenMerging
 
     model = KTokenMerging.from_pretrained(args.checkpoint, base=args.model, device=args.device, dtype=args.dtype,
                                           trust_remote_code=args.trust_remote_code)
@@ -324,7 +324,7 @@ def cmd_generate(args) -> int:
     import torch
 
     from ..checkpoint import read_config
-    from ..model.core import KTokenMerging, check_sampling
+    from ..model import KTokenMerging, PromptError, check_sampling
 
     check_sampling(args.sample, args.temperature, args.top_k, args.top_p)
     if args.checkpoint:
@@ -345,11 +345,8 @@ def cmd_generate(args) -> int:
             outs = model.generate([p for _, p in todo], max_new_tokens=args.max_new_tokens,
                                   do_sample=args.sample, temperature=args.temperature, top_k=args.top_k,
                                   top_p=args.top_p, generator=gen) if todo else []
-        except ValueError as e:  # "prompt 3 is too long ...": name the input line, not the batch row
-            m = re.match(r"prompt (\d+) (.*)", str(e), re.S)
-            if m is None or int(m[1]) >= len(todo):
-                raise
-            raise ValueError(f"{todo[int(m[1])][0]}: the prompt {m[2]} (the answers of the batches "
+        except PromptError as e:  # name the input line, not the batch row
+            raise ValueError(f"{todo[e.index][0]}: the prompt {e.detail} (the answers of the batches "
                              f"before it were written; shorten or leave out that prompt)") from e
         answers = iter(outs)
         for _, p in batch:
@@ -638,7 +635,7 @@ def cmd_export(args) -> int:
 def cmd_encode(args) -> int:
     from ..checkpoint import CONFIG_NAME
     from ..serve.export import SERVING_CONFIG
-    from ..model.core import KTokenMerging
+    from ..model import KTokenMerging, PromptError
     from ..serve.serving import PromptEncoder, encode_prompts, save_embeds
 
     folder = Path(args.checkpoint)
@@ -654,8 +651,8 @@ def cmd_encode(args) -> int:
     for where, prompt in _generate_inputs(args):
         try:
             tensors.extend(encode_prompts(model, [prompt]))
-        except ValueError as e:  # "prompt 0 is empty ...": name the argument or input line
-            raise ValueError(f"{where}: {str(e).removeprefix('prompt 0 ')}") from e
+        except PromptError as e:  # name the argument or input line, not "prompt 0"
+            raise ValueError(f"{where}: {e.detail}") from e
     if not tensors:
         raise ValueError("no prompts to encode: give them as arguments or one per line on stdin")
     save_embeds(args.out, tensors, {"format": "ktm-prompt-embeds", "k": model.k, "source": folder.resolve()})

@@ -87,7 +87,7 @@ class StaticDecoder:
         round_up(1, prompt_bucket), round_up(1, cache_bucket)  # validates both
         self.model, self.mode, self.backend = model, mode, backend
         self.prompt_bucket, self.cache_bucket = prompt_bucket, cache_bucket
-        self._caches: dict = {}
+        self.caches: dict = {}
         # two functions, so that dynamo keeps the prefill's and the step's graphs apart
         self._prefill = self._compile(self._prefill_fn, dynamic)
         self._step = self._compile(self._step_fn, dynamic)
@@ -116,7 +116,7 @@ class StaticDecoder:
         from transformers import StaticCache
 
         key = (batch, total, dtype, device)
-        cache = self._caches.get(key)
+        cache = self.caches.get(key)
         if cache is None:
             cfg = self.model.llm_config
             heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
@@ -124,7 +124,7 @@ class StaticDecoder:
             cache = StaticCache(config=cfg, max_cache_len=total)
             # allocated here, outside any compiled region, so its tensors get static addresses
             cache.early_initialization(batch, heads, head_dim, dtype, device)
-            self._caches[key] = cache
+            self.caches[key] = cache
         else:
             cache.reset()
         return cache
@@ -159,3 +159,24 @@ class StaticDecoder:
             return self._call(self._step, new_embeds, full_mask, pos, cache)
 
         return logits, step
+
+
+def enable_compile(model, mode="reduce-overhead", **options):
+    """Decode with static shapes, compiled (see :mod:`ktm.model.compiled`); returns ``model``.
+
+    ``mode``: ``"reduce-overhead"`` (inductor + CUDA graphs), ``"default"`` (inductor),
+    ``"cudagraphs"`` (CUDA graphs alone), None (static shapes, not compiled), or a
+    :class:`~ktm.model.compiled.StaticDecoder` to share (models of several K on one LLM).
+    ``options``: ``prompt_bucket``, ``cache_bucket``, ``dynamic`` of
+    :class:`ktm.model.compiled.StaticDecoder`. The answers are those of eager decoding (up to
+    floating-point rounding); the first call per shape pays the compilation.
+    """
+    if isinstance(mode, StaticDecoder):
+        if options:
+            raise ValueError("options go to a new StaticDecoder, not to a shared one")
+        if mode.model.lm is not model.lm:
+            raise ValueError("that StaticDecoder runs another model's LLM")
+        model.static_decoder = mode
+    else:
+        model.static_decoder = StaticDecoder(model, mode, **options)
+    return model

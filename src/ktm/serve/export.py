@@ -86,7 +86,7 @@ def _embedding_key(lm) -> str:
     return names[0]
 
 
-def _drop_dequantized_gguf(lm) -> None:
+def drop_dequantized_gguf(lm) -> None:
     """A model loaded from a GGUF file (the embedded default) keeps transformers' GGUF quantizer,
     which refuses to be saved, even when every weight was dequantized on loading: drop it then.
     Weights still packed, or another quantization method, are refused: merging the LoRA into
@@ -146,7 +146,7 @@ def export_model(checkpoint: str | os.PathLike, out: str | os.PathLike, *, overw
     (or :class:`~ktm.checkpoint.CheckpointError` for a bad checkpoint).
     """
     from ..loading import resolve_dtype
-    from ..model.core import KTokenMerging
+    from ..model import KTokenMerging
 
     checkpoint, out = resolve_folder(checkpoint), Path(out)
     _check_destination(checkpoint, out, overwrite)
@@ -156,7 +156,7 @@ def export_model(checkpoint: str | os.PathLike, out: str | os.PathLike, *, overw
     check_servable(model.config)
     encoder_state = {k: v.detach().cpu().contiguous() for k, v in model.encoder.state_dict().items()}
     lm = model.lm.merge_and_unload()  # plain causal LM; W <- W + scale * B @ A
-    _drop_dequantized_gguf(lm)
+    drop_dequantized_gguf(lm)
     lm.to(save_dtype)
     key = _embedding_key(lm)
     meta = serving_config(model, lm, key, save_dtype)

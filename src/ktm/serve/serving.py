@@ -40,17 +40,15 @@ import os
 import shutil
 import sys
 import tempfile
-import types
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from ..model.blocks import block_slots, fill_blocks, num_blocks
+from ..model.methods import TOKEN_METHODS
+from ..model.prompts import PromptMerger
 from .export import ExportError, export_model_config, load_export_encoder, read_export
-from ..model.methods import TOKEN_METHODS, select_tokens
 
 #: the dtypes a prompt-embeddings tensor may have (vLLM casts them to the model's dtype)
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -72,6 +70,9 @@ class PromptEncoder:
         self.tokenizer, self.table, self.encoder, self.config = tokenizer, table, encoder, config
         self.max_positions = max_positions
         self.name = name  # the served model name `ktm serve` gives by default
+        #: the model's own prompt merging, on the table and encoder alone
+        self.merger = PromptMerger(tokenizer, torch.nn.Embedding.from_pretrained(table, freeze=True), encoder,
+                                   config, max_positions)
 
     @classmethod
     def from_export(cls, path: str | os.PathLike, *, device: str = "cpu",
@@ -82,14 +83,13 @@ class PromptEncoder:
         embedding fingerprint recorded at export; raises :class:`~ktm.serve.export.ExportError`.
         """
         from ..model.encoder import build_encoder
-        from ..loading import embedding_fingerprint, load_tokenizer
+        from ..loading import load_tokenizer, table_fingerprint
 
         path = Path(path)
         meta = read_export(path)
         config = export_model_config(meta, path)
         table = load_embedding_table(path, meta["embedding"]["key"], device=device)
-        probe = types.SimpleNamespace(get_input_embeddings=lambda: types.SimpleNamespace(weight=table))
-        if embedding_fingerprint(probe) != meta["embedding"]["fingerprint"]:
+        if table_fingerprint(table) != meta["embedding"]["fingerprint"]:
             raise ExportError(f"{path}: the embedding table differs from the one exported (fingerprint)")
         encoder = None
         if config.method not in TOKEN_METHODS:
@@ -113,35 +113,17 @@ class PromptEncoder:
         return int(self.table.shape[1])
 
     def tokenize(self, prompts: list[str]) -> list[list[int]]:
-        """Token ids of each prompt, without special tokens (as the model reads them)."""
-        if isinstance(prompts, str):
-            raise TypeError("expected a list of prompts, got a single string")
-        for i, p in enumerate(prompts):
-            if not isinstance(p, str):
-                raise TypeError(f"prompt {i} is a {type(p).__name__}, not a string")
-        ids = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"] if prompts else []
-        for i, x in enumerate(ids):
-            if not x:
-                raise ValueError(f"prompt {i} is empty: nothing to merge")
-            if self.max_positions is not None and num_blocks(len(x), self.k) > self.max_positions:
-                raise ValueError(f"prompt {i} is too long for the model: {len(x)} tokens merge to "
-                                 f"{num_blocks(len(x), self.k)} embeddings > {self.max_positions} positions")
+        """Token ids of each prompt, without special tokens (as the model reads them); raises
+        :class:`~ktm.model.PromptError` for an empty prompt or one too long for the model."""
+        ids = self.merger.tokenize(prompts)
+        self.merger.check_length(ids)
         return ids
 
     @torch.inference_mode()
     def merge_ids(self, ids: list[int]) -> torch.Tensor:
         """The merged embeddings (ceil(n / K), d) of one prompt's token ids, in the table's
-        dtype: the computation of ``KTokenMerging.merge_ids`` for a batch of one."""
-        flat = torch.tensor(ids, dtype=torch.long, device=self.table.device)
-        if self.config.method in TOKEN_METHODS:
-            kept = select_tokens([ids], self.k, self.config.method)[0]
-            return F.embedding(torch.tensor(kept, dtype=torch.long, device=self.table.device), self.table)
-        index, valid, _ = block_slots([len(ids)], self.k)
-        emb = F.embedding(flat, self.table)
-        valid = valid.to(emb.device)
-        blocks = fill_blocks(emb[index.to(emb.device)], valid)
-        enc_dtype = next(self.encoder.parameters()).dtype
-        return self.encoder(blocks.to(enc_dtype), valid).to(emb.dtype)
+        dtype: ``KTokenMerging.merge_ids`` for a batch of one."""
+        return self.merger.merge_ids([ids])[0]
 
     def encode(self, prompts: list[str]) -> list[torch.Tensor]:
         """Each prompt's merged embeddings, float32 on the CPU, (ceil(n_i / K), d), each prompt

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import clean_stale, recover_dir
 from ..config import ModelConfig, TrainConfig, save_json, to_dict
-from ..model.core import KTokenMerging
+from ..model import KTokenMerging
 from ..model.segments import task_keep_pattern
 from ..tasks.base import Task
 from .trainer import CHECKPOINT_DIR, FINAL_DIR, Trainer
@@ -228,7 +228,7 @@ def clear_output(output_dir: str | Path) -> None:
         shutil.rmtree(smaller, ignore_errors=True)
 
 
-def _train_phase(model, cfg: TrainConfig, folder: Path, tasks: list[Task], steps_per_task: int,
+def train_phase(model, cfg: TrainConfig, folder: Path, tasks: list[Task], steps_per_task: int,
                  log, name: str = "phase") -> tuple[Path, "Trainer"]:
     """Train ``model`` in ``folder`` for ``steps_per_task`` steps on each task in turn,
     resuming from the folder's checkpoint; returns the final model folder and the trainer.
@@ -264,7 +264,7 @@ def train_teacher(tasks: list[Task], output_dir: str | Path, model_cfg: ModelCon
     options = {k: v for k, v in to_dict(t_model).items() if k != "k"}
     model = KTokenMerging.from_base(base, k=1, device=device, dtype=dtype, seed=t_train.seed, **options)
     log(f"teacher: training K = 1 for {t_train.steps} steps in {folder}")
-    path, trainer = _train_phase(model, t_train, folder, tasks, train_cfg.teacher_steps, log, "teacher")
+    path, trainer = train_phase(model, t_train, folder, tasks, train_cfg.teacher_steps, log, "teacher")
     last = trainer.history[-1] if trainer.history else {}
     if "value" in last:
         note = f" (majority {last['majority_rate']:.4f})" if "majority_rate" in last else ""
@@ -319,7 +319,7 @@ def train_smaller(tasks: list[Task], output_dir: str | Path, model_cfg: ModelCon
     per_task = train_cfg.grow_steps or train_cfg.steps
     cfg = dataclasses.replace(train_cfg, steps=per_task * len(tasks), grow_from=None)
     log(f"grow: training K = {sub_k} (stages {list(sub_stages)}) for {cfg.steps} steps in {folder}")
-    path, trainer = _train_phase(model, cfg, folder, tasks, per_task, log, f"grow K = {sub_k}")
+    path, trainer = train_phase(model, cfg, folder, tasks, per_task, log, f"grow K = {sub_k}")
     if trainer.history:
         last = trainer.history[-1]
         log(f"grow: K = {sub_k} held-out {last['metric']} {last['value']:.4f}")

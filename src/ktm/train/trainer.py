@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from ..config import TrainConfig, save_json, to_dict
 from .evaluate import evaluate
 from ..checkpoint import CheckpointError, recover_dir, write_dir
-from ..model.core import KTokenMerging, load_teacher
+from ..model import KTokenMerging, load_teacher
 from .objectives import add_auxiliary
 from ..model.blocks import num_blocks
 from ..tasks.base import Example, Task

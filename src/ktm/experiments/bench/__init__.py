@@ -173,7 +173,7 @@ def default_out(device: str) -> Path:
 def _load(model, cfg: BenchConfig, log):
     """The model to time: ``model`` itself, or a K = 1 model loaded from a base reference."""
     from ...loading import resolve_device
-    from ...model.core import KTokenMerging
+    from ...model import KTokenMerging
 
     if isinstance(model, KTokenMerging):
         return model

@@ -17,8 +17,8 @@ import torch
 
 from ...model.blocks import num_blocks
 from .inputs import id_prompts, texts_of_length, tree_examples
-from .report import _mib, derive_compile, derive_decode, derive_memory, derive_prefill, derive_train
-from .timing import _sync, measure, median, summary
+from .report import mib, derive_compile, derive_decode, derive_memory, derive_prefill, derive_train
+from .timing import sync_device, measure, median, summary
 
 COMPILE_MAX_LENGTH = 2048  # the compile mode measures the launch-bound short prompts
 
@@ -316,7 +316,7 @@ def bench_memory(model, stream: Sequence[int], *, lengths: Sequence[int], ks: Se
                 del cache
                 rows.append({"batch_size": B, "length": L, "k": k, "positions": num_blocks(L, k),
                              "peak_bytes": peak, "kv_cache_bytes": kv, "measured": what})
-                log(f"memory B={B} L={L} K={k}: peak {_mib(peak)} MiB, KV cache {_mib(kv)} MiB")
+                log(f"memory B={B} L={L} K={k}: peak {mib(peak)} MiB, KV cache {mib(kv)} MiB")
     return derive_memory(rows)
 
 
@@ -394,7 +394,7 @@ def _first_call(fn, device) -> float:
     with torch.inference_mode():
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync_device(device)
         return time.perf_counter() - t0
 
 

@@ -140,7 +140,7 @@ def derive_compile(rows: list[dict]) -> list[dict]:
     return rows
 
 
-def _mib(b) -> str:
+def mib(b) -> str:
     return "n/a" if b is None else f"{b / 2**20:.1f}"
 
 
@@ -235,8 +235,8 @@ def _md_memory(results: dict) -> list[str]:
     out.append(f"### Memory of one prefill ({results['memory'][0]['measured']})")
     out.append(_table(
         ["B", "L", "K", "LLM positions", "peak MiB", "peak vs K=1", "KV cache MiB", "KV cache vs K=1"],
-        [[str(r["batch_size"]), str(r["length"]), str(r["k"]), str(r["positions"]), _mib(r["peak_bytes"]),
-          _x(r["peak_ratio_vs_k1"]), _mib(r["kv_cache_bytes"]), _x(r["kv_ratio_vs_k1"])]
+        [[str(r["batch_size"]), str(r["length"]), str(r["k"]), str(r["positions"]), mib(r["peak_bytes"]),
+          _x(r["peak_ratio_vs_k1"]), mib(r["kv_cache_bytes"]), _x(r["kv_ratio_vs_k1"])]
          for r in sorted(results["memory"], key=lambda r: (r["batch_size"], r["length"], r["k"]))]))
     return out
 

@@ -68,7 +68,7 @@ def rate(count: float, seconds: float) -> float:
     return count / seconds
 
 
-def _sync(device) -> None:
+def sync_device(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -89,12 +89,12 @@ def measure(fns: dict[str, Callable[[], object]], *, warmup: int = 1, repeats: i
         for _ in range(warmup):
             for fn in fns.values():
                 fn()
-        _sync(device)
+        sync_device(device)
         for _ in range(repeats):
             for name, fn in fns.items():
-                _sync(device)
+                sync_device(device)
                 t0 = time.perf_counter()
                 fn()
-                _sync(device)
+                sync_device(device)
                 times[name].append(time.perf_counter() - t0)
     return times

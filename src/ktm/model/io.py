@@ -1,0 +1,200 @@
+"""Saving and loading a :class:`~ktm.model.KTokenMerging` folder: the bodies of its
+``save_pretrained``, ``from_pretrained``, ``load_trained`` and ``grow_from``, and the teacher.
+
+A folder holds the LoRA adapter (peft, safetensors), the encoder, the tokenizer and
+``ktm_config.json`` (:func:`describe`, with every weight file's SHA-256); it is written beside
+its destination and renamed into place (:func:`ktm.checkpoint.write_dir`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from .. import __version__
+from ..checkpoint import (
+    ADAPTER_DIR,
+    ADAPTER_FIELDS,
+    ADAPTER_FILE,
+    CONFIG_NAME,
+    ENCODER_NAME,
+    FUNCTION_FIELDS,
+    TOKENIZER_DIR,
+    CheckpointError,
+    check_compatible,
+    load_weights,
+    read_config,
+    resolve_folder,
+    weight_hashes,
+    write_dir,
+)
+from ..config import ModelConfig, from_dict, save_json, to_dict
+from ..loading import describe_base, embedding_fingerprint, load_base, load_tokenizer
+from .encoder import encoder_stages
+
+
+def save_pretrained(model, path: str | os.PathLike) -> Path:
+    """Write adapter (peft, safetensors), encoder, tokenizer and ``ktm_config.json``.
+
+    The folder is written beside its destination and renamed into place, so an
+    interrupted save never leaves a half-written checkpoint.
+    """
+
+    def write(tmp: Path) -> None:
+        model.lm.save_pretrained(tmp / ADAPTER_DIR, safe_serialization=True, save_embedding_layers=False)
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.encoder.state_dict().items()},
+                  str(tmp / ENCODER_NAME))
+        model.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
+        save_json(tmp / CONFIG_NAME, {**model.describe(), "files": weight_hashes(tmp)})
+
+    return write_dir(path, write)
+
+
+def describe(model) -> dict:
+    """The content of ``ktm_config.json``."""
+    return {
+        "ktm_version": __version__,
+        "model": to_dict(model.config),
+        "encoder": {"k": model.encoder.k, "dim": model.encoder.dim,
+                    "hidden": model.encoder.hidden, "init": model.encoder.init,
+                    "stages": list(encoder_stages(model.encoder))},
+        "base": {"reference": model.base_reference, "embedding_fingerprint": model.base_fingerprint,
+                 "model_type": getattr(model.lm.get_base_model().config, "model_type", None)},
+    }
+
+
+def from_pretrained(cls, path: str | os.PathLike, base=None, tokenizer=None, *, dtype=None,
+                    device=None, k: int | None = None, trust_remote_code: bool | None = None):
+    """Load a folder written by :meth:`save_pretrained`.
+
+    Args:
+        base: base model reference or object; default: the reference saved in the folder.
+        tokenizer: default: the tokenizer saved in the folder.
+        k: if given, the checkpoint must have been trained for this K.
+        trust_remote_code: let transformers run Python code shipped with the checkpoint's
+            tokenizer or the base model (default False; see :meth:`from_base`).
+    When the base reference saved in the folder is used, one line on stderr says which
+    base model is loaded and from where (local folder, GGUF file, embedded default or
+    hub id). Raises :class:`CheckpointError` for a missing or corrupt folder, another K, or a
+    base model whose embedding table differs from the one the checkpoint was trained on.
+    """
+    path = resolve_folder(path)
+    meta = read_config(path)
+    try:
+        config = from_dict(ModelConfig, meta["model"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path / CONFIG_NAME} holds invalid model settings: {e}") from e
+    check_compatible(meta, path, k=k)
+    if tokenizer is None and (path / TOKENIZER_DIR).is_dir():
+        tokenizer = load_tokenizer(path / TOKENIZER_DIR, trust_remote_code=trust_remote_code)
+    ref = base if base is not None else meta["base"]["reference"]
+    if base is None:
+        print(f"ktm: loading the base model of checkpoint {path}: {describe_base(ref)}", file=sys.stderr)
+    base_model, tokenizer, ref_str = load_base(ref, tokenizer, dtype=dtype, device=device,
+                                               trust_remote_code=trust_remote_code)
+    got_fp = embedding_fingerprint(base_model)
+    if got_fp != meta["base"]["embedding_fingerprint"]:
+        raise CheckpointError(
+            f"{path} was trained on base model {meta['base']['reference']!r} (embedding "
+            f"fingerprint {meta['base']['embedding_fingerprint']}), but the base model given "
+            f"({ref_str!r}) has fingerprint {got_fp}: a different model or different weights")
+    model = cls.assemble(base_model, tokenizer, config, meta["base"]["reference"], got_fp)
+    model.load_trained(path)
+    return model
+
+
+def load_trained(model, path: str | os.PathLike, adapter_only: bool = False) -> None:
+    """Load the encoder and LoRA weights of a saved folder into this model.
+
+    The folder must be for the same K, encoder shape and base model (checked against
+    the embedding fingerprint); raises :class:`CheckpointError` otherwise. With
+    ``adapter_only`` only the LoRA weights are loaded, from a model of any K (e.g. a
+    K = 1 model trained on the task, to start a K = 4 model from), and the encoder is
+    left as it is.
+    """
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    path = resolve_folder(path)
+    meta = read_config(path)
+    check_compatible(meta, path, fingerprint=model.base_fingerprint, config=model.config,
+                     fields=ADAPTER_FIELDS if adapter_only else FUNCTION_FIELDS)
+    if not adapter_only:
+        enc_state = load_weights(meta, path, ENCODER_NAME)
+        want = {k: tuple(v.shape) for k, v in model.encoder.state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in enc_state.items()}
+        if want != got:
+            raise CheckpointError(
+                f"{path / ENCODER_NAME} does not fit an encoder for K = {model.k}, "
+                f"d = {model.encoder.dim}: expected {want}, found {got}"
+            )
+        model.encoder.load_state_dict(enc_state)
+    adapter = load_weights(meta, path, f"{ADAPTER_DIR}/{ADAPTER_FILE}")
+    # as saved (save_pretrained): without the base embedding / untied lm_head weights
+    expected = set(get_peft_model_state_dict(model.lm, save_embedding_layers=False))
+    missing, unexpected = sorted(expected - set(adapter)), sorted(set(adapter) - expected)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path / ADAPTER_DIR / ADAPTER_FILE} does not hold this model's LoRA weights: "
+            f"{len(missing)} missing (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})")
+    set_peft_model_state_dict(model.lm, adapter)
+
+
+def grow_from(model, path: str | os.PathLike) -> None:
+    """Start from a trained model of a smaller block size (hierarchical merging).
+
+    The saved model's LoRA weights are loaded, and its encoder becomes this model's
+    first encoder stage(s); the remaining stages keep their initialisation (with
+    ``encoder_init="mean"`` they average the saved encoder's outputs). For example a
+    K = 2 model grows into K = 4 with ``encoder_stages=(2, 2)``. Raises
+    :class:`CheckpointError` when the saved stages are not a proper prefix of this
+    model's, or the encoders differ in norm matching or residual.
+    """
+    path = resolve_folder(path)
+    meta = read_config(path)
+    saved = from_dict(ModelConfig, meta["model"])
+    src = tuple(saved.encoder_stages or (saved.k,))
+    mine = encoder_stages(model.encoder)
+    if len(src) >= len(mine) or mine[:len(src)] != src:
+        raise CheckpointError(
+            f"{path} has encoder stages {list(src)} (K = {saved.k}); to grow from it, this "
+            f"model's encoder_stages must start with them and add at least one (it has {list(mine)})"
+        )
+    if saved.encoder_norm != model.config.encoder_norm or \
+            (saved.encoder_init == "random") != (model.config.encoder_init == "random"):
+        raise CheckpointError(
+            f"{path} has encoder_norm={saved.encoder_norm}, encoder_init={saved.encoder_init!r}; "
+            f"this model has encoder_norm={model.config.encoder_norm}, "
+            f"encoder_init={model.config.encoder_init!r}: the stages would compute differently"
+        )
+    model.load_trained(path, adapter_only=True)
+    state = load_weights(meta, path, ENCODER_NAME)
+    if len(src) == 1:
+        state = {f"stages.0.{k}": v for k, v in state.items()}
+    want = model.encoder.state_dict()
+    bad = [k for k, v in state.items() if k not in want or tuple(want[k].shape) != tuple(v.shape)]
+    if bad:
+        raise CheckpointError(f"{path / ENCODER_NAME} does not fit this model's first stages: {bad[:3]}")
+    model.encoder.load_state_dict({**want, **state})
+
+
+
+def load_teacher(path, student, base=None):
+    """Load a saved K = 1 ktm model as the teacher of ``student`` (frozen, eval mode).
+
+    The teacher must read plain prompts (K = 1) and sit on the same base model (same
+    embedding fingerprint), or positions and vocabularies would not line up. ``base``: as in
+    :meth:`KTokenMerging.from_pretrained` (default: the reference saved with the teacher).
+    """
+    meta = read_config(path)
+    if meta["model"].get("k") != 1:
+        raise CheckpointError(f"{path}: a teacher must read plain prompts (K = 1), this model has "
+                              f"K = {meta['model'].get('k')}")
+    check_compatible(meta, path, fingerprint=student.base_fingerprint)
+    teacher = type(student).from_pretrained(path, base=base, device=student.device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
