@@ -54,17 +54,18 @@ def test_bad_lines_name_file_and_line(tmp_path, line, message):
 
 
 def test_the_cli_builds_it_from_its_options(tmp_path):
-    from ktm.cli import _tasks, build_parser
+    from ktm.cli import build_parser
+    from ktm.cli.options import tasks_from
 
     assert TASKS["amazon"] is AmazonTask
     _write(tmp_path / "train.jsonl", [{"rating": 5, "text": "a"}])
     _write(tmp_path / "test.jsonl", [{"rating": 1, "text": "b"}])
     args = build_parser().parse_args(["train", "--out", "x", "--task", "amazon", "--reviews", str(tmp_path),
                                       "--review-chars", "100"])
-    (task,) = _tasks(args)
+    (task,) = tasks_from(args)
     assert task.label == f"amazon {tmp_path.name}" and task.max_chars == 100
     with pytest.raises(ValueError, match="needs --reviews"):
-        _tasks(build_parser().parse_args(["train", "--out", "x", "--task", "amazon"]))
+        tasks_from(build_parser().parse_args(["train", "--out", "x", "--task", "amazon"]))
     with pytest.raises(FileNotFoundError, match="no such review file or folder"):
         AmazonTask(tmp_path / "missing")
 

@@ -198,7 +198,6 @@ def test_modules_classes_and_functions_are_short_or_say_why():
     assert found == []
 
 
-@pytest.mark.xfail(strict=True, reason="tests reach into privates until the split")
 def test_privates_stay_home_in_the_package_tests_and_benchmarks():
     package = _sources(SRC)
     ktm_privates = set().union(*(defined_privates(t) for t in package.values()))

@@ -195,7 +195,7 @@ def test_each_task_declares_its_options():
     """--task choices and the task flags come from ktm.tasks.TASKS and each task's Options."""
     import dataclasses
 
-    from ktm.cli import _tasks
+    from ktm.cli.options import tasks_from
     from ktm.tasks import TASKS, JsonlTask, TreeTask
 
     p = build_parser()
@@ -204,7 +204,7 @@ def test_each_task_declares_its_options():
     assert all(f.name in dests for cls in TASKS.values() for f in dataclasses.fields(cls.Options))
     assert next(a for a in train._actions if a.dest == "task").choices == sorted(TASKS)
     args = p.parse_args(["train", "--out", "x", "--stage", "small", "xsmall", "--num-trees", "30"])
-    tasks = _tasks(args)
+    tasks = tasks_from(args)
     assert [t.label for t in tasks] == ["tree small", "tree xsmall"] and all(isinstance(t, TreeTask) for t in tasks)
     assert tasks[0].num_trees == 30
     with pytest.raises(SystemExit):
@@ -295,7 +295,7 @@ def test_generate_answers_each_stdin_line_as_the_model_does_alone(gen_ckpt, monk
     import sys
 
     from ktm import KTokenMerging
-    from ktm.cli import escape_line
+    from ktm.cli.generate import escape_line
 
     prompts = ["Tree: a-b, b-c. Answer: ", "x", "", "hello world\tand tabs", "0123456789" * 5]
     monkeypatch.setattr(sys, "stdin", io.StringIO("".join(p + "\n" for p in prompts)))
@@ -320,7 +320,7 @@ def test_generate_names_the_input_line_of_a_prompt_too_long(gen_ckpt, monkeypatc
 
 
 def test_escape_line_keeps_any_answer_on_one_line():
-    from ktm.cli import escape_line
+    from ktm.cli.generate import escape_line
 
     text = "a\\b\nc\rd\x0be\x85f\u2028g\th"
     assert escape_line(text) == "a\\\\b\\nc\\rd\\x0be\\x85f\\u2028g\th"

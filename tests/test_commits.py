@@ -58,15 +58,16 @@ def test_bad_lines_and_options(tmp_path):
         CommitsTask(tmp_path / "x.jsonl").examples("train")
     with pytest.raises(ValueError, match="policy"):
         CommitsTask(tmp_path / "x.jsonl", policy="drop")
-    from ktm.cli import _tasks, build_parser
+    from ktm.cli import build_parser
+    from ktm.cli.options import tasks_from
 
     assert TASKS["commits"] is CommitsTask
     args = build_parser().parse_args(["train", "--out", "o", "--task", "commits", "--commits", str(tmp_path / "x.jsonl"),
                                       "--commit-chars", "100", "--long-commits", "truncate"])
-    (task,) = _tasks(args)
+    (task,) = tasks_from(args)
     assert (task.max_chars, task.policy) == (100, "truncate")
     with pytest.raises(ValueError, match="needs --commits"):
-        _tasks(build_parser().parse_args(["train", "--out", "o", "--task", "commits"]))
+        tasks_from(build_parser().parse_args(["train", "--out", "o", "--task", "commits"]))
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="the project's shared commit data is not beside this checkout")
@@ -133,13 +134,14 @@ def test_evaluate_generates_a_fixed_subset_and_scores_it(tmp_path, make_model, m
 
 
 def test_ktm_eval_option_and_result_lines():
-    from ktm.cli import _fmt_result, build_parser
+    from ktm.cli import build_parser
+    from ktm.cli.evaluate import format_result
 
     args = build_parser().parse_args(["eval", "--checkpoint", "c", "--task", "commits", "--generate-examples", "50"])
     assert args.generate_examples == 50
     res = {"metric": "perplexity", "value": 3.5, "answer_tokens": 900, "prompt_tokens": 40.0, "merged_length": 10.0,
            "k": 4, "exact_match": 0.25, "chrf": 61.234, "generated": 8}
-    text = _fmt_result(res)
+    text = format_result(res)
     assert "exact match     0.2500  (8 generated, greedy)" in text and "chrF            61.23" in text
-    assert "exact match" not in _fmt_result({k: v for k, v in res.items() if k not in ("exact_match", "chrf",
+    assert "exact match" not in format_result({k: v for k, v in res.items() if k not in ("exact_match", "chrf",
                                                                                            "generated")})

@@ -12,7 +12,8 @@ from safetensors import safe_open
 from conftest import char_tokenizer, tiny_llama, trained_checkpoint
 from ktm import KTokenMerging
 from ktm.model.blocks import position_ids
-from ktm.cli import escape_line, main
+from ktm.cli import main
+from ktm.cli.generate import escape_line
 from ktm.config import ModelConfig
 from ktm.serve.export import SERVING_CONFIG, ExportError, check_servable, export_model, read_export
 from ktm.serve.serving import read_embeds

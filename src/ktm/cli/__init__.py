@@ -1,5 +1,5 @@
-"""The ``ktm`` command line (``pyproject``: ``ktm = "ktm.cli:main"``)."""
+"""The ``ktm`` command line (``pyproject``: ``ktm = "ktm.cli:main"``); see :mod:`ktm.cli.main`."""
 
-from .main import _fmt_result, _tasks, build_parser, escape_line, main  # noqa: F401
+from .main import build_parser, main
 
-__all__ = ["main", "build_parser", "escape_line"]
+__all__ = ["main", "build_parser"]

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-import os
 
 import torch
 import torch.nn.functional as F

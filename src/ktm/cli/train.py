@@ -1,0 +1,62 @@
+"""``ktm train``: one training run on a task (``ktm.train.phases.train_run``)."""
+
+from pathlib import Path
+
+from ..config import ModelConfig, TrainConfig, add_arguments, overrides
+from .options import HelpFormatter, add_base_args, add_task_args, positive_int, tasks_from
+
+
+def cmd_train(args) -> int:
+    from tqdm.auto import tqdm
+
+    from ..train.phases import train_run
+    from ..train.recipes import get_recipe
+
+    recipe = get_recipe(args.recipe)
+    model_cfg = recipe.model_config(**overrides(args, ModelConfig))
+    train_cfg = recipe.train_config(**overrides(args, TrainConfig))
+    tasks = tasks_from(args)
+    if args.init_from:
+        from ..train.phases import check_init_options
+
+        check_init_options(args.init_from, overrides(args, ModelConfig))
+    print(f"recipe {recipe.name}: K = {model_cfg.k}, lr {train_cfg.lr}, batch {train_cfg.batch_size}, "
+          f"{train_cfg.steps} steps" + (f" per round, curriculum {args.stage}" if len(tasks) > 1 else ""))
+    thresholds = [args.threshold] * (len(tasks) - 1) + [args.final_threshold]
+    run = train_run(model_cfg, train_cfg, tasks, args.out, base=args.model, device=args.device, dtype=args.dtype,
+                    resume=args.resume, overwrite=args.overwrite, init_from=args.init_from,
+                    init_adapter_from=args.init_adapter_from, thresholds=thresholds, max_rounds=args.max_rounds,
+                    record={"recipe": recipe.name, "argv": args.argv}, log=tqdm.write,
+                    trust_remote_code=getattr(args, "trust_remote_code", None))
+    last = run.trainer.history[-1]
+    print(f"final {last['metric']} {last['value']:.4f}" +
+          (f" (majority {last['majority_rate']:.4f})" if "majority_rate" in last else ""))
+    print(f"saved {run.path}; history in {Path(args.out) / 'history.json'}")
+    return 0
+
+
+def add_parser(sub) -> None:
+    from ..train.recipes import DEFAULT_RECIPE, RECIPES
+
+    tr = sub.add_parser("train", help="train LoRA + encoder on a task (accelerate launch for multi-GPU)",
+                        formatter_class=HelpFormatter)
+    tr.add_argument("--recipe", default=DEFAULT_RECIPE, choices=sorted(RECIPES),
+                    help="named settings; explicit options override them (docs/RECIPES.md)")
+    tr.add_argument("--out", required=True, help="run folder: checkpoint/, model/, history.json")
+    tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    tr.add_argument("--overwrite", action="store_true", help="discard a checkpoint already in OUT")
+    tr.add_argument("--init-from", help="start from a saved ktm model folder, or a shipped merger "
+                                        "zoo:NAME (ktm zoo list)")
+    tr.add_argument("--init-adapter-from",
+                    help="start the LoRA adapter from a saved ktm model of any K (e.g. a K = 1 model "
+                         "trained on the task); the encoder starts fresh")
+    tr.add_argument("--threshold", type=float, default=0.85, help="curriculum: pass mark of each stage")
+    tr.add_argument("--final-threshold", type=float, default=0.95, help="curriculum: pass mark of the last stage")
+    tr.add_argument("--max-rounds", type=positive_int, default=3, help="curriculum: most rounds per stage")
+    add_task_args(tr)
+    add_base_args(tr)
+    default = RECIPES[DEFAULT_RECIPE]
+    for cls, shown in [(ModelConfig, default.model_config()), (TrainConfig, default.train_config())]:
+        add_arguments(tr, cls, shown=shown,
+                      title=f"{cls.__name__} (defaults shown: recipe {DEFAULT_RECIPE!r}; --recipe changes them)")
+    tr.set_defaults(func=cmd_train)

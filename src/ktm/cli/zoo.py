@@ -1,0 +1,70 @@
+"""``ktm zoo list|build``: the pretrained mergers that ship with ktm (``ktm.train.zoo``)."""
+
+
+
+
+def cmd_zoo_list(args) -> int:
+    from .. import checkpoint
+    from ..train.zoo import describe_shipped
+
+    rows = describe_shipped()
+    if not rows:
+        print(f"no mergers ship in {checkpoint.MERGERS_DIR}; build one with: ktm zoo build NAME --out RUN")
+        return 0
+    for r in rows:
+        held, dt = r["held_out"], r["weights_dtype"]
+        ppl = ""
+        if f"merged_perplexity_{dt}" in held:
+            ppl = (f"merged {held[f'merged_perplexity_{dt}']:.2f} ({dt}; float32 "
+                   f"{held.get('merged_perplexity_float32', float('nan')):.2f}), plain prompt "
+                   f"{held.get('plain_perplexity', float('nan')):.2f}, no prompt "
+                   f"{held.get('no_prompt_perplexity', float('nan')):.2f} ({held.get('windows', '?')} windows)")
+        print(f"zoo:{r['name']}  K = {r['k']}, base {r['base']!r}, {r['weights_dtype']}, "
+              f"{r['bytes'] / 2**20:.1f} MiB")
+        if r["summary"]:
+            print(f"  {r['summary']}")
+        if ppl:
+            print(f"  held-out continuation perplexity: {ppl}")
+        if r["command"]:
+            print(f"  rebuilt by: {r['command']}")
+        print(f"  start a task from it: ktm train --init-from zoo:{r['name']} --k {r['k']} ...")
+    return 0
+
+
+def cmd_zoo_build(args) -> int:
+    from tqdm.auto import tqdm
+
+    from ..train.zoo import build
+
+    command = f"ktm zoo build {args.name} --out {args.out}"
+    folder, card = build(args.name, args.out, into=args.into, text=args.text, base=args.model, device=args.device,
+                         dtype=args.dtype, resume=args.resume, overwrite=args.overwrite, log=tqdm.write,
+                         command=command)
+    print(f"wrote {folder} ({card['bytes'] / 2**20:.1f} MiB); use it as --init-from zoo:{args.name} "
+          f"(or --init-from {folder})")
+    return 0
+
+
+def add_parser(sub) -> None:
+    from ..train.zoo import ZOO
+
+    z = sub.add_parser("zoo", help="pretrained mergers that ship with ktm (zoo:NAME): list them, or rebuild one")
+    zsub = z.add_subparsers(dest="zoo_command", required=True)
+    zl = zsub.add_parser("list", help="the shipped mergers, their size and held-out numbers")
+    zl.set_defaults(func=cmd_zoo_list)
+    zb = zsub.add_parser(
+        "build", help="rebuild a shipped merger: ktm pretrain with its recorded settings, then a bf16 copy",
+        description="Pretrain with the settings recorded for NAME (ktm.train.zoo.ZOO; resumable with --resume), "
+                    "write the slim bfloat16 copy into the package's mergers/NAME (or --into DIR/NAME) with its "
+                    "card zoo.json, and measure the held-out continuation perplexity of both copies.")
+    zb.add_argument("name", choices=sorted(ZOO), help="the merger to build")
+    zb.add_argument("--out", required=True, help="run folder of the pretraining (checkpoint/, model/, ...)")
+    zb.add_argument("--into", default=None, help="write DIR/NAME instead of the package's own mergers folder")
+    zb.add_argument("--text", nargs="+", default=None,
+                    help="pretraining text instead of the recorded ../shared/data train files (same settings)")
+    zb.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    zb.add_argument("--overwrite", action="store_true", help="discard a checkpoint already in OUT")
+    zb.add_argument("--model", default=None, help="base model (default: the one recorded, the embedded SmolLM2)")
+    zb.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    zb.add_argument("--dtype", default="float32", help="training dtype (default: float32, as recorded)")
+    zb.set_defaults(func=cmd_zoo_build)
