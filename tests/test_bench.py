@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ktm.experiments import bench
-from ktm.config import overrides
+from ktm.arguments import overrides
 
 TEXT = ("def binomial(n, r):\n    c = [0] * (r + 1)\n    c[0] = 1\n    for i in range(1, n + 1):\n"
         "        j = min(i, r)\n        while j > 0:\n            c[j] += c[j - 1]\n            j -= 1\n"

@@ -89,7 +89,7 @@ def test_from_dict_rejects_a_non_object():
 def test_cli_lists_still_work():
     """argparse's nargs='+' gives lists for the tuple fields."""
     from ktm.cli import build_parser
-    from ktm.config import overrides
+    from ktm.arguments import overrides
     from ktm.train.recipes import get_recipe
 
     args = build_parser().parse_args(["train", "--out", "x", "--k", "4", "--encoder-stages", "2", "2",

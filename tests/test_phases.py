@@ -58,3 +58,26 @@ def test_a_resumed_chain_equals_an_uninterrupted_one(tmp_path, base_dir):
     a, b = _weights(whole.path), _weights(resumed.path)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [r["value"] for r in resumed.trainer.history] == [r["value"] for r in whole.trainer.history]
+
+
+def test_trust_remote_code_reaches_the_teacher_and_the_growth_phase(tmp_path, base_dir, monkeypatch):
+    """A Runtime's trust_remote_code goes to every model the run loads: the K = 1 teacher it
+    trains and loads, the smaller model it grows from, and the main model."""
+    import ktm.model.core
+    import ktm.model.io
+    from ktm.config import Runtime
+
+    calls = []
+    for module in (ktm.model.core, ktm.model.io):
+        def spy(*args, _real=module.load_base, _where=module.__name__, **kw):
+            calls.append((_where, kw.get("trust_remote_code")))
+            return _real(*args, **kw)
+
+        monkeypatch.setattr(module, "load_base", spy)
+    model, train = _configs(steps=2, teacher_steps=1, grow_from="auto", grow_steps=1, eval_every=0)
+    run = train_run(ModelConfig(k=4, lora_r=4), train, TASK, tmp_path / "run",
+                    runtime=Runtime(base=base_dir, device="cpu", trust_remote_code=True), log=lambda line: None)
+    assert (tmp_path / "run" / "teacher" / "model").is_dir() and (tmp_path / "run" / "grow-k2" / "model").is_dir()
+    # built: teacher, smaller K = 2, main K = 4; loaded: the teacher for the growth phase and for the main run
+    assert sorted(calls) == [("ktm.model.core", True)] * 3 + [("ktm.model.io", True)] * 2
+    assert run.trainer.teacher is not None and run.model.k == 4

@@ -2,7 +2,8 @@ import argparse
 
 import pytest
 
-from ktm.config import ModelConfig, TrainConfig, add_arguments, from_dict, overrides, to_dict
+from ktm.config import ModelConfig, TrainConfig, from_dict, to_dict
+from ktm.arguments import add_arguments, overrides
 from ktm.train.recipes import DEFAULT_RECIPE, RECIPES, get_recipe
 
 

@@ -157,8 +157,7 @@ def clean_stale(folder: str | os.PathLike, name: str) -> list[Path]:
 def _publish(folder: Path) -> None:
     """Give a finished temporary folder the permissions of a normally made one (mkdtemp's
     are private), and flush its files to disk, so that a rename publishes complete data."""
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = _umask()
     for root, dirs, files in os.walk(folder):
         os.chmod(root, 0o777 & ~umask)
         for name in files:
@@ -169,6 +168,36 @@ def _publish(folder: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_file(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Write one file atomically, the way :func:`write_dir` writes a folder: ``write(tmp)`` fills
+    a temporary file beside ``path`` (with its suffix, for writers that pick the format by it),
+    which gets a normal file's permissions and then replaces ``path``, so a reader sees the old
+    file or the new one, never half of one. On any error the temporary file is removed."""
+    path = Path(path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically (:func:`write_file`)."""
+    return write_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def write_dir(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:

@@ -6,7 +6,6 @@ line and ``"lora_r"`` in the JSON file. Configs validate themselves on construct
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -26,8 +25,7 @@ AlignMode = typing.Literal["cosine", "standardized"]
 Method = typing.Literal["merge", "mean", "keep-first", "keep-last", "stride", "random-drop"]
 #: hidden-state alignment modes (ktm.train.objectives.alignment_loss)
 ALIGN_MODES = typing.get_args(AlignMode)
-#: the merge encoder's initialisations (ktm.model.encoder.MergeEncoder)
-INITS = typing.get_args(EncoderInit)
+INITS = typing.get_args(EncoderInit)  # the merge encoder's initialisations (ktm.model.encoder)
 
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -321,6 +319,13 @@ def _conform(tp, value):
     raise NotImplementedError(f"ktm.config cannot check values of type {tp}: add it to _conform")
 
 
+def literal_choices(tp) -> tuple | None:
+    """The values of a ``Literal[...]`` annotation (also inside ``Optional``), else None."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    return typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else None
+
+
 def check_types(cfg) -> None:
     """Check every field of the dataclass instance ``cfg`` against its annotation.
 
@@ -341,7 +346,7 @@ def check_types(cfg) -> None:
             message = f"{where} must be {e.args[0]}, got {_show(e.value)}"
             if isinstance(e.value, os.PathLike):
                 message += ": convert the path to a str, e.g. str(path)"
-            literal = _literal_choices(tp) is not None
+            literal = literal_choices(tp) is not None
             raise (ValueError if literal else TypeError)(message) from None
         if checked is not value:
             object.__setattr__(cfg, f.name, checked)
@@ -367,70 +372,28 @@ def from_dict(cls, data: dict):
 
 def save_json(path: str | Path, data: dict) -> None:
     """Write ``data`` as JSON atomically: a reader sees the old file or the new one, never half."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    from .checkpoint import write_text
+
+    write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-# ---------------------------------------------------------------- argparse bridge
-def _base_type(tp):
-    """(python type, is_optional, is_tuple) of a dataclass field annotation."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        t, _, tup = _base_type(args[0])
-        return t, True, tup
-    if origin is tuple:
-        return typing.get_args(tp)[0], False, True
-    if origin is typing.Literal:
-        return type(typing.get_args(tp)[0]), False, False
-    return tp, False, False
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how a run loads its models: the machine's choices, never saved with a model
+    (a saved ``ktm_config.json`` holds :class:`ModelConfig` alone).
 
+    ``base``: the base model (hub id, folder, ``.gguf`` file, ``PreTrainedModel`` or None for the
+    embedded default); ``device``, ``dtype``: as :meth:`ktm.model.KTokenMerging.from_base` takes
+    them (None: auto); ``trust_remote_code``: whether code shipped with a model may run, for
+    every model the run loads (teacher and smaller models included; None: the
+    ``KTM_TRUST_REMOTE_CODE`` environment variable, else no). Example: ``Runtime(device="cpu")``.
+    """
 
-def _literal_choices(tp) -> tuple | None:
-    """The values of a ``Literal[...]`` annotation (also inside ``Optional``), else None."""
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        tp = next(a for a in typing.get_args(tp) if a is not type(None))
-    return typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else None
+    base: object = None
+    device: str | None = None
+    dtype: str | None = None
+    trust_remote_code: bool | None = None
 
-
-def add_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (), shown=None,
-                  title: str | None = None) -> None:
-    """Add one ``--field-name`` option per dataclass field; defaults stay None (= unset).
-    A field's metadata gives its ``help`` and, optionally, its ``choices``.
-
-    The help shows each field's value in ``shown`` (a ``cls`` instance, e.g. the default
-    recipe's config), else the dataclass default."""
-    hints = typing.get_type_hints(cls)
-    group = parser.add_argument_group(title or cls.__name__)
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        t, optional, tup = _base_type(hints[f.name])
-        flag = "--" + f.name.replace("_", "-")
-        if shown is not None:
-            default = getattr(shown, f.name)
-        else:
-            default = f.default if f.default is not dataclasses.MISSING else None
-        if isinstance(default, tuple):
-            default = " ".join(map(str, default))
-        help_ = f.metadata.get("help", "")
-        if "default" not in help_ and default is not None:
-            help_ += f" (default: {default})"
-        choices = f.metadata.get("choices") or _literal_choices(hints[f.name])
-        if t is bool:
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
-        elif tup:
-            group.add_argument(flag, dest=f.name, nargs="+", type=t, default=None, choices=choices, help=help_)
-        else:
-            group.add_argument(flag, dest=f.name, type=t, default=None, choices=choices, help=help_)
-
-
-def overrides(args: argparse.Namespace, cls) -> dict:
-    """The fields of ``cls`` that were given on the command line."""
-    return {
-        f.name: getattr(args, f.name)
-        for f in dataclasses.fields(cls)
-        if getattr(args, f.name, None) is not None
-    }
+    def load_options(self) -> dict:
+        """The keyword arguments of the model loaders (``from_base``, ``from_pretrained``)."""
+        return {"device": self.device, "dtype": self.dtype, "trust_remote_code": self.trust_remote_code}

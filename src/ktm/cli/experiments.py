@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from ..config import overrides
+from ..arguments import overrides
 from .options import HelpFormatter, TRUST_HELP, add_base_args, add_task_args, nonnegative_int, positive_int
 
 
@@ -11,10 +11,12 @@ def cmd_demo(args) -> int:
 
     if args.task == "tree":
         run_demo(steps=args.steps, k=args.k, out=args.out or "runs/demo", num_trees=args.num_trees,
-                 recipe=args.recipe, eval_examples=args.eval_examples or 200, model=args.model, device=args.device)
+                 recipe=args.recipe, eval_examples=args.eval_examples or 200, model=args.model, device=args.device,
+                 trust_remote_code=args.trust_remote_code)
     else:
         run_amazon_demo(args.reviews, out=args.out or "runs/demo-amazon", k=args.k, steps=args.steps,
-                        eval_examples=args.eval_examples, recipe=args.recipe, model=args.model, device=args.device)
+                        eval_examples=args.eval_examples, recipe=args.recipe, model=args.model, device=args.device,
+                        trust_remote_code=args.trust_remote_code)
     return 0
 
 
@@ -29,7 +31,7 @@ def cmd_pareto(args) -> int:
                       model=args.model, dtype=args.dtype, generate_examples=args.generate_examples,
                       lingua_model=args.lingua_model)
     rows = run_grid(grid, args.methods, args.k, args.out, device=args.device, overwrite=args.overwrite,
-                    timing_prompts=args.timing_prompts)
+                    timing_prompts=args.timing_prompts, trust_remote_code=args.trust_remote_code)
     from ..experiments.pareto_report import markdown_table, score_rows
 
     print(markdown_table(score_rows(rows)))

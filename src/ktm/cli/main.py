@@ -5,9 +5,7 @@ of the numbers it gets back happens here. Adding a command group is one module a
 in :data:`COMMANDS`."""
 
 import argparse
-import contextlib
 import errno
-import os
 import sys
 
 from . import data, evaluate, experiments, generate, pretrain, serving, train, zoo
@@ -63,26 +61,6 @@ def user_error(e: BaseException) -> str | None:
     return None
 
 
-@contextlib.contextmanager
-def _remote_code_allowed(allowed: bool):
-    """With ``--trust-remote-code``, models loaded anywhere in the command (teacher and growth
-    phases, the demo) may run code shipped with them: KTM_TRUST_REMOTE_CODE=1 meanwhile."""
-    from ..loading import TRUST_REMOTE_CODE_ENV
-
-    if not allowed:
-        yield
-        return
-    before = os.environ.get(TRUST_REMOTE_CODE_ENV)
-    os.environ[TRUST_REMOTE_CODE_ENV] = "1"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(TRUST_REMOTE_CODE_ENV, None)
-        else:
-            os.environ[TRUST_REMOTE_CODE_ENV] = before
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the ``ktm`` command line; returns the exit status.
 
@@ -98,8 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         return e.code if isinstance(e.code, int) else 2
     try:
-        with _remote_code_allowed(getattr(args, "trust_remote_code", False)):
-            return args.func(args) or 0
+        return args.func(args) or 0
     except Exception as e:
         message = user_error(e)
         if message is None:

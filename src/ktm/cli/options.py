@@ -3,7 +3,8 @@
 import argparse
 import math
 
-from ..config import add_arguments, overrides
+from ..arguments import add_arguments, overrides
+from ..config import Runtime
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -89,3 +90,9 @@ def tasks_from(args) -> list:
 
     cls = TASKS[args.task]
     return cls.from_options(cls.Options(**overrides(args, cls.Options)))
+
+
+def runtime_from(args) -> Runtime:
+    """The :class:`~ktm.config.Runtime` of the base-model options (``--model``, ``--device``,
+    ``--dtype``, ``--trust-remote-code``)."""
+    return Runtime(args.model, args.device, args.dtype, args.trust_remote_code)

@@ -1,6 +1,7 @@
 """``ktm pretrain``: a task-agnostic merger trained on plain text (``ktm.train.pretrain``)."""
 
-from ..config import ModelConfig, TrainConfig, add_arguments, overrides
+from ..config import ModelConfig, TrainConfig
+from ..arguments import add_arguments, overrides
 from .options import HelpFormatter, add_base_args
 
 
@@ -20,7 +21,7 @@ def cmd_pretrain(args) -> int:
     run, references = pretrain_run(model_cfg, train_cfg, text, args.out, base=args.model, device=args.device,
                                    dtype=args.dtype, resume=args.resume, overwrite=args.overwrite, log=tqdm.write,
                                    record={"argv": args.argv},
-                                   trust_remote_code=getattr(args, "trust_remote_code", None))
+                                   trust_remote_code=args.trust_remote_code)
     last = run.trainer.history[-1]
     print(f"held-out continuation perplexity {last['value']:.4f} reading merged prompts (K = {model_cfg.k}); "
           f"{references['plain_perplexity']:.4f} for the base model reading them plain, "

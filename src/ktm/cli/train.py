@@ -2,8 +2,9 @@
 
 from pathlib import Path
 
-from ..config import ModelConfig, TrainConfig, add_arguments, overrides
-from .options import HelpFormatter, add_base_args, add_task_args, positive_int, tasks_from
+from ..config import ModelConfig, TrainConfig
+from ..arguments import add_arguments, overrides
+from .options import HelpFormatter, add_base_args, add_task_args, positive_int, runtime_from, tasks_from
 
 
 def cmd_train(args) -> int:
@@ -13,21 +14,16 @@ def cmd_train(args) -> int:
     from ..train.recipes import get_recipe
 
     recipe = get_recipe(args.recipe)
-    model_cfg = recipe.model_config(**overrides(args, ModelConfig))
+    given = overrides(args, ModelConfig)
+    model_cfg = recipe.model_config(**given)
     train_cfg = recipe.train_config(**overrides(args, TrainConfig))
     tasks = tasks_from(args)
-    if args.init_from:
-        from ..train.phases import check_init_options
-
-        check_init_options(args.init_from, overrides(args, ModelConfig))
     print(f"recipe {recipe.name}: K = {model_cfg.k}, lr {train_cfg.lr}, batch {train_cfg.batch_size}, "
           f"{train_cfg.steps} steps" + (f" per round, curriculum {args.stage}" if len(tasks) > 1 else ""))
-    thresholds = [args.threshold] * (len(tasks) - 1) + [args.final_threshold]
-    run = train_run(model_cfg, train_cfg, tasks, args.out, base=args.model, device=args.device, dtype=args.dtype,
-                    resume=args.resume, overwrite=args.overwrite, init_from=args.init_from,
-                    init_adapter_from=args.init_adapter_from, thresholds=thresholds, max_rounds=args.max_rounds,
-                    record={"recipe": recipe.name, "argv": args.argv}, log=tqdm.write,
-                    trust_remote_code=getattr(args, "trust_remote_code", None))
+    run = train_run(model_cfg, train_cfg, tasks, args.out, runtime=runtime_from(args), resume=args.resume,
+                    overwrite=args.overwrite, init_from=args.init_from, init_adapter_from=args.init_adapter_from,
+                    given=given, threshold=args.threshold, final_threshold=args.final_threshold,
+                    max_rounds=args.max_rounds, record={"recipe": recipe.name, "argv": args.argv}, log=tqdm.write)
     last = run.trainer.history[-1]
     print(f"final {last['metric']} {last['value']:.4f}" +
           (f" (majority {last['majority_rate']:.4f})" if "majority_rate" in last else ""))

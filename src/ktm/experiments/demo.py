@@ -31,7 +31,7 @@ DEMO_STEPS = 250
 
 def run_demo(steps: int | None = None, k: int = 4, out: str = "runs/demo", num_trees: int = 2000,
              recipe: str | None = None, eval_examples: int = 200, model=None, device="auto",
-             stage: str = "small", log=print) -> dict:
+             stage: str = "small", log=print, trust_remote_code: bool | None = None) -> dict:
     """Run the demo; returns the numbers it prints."""
     t_start = time.perf_counter()
     rec = get_recipe(recipe)
@@ -47,7 +47,7 @@ def run_demo(steps: int | None = None, k: int = 4, out: str = "runs/demo", num_t
     t_train = time.perf_counter()
     # recipes with a K = 1 teacher or hierarchical growth train those phases first
     run = train_run(rec.model_config(k=k), tcfg, task, out, base=model, device=device, overwrite=True,
-                    record={"recipe": rec.name}, log=log)
+                    record={"recipe": rec.name}, log=log, trust_remote_code=trust_remote_code)
     train_s = time.perf_counter() - t_train
     m, trainer = run.model, run.trainer
 
@@ -93,15 +93,13 @@ def run_demo(steps: int | None = None, k: int = 4, out: str = "runs/demo", num_t
 
 def prefill_comparison(model, prompts: list[str], repeats: int = 5) -> dict:
     """Median wall time of the prefill of ``prompts`` (time to first token from token ids):
-    merged, encoder included, against the same LLM reading every token embedding."""
-    from .bench import measure, median, plain_prefill, prefill
+    merged, encoder included, against the same LLM reading every token embedding
+    (:func:`ktm.experiments.pareto.time_prefill`)."""
+    from .pareto import time_prefill
 
-    ids = model.tokenize(prompts)
-    model.eval()
-    times = measure({"merged_s": lambda: prefill(model, ids), "encoder_s": lambda: model.merge_ids(ids),
-                     "unmerged_s": lambda: plain_prefill(model, ids)}, warmup=1, repeats=repeats,
-                    device=model.device)
-    return {**{name: median(ts) for name, ts in times.items()}, "repeats": repeats, "batch": len(ids)}
+    t = time_prefill(model, prompts, prompts, repeats, encoder=True)
+    return {"merged_s": t["cell_s"], "encoder_s": t["encoder_s"], "unmerged_s": t["plain_s"], "repeats": repeats,
+            "batch": len(prompts)}
 
 
 #: the amazon demo's budget: 60 steps of 8 reviews cut to 200 characters, 200 test reviews
@@ -124,7 +122,7 @@ def default_reviews() -> Path:
 
 def run_amazon_demo(reviews=None, out: str = "runs/demo-amazon", k: int = 4, steps: int | None = None,
                     eval_examples: int | None = None, recipe: str | None = None, model=None, device="auto",
-                    log=print, progress: bool = True) -> dict:
+                    log=print, progress: bool = True, trust_remote_code: bool | None = None) -> dict:
     """Train and score plain, merge at K and keep-first at K on real reviews; print the
     comparison and a verdict. Returns ``{"rows": ..., "verdict": ...}``. A rerun with the
     same settings reuses the finished runs in ``out`` (it is a ``ktm pareto`` grid)."""
@@ -141,7 +139,8 @@ def run_amazon_demo(reviews=None, out: str = "runs/demo-amazon", k: int = 4, ste
     log(f"ktm demo: real Amazon reviews from {reviews} (each cut to {cfg['review_chars']} characters); "
         f"plain K = 1, K-Token Merging K = {k} and keep-first K = {k}, {cfg['steps']} steps of "
         f"{cfg['batch_size']} each, scored on {cfg['eval_examples']} held-out reviews")
-    rows = score_rows(run_grid(grid, ["merge", "keep-first"], [k], out, device=device, progress=progress, log=log))
+    rows = score_rows(run_grid(grid, ["merge", "keep-first"], [k], out, device=device, progress=progress, log=log,
+                               trust_remote_code=trust_remote_code))
     verdict = amazon_verdict(rows)
     log("")
     log("=" * 78)

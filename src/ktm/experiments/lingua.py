@@ -42,7 +42,6 @@ import json
 import os
 import random
 import re
-import tempfile
 import types
 from collections.abc import Sequence
 from dataclasses import replace
@@ -277,17 +276,12 @@ def read_cache(path: Path) -> dict[str, str]:
 
 def write_cache(path: Path, entries: dict[str, str]) -> None:
     """Write ``{key: compressed prompt}`` as JSONL atomically (a temporary file, then rename)."""
+    from ..checkpoint import write_text
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for key, prompt in entries.items():
-                f.write(json.dumps({"key": key, "prompt": prompt}, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text(path, "".join(json.dumps({"key": key, "prompt": prompt}, ensure_ascii=False) + "\n"
+                             for key, prompt in entries.items()))
 
 
 def compress_examples(examples: Sequence[Example], rate: float, compressor, cache: Path | None = None,

@@ -151,7 +151,7 @@ def check_grid(out: Path, grid: GridConfig, overwrite: bool) -> None:
     save_json(path, grid.key())
 
 
-def cell_task(cell: Cell, task: Task, grid: GridConfig, folder: Path, log) -> Task:
+def cell_task(cell: Cell, task: Task, grid: GridConfig, folder: Path, log, trust_remote_code=None) -> Task:
     """The examples a cell trains and is scored on: the task's own, or for ``llmlingua2``
     the same examples with compressed prompts (cached in the cell's folder)."""
     if cell.method != "llmlingua2":
@@ -161,26 +161,32 @@ def cell_task(cell: Cell, task: Task, grid: GridConfig, folder: Path, log) -> Ta
 
     log(f"{cell.name}: compressing the prompts with LLMLingua-2 to 1/{cell.k} of the base model's tokens")
     return compress_task(task, 1.0 / cell.k, model=grid.lingua_model or DEFAULT_LINGUA_MODEL,
-                         tokenizer=base_tokenizer(grid.model), cache=folder / "compressed.jsonl")
+                         tokenizer=base_tokenizer(grid.model, trust_remote_code=trust_remote_code), cache=folder / "compressed.jsonl")
 
 
-def time_prefill(model, plain_prompts: list[str], cell_prompts: list[str], repeats: int = 5) -> dict:
+def time_prefill(model, plain_prompts: list[str], cell_prompts: list[str], repeats: int = 5,
+                 encoder: bool = False) -> dict:
     """Median prefill time of the cell's prompts (merged or shortened, encoder included)
-    against the same LLM reading the original prompts whole, round-robin in one process."""
+    against the same LLM reading the original prompts whole, round-robin in one process;
+    with ``encoder``, also the merge alone (``encoder_s``). The one prefill comparison of
+    ``ktm pareto`` and ``ktm demo``."""
     from .bench import measure, median, plain_prefill
 
     (ids_cell, keep), ids_plain = model.tokenize_prompts(cell_prompts), model.tokenize(plain_prompts)
     model.eval()
     # kept spans (ModelConfig.keep) are read as the trained model reads them
-    times = measure({"cell_s": lambda: model.prefill(ids_cell, keep), "plain_s": lambda: plain_prefill(model, ids_plain)},
-                    warmup=1, repeats=repeats, device=model.device)
+    fns = {"cell_s": lambda: model.prefill(ids_cell, keep)}
+    if encoder:
+        fns["encoder_s"] = lambda: model.merge_ids(ids_cell, keep)
+    times = measure({**fns, "plain_s": lambda: plain_prefill(model, ids_plain)}, warmup=1, repeats=repeats,
+                    device=model.device)
     t = {name: median(ts) for name, ts in times.items()}
     return {**t, "prefill_ratio": t["cell_s"] / t["plain_s"], "prefill_speedup": t["plain_s"] / t["cell_s"],
             "timing_prompts": len(cell_prompts), "timing_repeats": repeats}
 
 
 def run_cell(cell: Cell, grid: GridConfig, task: Task, folder: Path, *, device="auto", timing_prompts: int = 16,
-             log=tqdm.write) -> dict:
+             log=tqdm.write, trust_remote_code: bool | None = None) -> dict:
     """Train (or resume) one cell, score it, time its prefill; returns its row."""
     from ..train.phases import train_run
     from ..train.recipes import get_recipe
@@ -188,10 +194,11 @@ def run_cell(cell: Cell, grid: GridConfig, task: Task, folder: Path, *, device="
     rec = get_recipe(grid.recipe)
     tcfg = rec.train_config(steps=grid.steps, batch_size=grid.batch_size, eval_every=grid.eval_every,
                             eval_examples=grid.eval_examples, seed=grid.seed)
-    data = cell_task(cell, task, grid, folder, log)
+    data = cell_task(cell, task, grid, folder, log, trust_remote_code)
     t0 = time.perf_counter()
     run = train_run(cell_model_config(cell, rec.model), tcfg, data, folder / "run", base=grid.model, device=device,
-                    dtype=grid.dtype, resume=True, record={"recipe": rec.name, "pareto_cell": cell.name}, log=log)
+                    dtype=grid.dtype, resume=True, record={"recipe": rec.name, "pareto_cell": cell.name}, log=log,
+                    trust_remote_code=trust_remote_code)
     last = {k: v for k, v in run.trainer.history[-1].items() if not isinstance(v, (list, dict))}
     row = {"cell": cell.name, "method": cell.method, "k": cell.k, "kept_fraction": 1 / cell.k,
            "steps": run.trainer.step, "train_seconds": last.get("elapsed_s"),
@@ -220,9 +227,11 @@ def _scores(last: dict) -> dict:
 
 
 def run_grid(grid: GridConfig, methods: list[str], ks: list[int], out, *, device="auto", overwrite: bool = False,
-             timing_prompts: int = 16, progress: bool = True, log=tqdm.write) -> list[dict]:
+             timing_prompts: int = 16, progress: bool = True, log=tqdm.write,
+             trust_remote_code: bool | None = None) -> list[dict]:
     """Run (or continue) the grid in ``out``; returns the rows of its cells, in grid order,
-    and writes the report after every cell."""
+    and writes the report after every cell. ``trust_remote_code``: as in ``train_run``, for
+    every cell (not part of the grid's settings)."""
     from .pareto_report import write_report
     from ..train.phases import run_lock
 
@@ -244,7 +253,8 @@ def run_grid(grid: GridConfig, methods: list[str], ks: list[int], out, *, device
             else:
                 folder.mkdir(parents=True, exist_ok=True)
                 log(f"{cell.name}: training {grid.steps} steps of {grid.batch_size}")
-                row = run_cell(cell, grid, task, folder, device=device, timing_prompts=timing_prompts, log=log)
+                row = run_cell(cell, grid, task, folder, device=device, timing_prompts=timing_prompts, log=log,
+                               trust_remote_code=trust_remote_code)
                 save_json(done, {"row": row, "grid": grid.key()})
             log(_row_line(row))
             rows.append(row)

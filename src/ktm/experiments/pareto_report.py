@@ -12,6 +12,7 @@ import csv
 import io
 from pathlib import Path
 
+from ..checkpoint import write_file, write_text
 from ..config import save_json
 from .frontier import HIGHER_IS_BETTER, above_majority, normalised_performance, p_lf1, pareto_front
 
@@ -129,18 +130,11 @@ def write_report(rows: list[dict], out, grid) -> list[dict]:
     title = (f"{key['task']}: {key['steps']} steps x {key['batch_size']}, recipe {key['recipe']}, "
              f"{scored[0]['n'] if scored and 'n' in scored[0] else '?'} test examples")
     save_json(out / "pareto.json", {"grid": key, "p_lf1": P_LF1_DEFINITION, "cells": scored})
-    _atomic_text(out / "pareto.csv", write_csv(scored))
-    _atomic_text(out / "pareto.md", f"# {title}\n\n{markdown_table(scored)}\n\n{P_LF1_DEFINITION}.\n"
-                                    f"Prefill speed: the median prefill time of plain reading over the cell's, "
-                                    f"same prompts, one process.\n")
+    write_text(out / "pareto.csv", write_csv(scored))
+    write_text(out / "pareto.md", f"# {title}\n\n{markdown_table(scored)}\n\n{P_LF1_DEFINITION}.\n"
+                                   f"Prefill speed: the median prefill time of plain reading over the cell's, "
+                                   f"same prompts, one process.\n")
     if scored:
-        tmp = out / ".pareto.png.tmp.png"
-        plot(scored, tmp, title)
-        tmp.replace(out / "pareto.png")
+        write_file(out / "pareto.png", lambda tmp: plot(scored, tmp, title))
     return scored
 
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

@@ -114,7 +114,13 @@ class KTokenMerging(nn.Module):
                 ``KTM_TRUST_REMOTE_CODE=1``); see :func:`ktm.loading.trust_remote_code_setting`.
             **options: any :class:`ktm.config.ModelConfig` field (``lora_r=16``, ...).
         """
-        config = ModelConfig(k=k, **options)
+        return cls.from_config(ModelConfig(k=k, **options), model, tokenizer, dtype=dtype, device=device,
+                               seed=seed, trust_remote_code=trust_remote_code)
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, model=None, tokenizer=None, *, dtype=None, device=None,
+                    seed: int | None = None, trust_remote_code: bool | None = None) -> "KTokenMerging":
+        """:meth:`from_base` with the whole :class:`ModelConfig` given as one object."""
         base, tokenizer, ref = load_base(model, tokenizer, dtype=dtype, device=device,
                                          trust_remote_code=trust_remote_code)
         if seed is not None:

@@ -181,19 +181,21 @@ def grow_from(model, path: str | os.PathLike) -> None:
 
 
 
-def load_teacher(path, student, base=None):
+def load_teacher(path, student, base=None, trust_remote_code: bool | None = None):
     """Load a saved K = 1 ktm model as the teacher of ``student`` (frozen, eval mode).
 
     The teacher must read plain prompts (K = 1) and sit on the same base model (same
-    embedding fingerprint), or positions and vocabularies would not line up. ``base``: as in
-    :meth:`KTokenMerging.from_pretrained` (default: the reference saved with the teacher).
+    embedding fingerprint), or positions and vocabularies would not line up. ``base``,
+    ``trust_remote_code``: as in :meth:`KTokenMerging.from_pretrained` (default base: the
+    reference saved with the teacher).
     """
     meta = read_config(path)
     if meta["model"].get("k") != 1:
         raise CheckpointError(f"{path}: a teacher must read plain prompts (K = 1), this model has "
                               f"K = {meta['model'].get('k')}")
     check_compatible(meta, path, fingerprint=student.base_fingerprint)
-    teacher = type(student).from_pretrained(path, base=base, device=student.device).eval()
+    teacher = type(student).from_pretrained(path, base=base, device=student.device,
+                                             trust_remote_code=trust_remote_code).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher

@@ -39,7 +39,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -285,19 +284,12 @@ def save_embeds(path: str | os.PathLike, tensors: list[torch.Tensor], metadata: 
     """Write tensors as one safetensors file, named ``"0"``, ``"1"``, ... in order, atomically."""
     from safetensors.torch import save_file
 
+    from ..checkpoint import write_file
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({str(i): t.contiguous() for i, t in enumerate(tensors)}, tmp,
-                  metadata={k: str(v) for k, v in (metadata or {}).items()})
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_file(path, lambda tmp: save_file({str(i): t.contiguous() for i, t in enumerate(tensors)}, str(tmp),
+                                                  metadata={k: str(v) for k, v in (metadata or {}).items()}))
 
 
 def read_embeds(path: str | os.PathLike) -> list[torch.Tensor]:
@@ -307,11 +299,6 @@ def read_embeds(path: str | os.PathLike) -> list[torch.Tensor]:
     state = load_file(str(path))
     return [state[str(i)] for i in range(len(state))]
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 # ---------------------------------------------------------------- the server

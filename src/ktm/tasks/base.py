@@ -232,13 +232,11 @@ def split_by_key(examples: Sequence[Example], key, test_fraction: float) -> dict
 
 def write_jsonl(path: str | Path, examples: Sequence[Example]) -> None:
     """Write examples atomically (temporary file + rename)."""
+    from ..checkpoint import write_text
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for e in examples:
-            f.write(json.dumps(e.to_json(), ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    write_text(path, "".join(json.dumps(e.to_json(), ensure_ascii=False) + "\n" for e in examples))
 
 
 def check_fields(where: str, row: dict, schema: dict) -> None:

@@ -23,8 +23,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..checkpoint import clean_stale, recover_dir
-from ..config import ModelConfig, TrainConfig, save_json, to_dict
-from ..model import KTokenMerging
+from ..config import ModelConfig, Runtime, TrainConfig, save_json, to_dict
+from ..model import KTokenMerging, load_teacher
 from ..model.segments import task_keep_pattern
 from ..tasks.base import Task
 from .trainer import CHECKPOINT_DIR, FINAL_DIR, Trainer
@@ -106,18 +106,18 @@ def check_init_options(init_from, given: dict) -> None:
                          f"would be ignored: {diff}; leave them out, or start from the base model instead")
 
 
-def build_model(model_cfg: ModelConfig, base=None, *, device=None, dtype=None, seed: int = 0,
-                init_from=None, init_adapter_from=None, grow_from=None, **load_options) -> KTokenMerging:
+def build_model(model_cfg: ModelConfig, runtime: Runtime | None = None, *, seed: int = 0,
+                init_from=None, init_adapter_from=None, grow_from=None) -> KTokenMerging:
     """The model a run starts from: a saved model (``init_from``, which must be for
-    ``model_cfg.k``), or a fresh one on ``base`` whose LoRA may start from a saved model of
-    any K (``init_adapter_from``) and whose encoder may grow from a smaller K (``grow_from``).
-    ``load_options`` go to the loaders (``trust_remote_code``)."""
+    ``model_cfg.k``), or a fresh one on ``runtime.base`` whose LoRA may start from a saved model
+    of any K (``init_adapter_from``) and whose encoder may grow from a smaller K (``grow_from``)."""
+    runtime = runtime or Runtime()
     if init_from:
-        m = KTokenMerging.from_pretrained(init_from, base=base, device=device, dtype=dtype, **load_options)
+        m = KTokenMerging.from_pretrained(init_from, base=runtime.base, **runtime.load_options())
         if m.k != model_cfg.k:
             raise ValueError(f"init_from {init_from} is for K = {m.k}, not K = {model_cfg.k}")
         return m
-    m = KTokenMerging.from_base(base, device=device, dtype=dtype, seed=seed, **load_options, **vars(model_cfg))
+    m = KTokenMerging.from_config(model_cfg, runtime.base, seed=seed, **runtime.load_options())
     if init_adapter_from:
         m.load_trained(init_adapter_from, adapter_only=True)
     if grow_from:
@@ -125,20 +125,32 @@ def build_model(model_cfg: ModelConfig, base=None, *, device=None, dtype=None, s
     return m
 
 
-def train_run(model_cfg: ModelConfig, train_cfg: TrainConfig, tasks: Task | list[Task], out, *, base=None,
-              device=None, dtype=None, resume: bool = False, overwrite: bool = False, init_from=None,
-              init_adapter_from=None, thresholds: list[float | None] | None = None, max_rounds: int = 3,
-              record: dict | None = None, log=tqdm.write, **load_options) -> RunResult:
+def train_run(model_cfg: ModelConfig, train_cfg: TrainConfig, tasks: Task | list[Task], out, *,
+              runtime: Runtime | None = None, base=None, device=None, dtype=None,
+              trust_remote_code: bool | None = None, resume: bool = False, overwrite: bool = False,
+              init_from=None, init_adapter_from=None, thresholds: list[float | None] | None = None,
+              threshold: float | None = None, final_threshold: float | None = None, max_rounds: int = 3,
+              record: dict | None = None, log=tqdm.write, given: dict | None = None) -> RunResult:
     """Train one run in folder ``out``; returns the model, the trainer and the final model's folder.
 
     ``tasks``: one task, or several for a curriculum (``train_cfg.steps`` steps per round;
     a stage is repeated while its held-out accuracy is below its entry of ``thresholds``, at
-    most ``max_rounds`` rounds; None: one round each). ``teacher="auto"`` and
+    most ``max_rounds`` rounds; None: one round each; or ``threshold`` for every stage but the
+    last and ``final_threshold`` for the last). ``teacher="auto"`` and
     ``grow_from="auto"`` in ``train_cfg`` train those phases first, in ``out``. A folder that
     already holds a checkpoint needs ``resume`` (continue it) or ``overwrite`` (start over).
     ``record``: extra entries for ``run_config.json`` (the CLI stores its argv).
+    ``runtime`` (or its fields ``base``, ``device``, ``dtype``, ``trust_remote_code`` given one
+    by one) is how every model of the run loads, teacher and smaller models included.
+    ``given``: the model options the caller set explicitly (the CLI's flags), refused when they
+    differ from the settings of the model ``init_from`` loads (:func:`check_init_options`).
     """
+    runtime = runtime or Runtime(base, device, dtype, trust_remote_code)
     tasks = [tasks] if isinstance(tasks, Task) else list(tasks)
+    if init_from and given:
+        check_init_options(init_from, given)
+    if thresholds is None and (threshold, final_threshold) != (None, None):
+        thresholds = [threshold] * (len(tasks) - 1) + [final_threshold]
     model_cfg = dataclasses.replace(model_cfg, keep=task_keep_pattern(model_cfg.keep, tasks[-1]))  # "cue"
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -154,21 +166,20 @@ def train_run(model_cfg: ModelConfig, train_cfg: TrainConfig, tasks: Task | list
                 clear_output(out)
         for name in (CHECKPOINT_DIR, FINAL_DIR) if main else ():
             clean_stale(out, name)
-        return _train_in(out, model_cfg, train_cfg, tasks, base=base, device=device, dtype=dtype, resume=resume,
-                         init_from=init_from, init_adapter_from=init_adapter_from, thresholds=thresholds,
-                         max_rounds=max_rounds, record=record, log=log, **load_options)
+        return _train_in(out, model_cfg, train_cfg, tasks, runtime, resume=resume, init_from=init_from,
+                         init_adapter_from=init_adapter_from, thresholds=thresholds, max_rounds=max_rounds,
+                         record=record, log=log)
 
 
-def _train_in(out: Path, model_cfg, train_cfg, tasks, *, base, device, dtype, resume, init_from,
-              init_adapter_from, thresholds, max_rounds, record, log, **load_options) -> RunResult:
-    model_cfg, train_cfg = prepare_phases(tasks, out, model_cfg, train_cfg, base, device=device, dtype=dtype,
-                                          log=log)
+def _train_in(out: Path, model_cfg, train_cfg, tasks, runtime: Runtime, *, resume, init_from,
+              init_adapter_from, thresholds, max_rounds, record, log) -> RunResult:
+    model_cfg, train_cfg = prepare_phases(tasks, out, model_cfg, train_cfg, runtime, log=log)
     if process_rank() == 0:
         save_json(out / "run_config.json", {"model": to_dict(model_cfg), "train": to_dict(train_cfg),
                                             "argv": sys.argv[1:], **(record or {})})
-    model = build_model(model_cfg, base, device=device, dtype=dtype, seed=train_cfg.seed, init_from=init_from,
-                        init_adapter_from=init_adapter_from, grow_from=train_cfg.grow_from, **load_options)
-    trainer = Trainer(model, train_cfg, output_dir=out, log=log)
+    model = build_model(model_cfg, runtime, seed=train_cfg.seed, init_from=init_from,
+                        init_adapter_from=init_adapter_from, grow_from=train_cfg.grow_from)
+    trainer = Trainer(model, train_cfg, output_dir=out, log=log, teacher=load_run_teacher(train_cfg, model, runtime))
     if resume and not trainer.resume():
         log(f"no checkpoint in {out}; starting from scratch")
     if len(tasks) > 1:
@@ -229,23 +240,30 @@ def clear_output(output_dir: str | Path) -> None:
 
 
 def train_phase(model, cfg: TrainConfig, folder: Path, tasks: list[Task], steps_per_task: int,
-                 log, name: str = "phase") -> tuple[Path, "Trainer"]:
+                log, name: str = "phase", teacher=None) -> tuple[Path, "Trainer"]:
     """Train ``model`` in ``folder`` for ``steps_per_task`` steps on each task in turn,
     resuming from the folder's checkpoint; returns the final model folder and the trainer.
 
     With ``cfg.phase_threshold``, rounds of ``steps_per_task`` more steps on the last task
     follow while its held-out accuracy is below the threshold, up to ``cfg.phase_rounds``
-    rounds on it in all (:func:`train_curriculum`)."""
-    trainer = Trainer(model, cfg, output_dir=folder, log=log)
+    rounds on it in all (:func:`train_curriculum`). ``teacher``: the loaded teacher of ``cfg``."""
+    trainer = Trainer(model, cfg, output_dir=folder, log=log, teacher=teacher)
     trainer.resume()
     stages = [(task, None) for task in tasks[:-1]] + [(tasks[-1], cfg.phase_threshold)]
     train_curriculum(trainer, stages, steps_per_task, cfg.phase_rounds, name)
     return trainer.save_final(), trainer
 
 
+def load_run_teacher(train_cfg: TrainConfig, student: KTokenMerging, runtime: Runtime):
+    """The teacher a run's losses compare with: the K = 1 model saved in ``train_cfg.teacher``
+    (a folder), loaded as ``runtime`` says; None without one."""
+    if not train_cfg.teacher:
+        return None
+    return load_teacher(train_cfg.teacher, student, trust_remote_code=runtime.trust_remote_code)
+
+
 def train_teacher(tasks: list[Task], output_dir: str | Path, model_cfg: ModelConfig,
-                  train_cfg: TrainConfig, base=None, *, device=None, dtype=None,
-                  log=print) -> Path:
+                  train_cfg: TrainConfig, runtime: Runtime, *, log=print) -> Path:
     """Train the K = 1 teacher of a run with ``teacher="auto"``; returns its model folder.
 
     The teacher is the same base model and LoRA settings at K = 1 (no encoder stages, no
@@ -261,8 +279,7 @@ def train_teacher(tasks: list[Task], output_dir: str | Path, model_cfg: ModelCon
     t_model = dataclasses.replace(model_cfg, k=1, encoder_stages=None, encoder_norm=False)
     t_train = dataclasses.replace(train_cfg, steps=train_cfg.teacher_steps * len(tasks), teacher=None,
                                   align=0.0, distill=0.0, reconstruct=0.0, distill_answer=0.0, task_loss=1.0)
-    options = {k: v for k, v in to_dict(t_model).items() if k != "k"}
-    model = KTokenMerging.from_base(base, k=1, device=device, dtype=dtype, seed=t_train.seed, **options)
+    model = KTokenMerging.from_config(t_model, runtime.base, seed=t_train.seed, **runtime.load_options())
     log(f"teacher: training K = 1 for {t_train.steps} steps in {folder}")
     path, trainer = train_phase(model, t_train, folder, tasks, train_cfg.teacher_steps, log, "teacher")
     last = trainer.history[-1] if trainer.history else {}
@@ -290,7 +307,7 @@ def with_default_stages(model_cfg: ModelConfig) -> ModelConfig:
 
 
 def train_smaller(tasks: list[Task], output_dir: str | Path, model_cfg: ModelConfig,
-                  train_cfg: TrainConfig, base=None, *, device=None, dtype=None, log=print) -> Path:
+                  train_cfg: TrainConfig, runtime: Runtime, *, log=print) -> Path:
     """Train the model a hierarchical run grows from (``grow_from="auto"``); returns its folder.
 
     For stages (s_1, ..., s_n) this is the model of K' = s_1 * ... * s_(n-1) with stages
@@ -310,16 +327,15 @@ def train_smaller(tasks: list[Task], output_dir: str | Path, model_cfg: ModelCon
         log(f"grow: reusing the K = {sub_k} model in {folder / FINAL_DIR}")
         return folder / FINAL_DIR
     sub_cfg = dataclasses.replace(model_cfg, k=sub_k, encoder_stages=sub_stages if len(sub_stages) > 1 else None)
-    start = train_smaller(tasks, output_dir, sub_cfg, train_cfg, base, device=device, dtype=dtype,
-                          log=log) if len(sub_stages) > 1 else None
-    options = {k: v for k, v in to_dict(sub_cfg).items() if k != "k"}
-    model = KTokenMerging.from_base(base, k=sub_k, device=device, dtype=dtype, seed=train_cfg.seed, **options)
+    start = train_smaller(tasks, output_dir, sub_cfg, train_cfg, runtime, log=log) if len(sub_stages) > 1 else None
+    model = KTokenMerging.from_config(sub_cfg, runtime.base, seed=train_cfg.seed, **runtime.load_options())
     if start is not None:
         model.grow_from(start)
     per_task = train_cfg.grow_steps or train_cfg.steps
     cfg = dataclasses.replace(train_cfg, steps=per_task * len(tasks), grow_from=None)
     log(f"grow: training K = {sub_k} (stages {list(sub_stages)}) for {cfg.steps} steps in {folder}")
-    path, trainer = train_phase(model, cfg, folder, tasks, per_task, log, f"grow K = {sub_k}")
+    path, trainer = train_phase(model, cfg, folder, tasks, per_task, log, f"grow K = {sub_k}",
+                                load_run_teacher(cfg, model, runtime))
     if trainer.history:
         last = trainer.history[-1]
         log(f"grow: K = {sub_k} held-out {last['metric']} {last['value']:.4f}")
@@ -327,18 +343,17 @@ def train_smaller(tasks: list[Task], output_dir: str | Path, model_cfg: ModelCon
 
 
 def prepare_phases(tasks: list[Task], output_dir: str | Path, model_cfg: ModelConfig,
-                   train_cfg: TrainConfig, base=None, *, device=None, dtype=None,
-                   log=print) -> tuple[ModelConfig, TrainConfig]:
+                   train_cfg: TrainConfig, runtime: Runtime, *, log=print) -> tuple[ModelConfig, TrainConfig]:
     """Run the phases a recipe asks for before the main run and return the configs with them
     resolved: ``teacher="auto"`` trains the K = 1 teacher (:func:`train_teacher`) and
     ``grow_from="auto"`` the smaller models (:func:`train_smaller`); both become folders."""
     if train_cfg.teacher == "auto":
         if model_cfg.k == 1:
             raise ValueError("teacher 'auto' trains a K = 1 teacher for a merged model; this run has K = 1")
-        teacher = train_teacher(tasks, output_dir, model_cfg, train_cfg, base, device=device, dtype=dtype, log=log)
+        teacher = train_teacher(tasks, output_dir, model_cfg, train_cfg, runtime, log=log)
         train_cfg = dataclasses.replace(train_cfg, teacher=str(teacher))
     if train_cfg.grow_from == "auto":
         model_cfg = with_default_stages(model_cfg)
-        smaller = train_smaller(tasks, output_dir, model_cfg, train_cfg, base, device=device, dtype=dtype, log=log)
+        smaller = train_smaller(tasks, output_dir, model_cfg, train_cfg, runtime, log=log)
         train_cfg = dataclasses.replace(train_cfg, grow_from=str(smaller))
     return model_cfg, train_cfg

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import random
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -28,6 +26,7 @@ from ..config import TrainConfig, save_json, to_dict
 from .evaluate import evaluate
 from ..checkpoint import CheckpointError, recover_dir, write_dir
 from ..model import KTokenMerging, load_teacher
+from .batches import batch_indices, lr_factor, process_share
 from .objectives import add_auxiliary
 from ..model.blocks import num_blocks
 from ..tasks.base import Example, Task
@@ -36,60 +35,6 @@ CHECKPOINT_DIR = "checkpoint"
 FINAL_DIR = "model"
 STATE_NAME = "trainer_state.json"
 OPTIM_NAME = "optimizer.safetensors"
-
-
-def lr_factor(step: int, cfg: TrainConfig, start: int = 0, span: int | None = None) -> float:
-    """Multiplier of the base learning rate at 0-based global ``step``: linear warm-up over
-    the first ``cfg.warmup_steps`` steps of the run, then constant, or a cosine decay to 10%
-    over the cycle of ``span`` steps that begins at ``start`` (default: the whole run,
-    ``cfg.steps``; a curriculum makes each round a cycle of its own).
-
-    >>> cfg = TrainConfig(steps=10, warmup_steps=0, decay="cosine")
-    >>> [round(lr_factor(s, cfg, start=10, span=10), 2) for s in (10, 15, 20)]
-    [1.0, 0.55, 0.1]
-    """
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if cfg.decay == "cosine":
-        end = start + (span if span is not None else cfg.steps)
-        begin = max(start, cfg.warmup_steps)
-        t = min(1.0, max(0.0, (step - begin) / max(1, end - begin)))
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
-    return 1.0
-
-
-def batch_indices(examples: list[Example], step: int, cfg: TrainConfig, labels: list[str] | None,
-                  normalise=Task.normalise, size: int | None = None) -> list[int]:
-    """The example indices of global ``step``'s batch: a pure function of (seed, step).
-
-    ``size``: how many (default ``cfg.batch_size``; the trainer asks for the global batch,
-    ``cfg.batch_size`` x the number of processes). With ``cfg.balance`` and ``labels``, each
-    example's class is drawn uniformly first.
-    """
-    size = cfg.batch_size if size is None else size
-    rng = random.Random(cfg.seed * 1_000_003 + step)
-    if cfg.balance and labels:
-        by_label = defaultdict(list)
-        for i, e in enumerate(examples):
-            by_label[normalise(e.answer)].append(i)
-        pools = [by_label[label] for label in labels if by_label[label]]
-        return [rng.choice(rng.choice(pools)) for _ in range(size)]
-    if size <= len(examples):
-        return rng.sample(range(len(examples)), size)
-    return [rng.randrange(len(examples)) for _ in range(size)]
-
-
-def process_share(indices: list[int], world: int, rank: int) -> list[int]:
-    """Process ``rank``'s share of a global batch (``world`` equal, contiguous parts), so
-    that N processes with batch B train on exactly the examples of one process with N x B.
-
-    >>> process_share([5, 1, 7, 3], world=2, rank=1)
-    [7, 3]
-    """
-    if len(indices) % world:
-        raise ValueError(f"a global batch of {len(indices)} does not split into {world} equal shares")
-    per = len(indices) // world
-    return indices[rank * per:(rank + 1) * per]
 
 
 #: a prompt with more characters than this many per position the model reads cannot fit
@@ -151,6 +96,12 @@ class Trainer:
     teacher: object = None  # K = 1 KTokenMerging for distillation/alignment (default: cfg.teacher)
     schedule_cycle: tuple = (0, None)  # (start, span) of the cosine cycle: the whole run by default
     on_evaluate: object = None  # called with each evaluation's history row (e.g. to probe or stop early)
+    # runtime state, set up in __post_init__ and by fit
+    accelerator: object = field(init=False, default=None, repr=False)
+    optimizer: object = field(init=False, default=None, repr=False)
+    wrapped: object = field(init=False, default=None, repr=False)  # the model as accelerate prepared it
+    checked: set = field(init=False, default_factory=set, repr=False)  # (task id, split) already checked
+    fit_start: float | None = field(init=False, default=None)  # perf_counter at step 0 of this run's time
 
     # ------------------------------------------------------------------ setup
     def __post_init__(self):
@@ -198,7 +149,7 @@ class Trainer:
         end = self.step + steps if steps is not None else cfg.steps
         train = task.examples("train")
         # every example is checked before the first step: a bad one must not end a run later
-        checked = self.__dict__.setdefault("_checked", set())
+        checked = self.checked
         for t, split in ((task, "train"), (eval_task or task, "test")):
             if (id(t), split) not in checked:
                 check_examples(self.model, t.examples(split), f"{t.label} {split}")
@@ -211,7 +162,7 @@ class Trainer:
                    disable=not (self.progress and self.is_main), dynamic_ncols=True)
         seen, t0, ema = 0, time.perf_counter(), {}
         # wall time counts on across fit calls (curricula) and resumes: carried from the history
-        self._fit_start = t0 - (self.history[-1].get("elapsed_s") or 0.0 if self.history else 0.0)
+        self.fit_start = t0 - (self.history[-1].get("elapsed_s") or 0.0 if self.history else 0.0)
         while self.step < end:
             for g in self.optimizer.param_groups:
                 g["lr"] = g["base_lr"] * lr_factor(self.step, cfg, *self.schedule_cycle)
@@ -282,10 +233,11 @@ class Trainer:
         res.pop("predictions", None)
         losses = losses or {}
         train_loss = losses.get("task")
+        now = time.perf_counter()
         row = {"step": self.step, "task": task.name, "train_loss": train_loss,
                **{f"train_{n}_loss": v for n, v in losses.items() if n != "task"},
                "time": time.time(),
-               "elapsed_s": round(time.perf_counter() - getattr(self, "_fit_start", time.perf_counter()), 1),
+               "elapsed_s": round(now - (now if self.fit_start is None else self.fit_start), 1),
                **res}
         self.history.append(row)
         if self.is_main and self.output_dir is not None:

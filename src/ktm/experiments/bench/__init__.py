@@ -38,7 +38,8 @@ from pathlib import Path
 import torch
 
 from ...model.compiled import COMPILE_MODES
-from ...config import add_arguments, overrides, save_json
+from ...config import save_json
+from ...arguments import add_arguments, overrides
 from .inputs import (
     corpus_text,
     id_prompts,
@@ -50,7 +51,6 @@ from .inputs import (
 )
 from .modes import (
     COMPILE_MAX_LENGTH,
-    PeakRSS,
     bench_compile,
     bench_decode,
     bench_memory,
@@ -58,12 +58,12 @@ from .modes import (
     bench_train,
     cache_nbytes,
     compiled_generate,
-    peak_memory,
     plain_prefill,
     prefill,
     static_prefill,
     with_k,
 )
+from .memory import PeakRSS, peak_memory
 from .report import (
     GOAL_COMPILE_SPEEDUP,
     GOAL_DECODE_VS_RELEASE,

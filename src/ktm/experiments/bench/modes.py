@@ -6,17 +6,14 @@ beside the same LLM (weights are untrained: speed does not depend on their value
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import os
-import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from ...model.blocks import num_blocks
 from .inputs import id_prompts, texts_of_length, tree_examples
+from .memory import peak_memory
 from .report import mib, derive_compile, derive_decode, derive_memory, derive_prefill, derive_train
 from .timing import sync_device, measure, median, summary
 
@@ -219,75 +216,6 @@ def bench_train(model, stream: Sequence[int], *, ks: Sequence[int], batch_size: 
     finally:
         model.train(was_training)
     return rows
-
-
-def _rss_bytes() -> int | None:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _malloc_trim() -> None:
-    """Give freed heap memory back to the OS (glibc), so RSS starts from live memory."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-class PeakRSS:
-    """Peak resident-set growth of this process while the ``with`` block runs.
-
-    A thread samples /proc/self/statm every ``interval`` seconds; ``peak_bytes`` is the
-    highest sample minus the RSS just before the block (after ``malloc_trim``). Sampling can
-    miss spikes shorter than the interval, so this is a lower bound on the true peak.
-    """
-
-    def __init__(self, interval: float = 0.001):
-        self.interval = interval
-        self.peak_bytes: int | None = None
-
-    def __enter__(self):
-        _malloc_trim()
-        self.base = _rss_bytes()
-        self._max = self.base
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        if self.base is not None:
-            self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.is_set():
-            r = _rss_bytes()
-            if r is not None and r > self._max:
-                self._max = r
-            time.sleep(self.interval)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        if self.base is None:
-            return False
-        self._thread.join()
-        r = _rss_bytes()
-        self.peak_bytes = max(self._max, r or 0) - self.base
-        return False
-
-
-def peak_memory(fn: Callable[[], object], device) -> tuple[int | None, object, str]:
-    """``(peak bytes above the starting point, fn's result, what was measured)``."""
-    device = torch.device(device)
-    with torch.inference_mode():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            start = torch.cuda.memory_allocated(device)
-            out = fn()
-            torch.cuda.synchronize(device)
-            return torch.cuda.max_memory_allocated(device) - start, out, "cuda max_memory_allocated"
-        with PeakRSS() as p:
-            out = fn()
-        return p.peak_bytes, out, "cpu RSS growth (sampled every 1 ms)"
 
 
 def bench_memory(model, stream: Sequence[int], *, lengths: Sequence[int], ks: Sequence[int],

@@ -1,0 +1,65 @@
+"""What each training step reads: the learning-rate factor of a step, the examples of a step
+(class-balanced when labels are given) and the share of them each process trains on."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import defaultdict
+
+from ..config import TrainConfig
+from ..tasks.base import Example, Task
+
+
+def lr_factor(step: int, cfg: TrainConfig, start: int = 0, span: int | None = None) -> float:
+    """Multiplier of the base learning rate at 0-based global ``step``: linear warm-up over
+    the first ``cfg.warmup_steps`` steps of the run, then constant, or a cosine decay to 10%
+    over the cycle of ``span`` steps that begins at ``start`` (default: the whole run,
+    ``cfg.steps``; a curriculum makes each round a cycle of its own).
+
+    >>> cfg = TrainConfig(steps=10, warmup_steps=0, decay="cosine")
+    >>> [round(lr_factor(s, cfg, start=10, span=10), 2) for s in (10, 15, 20)]
+    [1.0, 0.55, 0.1]
+    """
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.decay == "cosine":
+        end = start + (span if span is not None else cfg.steps)
+        begin = max(start, cfg.warmup_steps)
+        t = min(1.0, max(0.0, (step - begin) / max(1, end - begin)))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+    return 1.0
+
+
+def batch_indices(examples: list[Example], step: int, cfg: TrainConfig, labels: list[str] | None,
+                  normalise=Task.normalise, size: int | None = None) -> list[int]:
+    """The example indices of global ``step``'s batch: a pure function of (seed, step).
+
+    ``size``: how many (default ``cfg.batch_size``; the trainer asks for the global batch,
+    ``cfg.batch_size`` x the number of processes). With ``cfg.balance`` and ``labels``, each
+    example's class is drawn uniformly first.
+    """
+    size = cfg.batch_size if size is None else size
+    rng = random.Random(cfg.seed * 1_000_003 + step)
+    if cfg.balance and labels:
+        by_label = defaultdict(list)
+        for i, e in enumerate(examples):
+            by_label[normalise(e.answer)].append(i)
+        pools = [by_label[label] for label in labels if by_label[label]]
+        return [rng.choice(rng.choice(pools)) for _ in range(size)]
+    if size <= len(examples):
+        return rng.sample(range(len(examples)), size)
+    return [rng.randrange(len(examples)) for _ in range(size)]
+
+
+def process_share(indices: list[int], world: int, rank: int) -> list[int]:
+    """Process ``rank``'s share of a global batch (``world`` equal, contiguous parts), so
+    that N processes with batch B train on exactly the examples of one process with N x B.
+
+    >>> process_share([5, 1, 7, 3], world=2, rank=1)
+    [7, 3]
+    """
+    if len(indices) % world:
+        raise ValueError(f"a global batch of {len(indices)} does not split into {world} equal shares")
+    per = len(indices) // world
+    return indices[rank * per:(rank + 1) * per]
