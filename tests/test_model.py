@@ -244,3 +244,19 @@ def test_hierarchical_model_grows_from_a_smaller_k(make_model, tmp_path):
         make_model(k=4, encoder_stages=(2, 2), encoder_norm=True).grow_from(tmp_path / "k2")
     with pytest.raises(ValueError, match="multiply to 6, not K = 4"):
         make_model(k=4, encoder_stages=(2, 3))
+
+
+def test_prompt_errors_are_typed_and_name_the_prompt(make_model):
+    """Callers name their own input from the error's fields (ktm generate: the input line),
+    never by parsing its message."""
+    from ktm.model import EmptyPrompt, PromptError, PromptTooLong
+
+    m = make_model(k=2)
+    with pytest.raises(PromptTooLong) as e:
+        m.generate(["ok", "x" * 600], max_new_tokens=4)
+    assert (e.value.index, e.value.tokens, e.value.merged, e.value.extra, e.value.limit) == (1, 600, 300, 4, 256)
+    assert isinstance(e.value, PromptError) and isinstance(e.value, ValueError)
+    assert str(e.value) == f"prompt 1 {e.value.detail}"
+    with pytest.raises(EmptyPrompt) as e:
+        m.merge_prompts(["ok", "fine", ""])
+    assert e.value.index == 2 and e.value.detail == "is empty: nothing to merge"

@@ -81,3 +81,15 @@ def test_trust_remote_code_reaches_the_teacher_and_the_growth_phase(tmp_path, ba
     # built: teacher, smaller K = 2, main K = 4; loaded: the teacher for the growth phase and for the main run
     assert sorted(calls) == [("ktm.model.core", True)] * 3 + [("ktm.model.io", True)] * 2
     assert run.trainer.teacher is not None and run.model.k == 4
+
+
+def test_train_run_refuses_options_that_init_from_would_ignore(tmp_path, base_dir):
+    """The check ktm train makes is train_run's own: from Python too, explicit model options
+    that differ from the saved model's settings are refused before anything trains."""
+    from ktm.model import KTokenMerging
+
+    KTokenMerging.from_base(base_dir, k=2, lora_r=4, device="cpu").save_pretrained(tmp_path / "saved")
+    with pytest.raises(ValueError, match="would be ignored: lora_r = 8"):
+        train_run(ModelConfig(k=2, lora_r=8), TrainConfig(steps=1), TASK, tmp_path / "run", base=base_dir,
+                  device="cpu", init_from=tmp_path / "saved", given={"lora_r": 8}, log=lambda line: None)
+    assert not (tmp_path / "run" / "checkpoint").exists()

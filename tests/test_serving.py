@@ -410,3 +410,16 @@ def test_vllm_offline_on_an_export_answers_as_ktm_generate(tmp_path, base_dir):
     outputs = llm.generate(inputs, SamplingParams(temperature=0.0, max_tokens=8))
     want = m.generate(PROMPTS, max_new_tokens=8, return_tokens=True)
     assert [list(o.outputs[0].token_ids)[:len(w)] for o, w in zip(outputs, want)] == want
+
+
+def test_the_client_merges_with_the_models_own_prompt_merger(exported):
+    """One implementation of prompt merging: the client's PromptEncoder runs a PromptMerger on
+    the export's table and encoder, the same class KTokenMerging merges with."""
+    from ktm.model import PromptMerger, PromptTooLong
+
+    _, out, _ = exported
+    enc = PromptEncoder.from_export(out)
+    assert type(enc.merger) is PromptMerger and enc.merger.encoder is enc.encoder
+    with pytest.raises(PromptTooLong) as e:
+        enc.encode(["x" * (3 * 512 + 1)])
+    assert (e.value.index, e.value.merged, e.value.limit) == (0, 513, 512)
