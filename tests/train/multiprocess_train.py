@@ -1,11 +1,11 @@
 """Train a tiny run with ``ktm.train.phases.train_run`` and save every process's final weights.
 
-Run by ``tests/test_multiprocess.py``, alone or under ``accelerate launch --multi_gpu
+Run by ``tests/train/test_multiprocess.py``, alone or under ``accelerate launch --multi_gpu
 --num_processes N`` (``ACCELERATE_USE_CPU=1`` on a machine without GPUs: gloo on CPU).
 Each process writes ``OUT/weights-rank<R>.safetensors`` (LoRA + encoder state), so a test
 can check that the processes end with identical weights.
 
-    python tests/multiprocess_train.py BASE_DIR DATA_DIR OUT_DIR BATCH_SIZE [GRAD_ACCUM]
+    python tests/train/multiprocess_train.py BASE_DIR DATA_DIR OUT_DIR BATCH_SIZE [GRAD_ACCUM]
 """
 
 import os

@@ -9,7 +9,7 @@ from ktm.train.evaluate import macro_f1
 from ktm.tasks import TASKS, AmazonTask
 from ktm.tasks.amazon import review_prompt, sentiment
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon"
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "amazon"
 
 
 def _write(path, rows):

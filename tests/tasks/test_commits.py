@@ -8,7 +8,7 @@ import pytest
 from ktm.tasks import TASKS, CommitsTask
 from ktm.tasks.commits import commit_prompt
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "commits"
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "commits"
 
 
 def _commit(i, old_len=10, new_len=10, repo=None):
