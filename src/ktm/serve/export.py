@@ -66,7 +66,7 @@ def check_servable(config: ModelConfig) -> None:
             f"client-side encoder of ktm.serve.serving does not reproduce: it cannot be exported for serving")
 
 
-def _check_destination(checkpoint: Path, out: Path, overwrite: bool) -> None:
+def check_destination(checkpoint: Path, out: Path, overwrite: bool) -> None:
     src, dst = checkpoint.resolve(), out.resolve()
     if dst == src or dst in src.parents:
         raise ExportError(f"--out {out} would replace the checkpoint {checkpoint} it is exported from: "
@@ -149,7 +149,7 @@ def export_model(checkpoint: str | os.PathLike, out: str | os.PathLike, *, overw
     from ..model import KTokenMerging
 
     checkpoint, out = resolve_folder(checkpoint), Path(out)
-    _check_destination(checkpoint, out, overwrite)
+    check_destination(checkpoint, out, overwrite)
     save_dtype = resolve_dtype(dtype, "cpu")
     model = KTokenMerging.from_pretrained(checkpoint, base=base, device="cpu", dtype="float32",
                                           trust_remote_code=trust_remote_code).eval()

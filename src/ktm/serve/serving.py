@@ -74,12 +74,14 @@ class PromptEncoder:
                                    config, max_positions)
 
     @classmethod
-    def from_export(cls, path: str | os.PathLike, *, device: str = "cpu",
-                    trust_remote_code: bool | None = None) -> "PromptEncoder":
+    def from_export(cls, path: str | os.PathLike, *, device: str = "cpu", trust_remote_code: bool | None = None,
+                    table: torch.Tensor | None = None) -> "PromptEncoder":
         """Load the tokenizer, the embedding table and the encoder of an export folder.
 
         Checks the encoder file against its recorded SHA-256 and the table against the
         embedding fingerprint recorded at export; raises :class:`~ktm.serve.export.ExportError`.
+        ``table``: the embedding table, read by the caller where the export keeps it in another
+        format (a GGUF file, :mod:`ktm.serve.gguf`); it is checked all the same.
         """
         from ..model.encoder import build_encoder
         from ..loading import load_tokenizer, table_fingerprint
@@ -87,7 +89,8 @@ class PromptEncoder:
         path = Path(path)
         meta = read_export(path)
         config = export_model_config(meta, path)
-        table = load_embedding_table(path, meta["embedding"]["key"], device=device)
+        if table is None:
+            table = load_embedding_table(path, meta["embedding"]["key"], device=device)
         if table_fingerprint(table) != meta["embedding"]["fingerprint"]:
             raise ExportError(f"{path}: the embedding table differs from the one exported (fingerprint)")
         encoder = None

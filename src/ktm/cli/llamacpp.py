@@ -1,0 +1,144 @@
+"""The llama.cpp side of ``ktm export``, ``ktm generate`` and ``ktm serve``.
+
+:func:`extend` adds options to those three commands' parsers and routes them: ``export --format
+gguf`` writes a llama.cpp export (:mod:`ktm.serve.gguf`), ``generate --export DIR`` answers through
+:class:`~ktm.serve.llamacpp.LlamaCppEngine`, and ``serve --export DIR`` on a llama.cpp export runs
+ktm's own OpenAI-compatible server (:mod:`ktm.serve.http`) instead of vLLM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _route(parser: argparse.ArgumentParser, use, run) -> None:
+    """``parser`` runs ``run(args)`` when ``use(args)``, else what it ran before."""
+    before = parser.get_default("func")
+    parser.set_defaults(func=lambda args: run(args) if use(args) else before(args))
+
+
+def extend(sub, escape_line) -> None:
+    """Add the llama.cpp options to the ``export``, ``generate`` and ``serve`` sub-parsers
+    (``escape_line``: how ``ktm generate`` writes an answer on one line)."""
+    ex, gen, sv = (sub.choices[name] for name in ("export", "generate", "serve"))
+    ex.add_argument("--format", choices=["hf", "gguf"], default="hf",
+                    help="hf: a Hugging Face folder for vLLM (default); gguf: a folder llama.cpp runs "
+                         "(model.gguf with the LoRA merged; llama bases that come as GGUF, e.g. the default)")
+    ex.add_argument("--gguf-type", choices=["f32", "f16", "q8_0"], default="f32",
+                    help="--format gguf: the weights' type (f32 reproduces ktm's float32 model; default: f32)")
+    _route(ex, lambda a: a.format == "gguf", cmd_export_gguf)
+    gen.add_argument("--export", default=None,
+                     help="answer through llama.cpp from a folder written by ktm export --format gguf "
+                          "(instead of --checkpoint)")
+    for p in (gen, sv):
+        p.add_argument("--threads", type=positive_int, default=None,
+                       help="llama.cpp threads (llama.cpp exports; default: llama.cpp's choice)")
+        p.add_argument("--n-ctx", type=positive_int, default=None,
+                       help="llama.cpp positions per sequence, merged prompt + answer (default: the model's, "
+                            "at most 8192)")
+    gen.set_defaults(escape_line=escape_line)
+    _route(gen, lambda a: a.export is not None, cmd_generate_llamacpp)
+    sv.add_argument("--max-prompt-tokens", type=positive_int, default=None,
+                    help="llama.cpp exports: most tokens in one prompt, before merging (default: the model's limit)")
+    sv.add_argument("--max-tokens", type=positive_int, default=1024,
+                    help="llama.cpp exports: most new tokens one request may ask for (default: 1024)")
+    sv.add_argument("--max-concurrent", type=positive_int, default=8,
+                    help="llama.cpp exports: requests in flight at once; more get 429 (default: 8)")
+    _route(sv, _is_llamacpp_export, cmd_serve_llamacpp)
+
+
+def _is_llamacpp_export(args) -> bool:
+    from ..serve.export import read_export
+    from ..serve.gguf import ENGINE
+
+    return read_export(args.export).get("engine") == ENGINE
+
+
+def cmd_export_gguf(args) -> int:
+    from ..serve.gguf import export_gguf
+
+    if args.dtype != "float32":
+        raise ValueError("--dtype is for --format hf; with --format gguf use --gguf-type")
+    out = export_gguf(args.checkpoint, args.out, gguf_type=args.gguf_type, overwrite=args.overwrite,
+                      base=args.model, trust_remote_code=args.trust_remote_code)
+    print(f"exported {args.checkpoint} to {out} (llama.cpp, LoRA merged, {args.gguf_type}); run it with: "
+          f"ktm generate --export {out} PROMPT, or ktm serve --export {out}")
+    return 0
+
+
+def _inputs(args):
+    """(where, prompt): the prompt arguments, else stdin's lines."""
+    if args.prompt:
+        yield from ((f"prompt argument {i}", p) for i, p in enumerate(args.prompt, 1))
+        return
+    for n, line in enumerate(sys.stdin, 1):
+        yield f"input line {n}", line.removesuffix("\n").removesuffix("\r")
+
+
+def cmd_generate_llamacpp(args) -> int:
+    from ..model import PromptError
+    from ..serve.llamacpp import LlamaCppEngine, Sampling
+
+    given = [f"--{n.replace('_', '-')}" for n in ("checkpoint", "k", "model") if getattr(args, n, None) is not None]
+    if given:
+        raise ValueError(f"--export runs an exported model: leave out {', '.join(given)}")
+    sampling = Sampling(args.sample, args.temperature, args.top_k, args.top_p, args.seed)
+    engine = LlamaCppEngine(args.export, threads=args.threads, n_ctx=args.n_ctx)
+    for i, (where, prompt) in enumerate(_inputs(args)):
+        if not prompt.strip():
+            done = None
+        else:
+            try:
+                done = engine.complete(prompt, args.max_new_tokens, Sampling(**{**vars(sampling), "seed": args.seed + i}))
+            except PromptError as e:
+                raise ValueError(f"{where}: the prompt {e.detail} (the answers before it were written)") from e
+        text = done.text if done else ""
+        if args.json:
+            print(json.dumps({"prompt": prompt, "output": text, "merged_length": done.merged_length if done else 0,
+                              "finish_reason": done.finish_reason if done else None,
+                              "seconds": done.timings if done else None}))
+        else:
+            print(args.escape_line(text))
+        sys.stdout.flush()
+    return 0
+
+
+def cmd_serve_llamacpp(args) -> int:
+    from ..serve.http import Limits, make_server
+    from ..serve.llamacpp import LlamaCppEngine
+
+    if args.vllm_args:
+        raise ValueError(f"{args.export} is a llama.cpp export, served by ktm itself: options after -- are for vLLM")
+    if args.max_model_len is not None:
+        raise ValueError("--max-model-len is vLLM's; for a llama.cpp export use --n-ctx")
+    limits = Limits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
+                    max_concurrent=args.max_concurrent)
+    if args.dry_run:
+        print(f"ktm's own OpenAI-compatible server (llama.cpp) on {args.export} at http://{args.host}:{args.port}; "
+              f"{limits}")
+        return 0
+    engine = LlamaCppEngine(args.export, threads=args.threads, n_ctx=args.n_ctx)
+    server = make_server(engine, args.host, args.port, limits, name=args.name)
+    print(f"ktm: serving {server.name} (K = {engine.k}, llama.cpp, {engine.threads} threads) on "
+          f"http://{args.host}:{server.server_address[1]}/v1", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        server.server_close()
+        engine.close()
+    return 0
