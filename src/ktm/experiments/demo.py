@@ -122,10 +122,12 @@ def default_reviews() -> Path:
 
 def run_amazon_demo(reviews=None, out: str = "runs/demo-amazon", k: int = 4, steps: int | None = None,
                     eval_examples: int | None = None, recipe: str | None = None, model=None, device="auto",
-                    log=print, progress: bool = True, trust_remote_code: bool | None = None) -> dict:
+                    log=print, progress: bool = True, trust_remote_code: bool | None = None,
+                    llamacpp: bool = True) -> dict:
     """Train and score plain, merge at K and keep-first at K on real reviews; print the
-    comparison and a verdict. Returns ``{"rows": ..., "verdict": ...}``. A rerun with the
-    same settings reuses the finished runs in ``out`` (it is a ``ktm pareto`` grid)."""
+    comparison and a verdict; then (``llamacpp``, with llama-cpp-python installed) answer a few
+    reviews with the merged model through llama.cpp. Returns ``{"rows": ..., "verdict": ...}``.
+    A rerun with the same settings reuses the finished runs in ``out`` (a ``ktm pareto`` grid)."""
     from .pareto import GridConfig, run_grid
     from .pareto_report import score_rows
     from ..train.recipes import get_recipe
@@ -151,10 +153,26 @@ def run_amazon_demo(reviews=None, out: str = "runs/demo-amazon", k: int = 4, ste
     hint = shipped_merger_hint(reviews, cfg, model)
     if hint:
         log(hint)
+    on_llamacpp = llamacpp_step(rows, grid, out, log) if llamacpp else None
     log(f"total {(time.perf_counter() - t0) / 60:.1f} min; the runs, pareto.md and pareto.png are in {out}")
-    summary = {"rows": rows, "verdict": verdict, "grid": grid.key(), "threads": torch.get_num_threads()}
+    summary = {"rows": rows, "verdict": verdict, "grid": grid.key(), "threads": torch.get_num_threads(),
+               "llamacpp": on_llamacpp}
     save_json(Path(out) / "demo.json", summary)
     return summary
+
+
+def llamacpp_step(rows: list[dict], grid, out, log, n: int = 4) -> dict | None:
+    """The merged model of the grid answers ``n`` held-out reviews through llama.cpp
+    (:func:`ktm.experiments.demo_llamacpp.llamacpp_showcase`)."""
+    from .demo_llamacpp import llamacpp_showcase
+    from .pareto import CELLS_DIR
+    from ..tasks.amazon import AmazonTask
+
+    merge = next(r for r in rows if r["method"] == "merge")
+    task = AmazonTask(grid.task_options["reviews"], max_chars=grid.task_options["review_chars"])
+    examples = task.examples("test")[:n]
+    model_dir = Path(out) / CELLS_DIR / merge["cell"] / "run" / "model"
+    return llamacpp_showcase(model_dir, examples, Path(out) / "llamacpp", threads=torch.get_num_threads(), log=log)
 
 
 def shipped_merger_hint(reviews, cfg: dict, model=None) -> str | None:

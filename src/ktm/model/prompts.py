@@ -19,8 +19,10 @@ Example::
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -88,10 +90,23 @@ class PromptMerger:
     def device(self) -> torch.device:
         return self.embedding.weight.device
 
-    def embed_each(self, ids: list[list[int]]) -> list[torch.Tensor]:
+    def flat_ids(self, ids) -> tuple[torch.Tensor, list[int]]:
+        """All prompts' ids laid end to end, (sum n_i,) long on the merger's device, and the
+        lengths n_i. ``ids``: lists of ints (read by numpy, no per-token Python), 1-D integer
+        tensors or arrays (concatenated), or one (B, L) tensor (B prompts of L tokens)."""
+        if isinstance(ids, torch.Tensor) and ids.dim() == 2:
+            return ids.reshape(-1).to(self.device, torch.long), [ids.shape[1]] * ids.shape[0]
+        lengths = [len(x) for x in ids]
+        if ids and all(isinstance(x, (torch.Tensor, np.ndarray)) for x in ids):
+            parts = [torch.as_tensor(x).reshape(-1) for x in ids]
+            return torch.cat(parts).to(self.device, torch.long), lengths
+        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=sum(lengths))
+        return torch.from_numpy(flat).to(self.device), lengths
+
+    def embed_each(self, ids) -> list[torch.Tensor]:
         """The token embeddings of each id list, (n_i, d), from one lookup."""
-        flat = torch.tensor([t for x in ids for t in x], dtype=torch.long, device=self.device)
-        return list(self.embedding(flat).split([len(x) for x in ids]))
+        flat, lengths = self.flat_ids(ids)
+        return list(self.embedding(flat).split(lengths))
 
     def tokenize(self, texts: list[str], what: str = "prompt") -> list[list[int]]:
         """Token ids of each text, without special tokens; rejects empty prompts."""
@@ -131,8 +146,12 @@ class PromptMerger:
         enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
         return ids, [keep_mask(o, r) for o, r in zip(enc["offset_mapping"], ranges)]
 
-    def merge_ids(self, ids: list[list[int]], keep: list[list[bool]] | None = None) -> list[torch.Tensor]:
+    def merge_ids(self, ids, keep: list[list[bool]] | None = None) -> list[torch.Tensor]:
         """Merged embeddings of each prompt: list of (ceil(n_i / K), d) tensors.
+
+        ``ids``: each prompt's token ids, as lists, 1-D tensors or one (B, L) tensor
+        (:meth:`flat_ids`); the block layout is built by tensor arithmetic, without a Python
+        step per token.
 
         All prompts' blocks go through the encoder as one flat batch; each prompt's blocks
         start at its own first token (no batch padding is ever merged). With a token-space
@@ -151,12 +170,11 @@ class PromptMerger:
                 raise ValueError(f"method {self.config.method!r} selects tokens itself: kept spans need "
                                  f"method 'merge' or 'mean'")
             return self.embed_each(select_tokens(ids, self.k, self.config.method))
-        lengths = [len(x) for x in ids]
+        flat, lengths = self.flat_ids(ids)
         if keep is None:
             (index, valid, per), source = block_slots(lengths, self.k), None
         else:
             index, valid, source, per = segment_layout(keep, self.k)
-        flat = torch.tensor([t for x in ids for t in x], dtype=torch.long, device=self.device)
         emb = tokens = self.embedding(flat)
         if self.config.context_layers:  # contextual merging: merge what the first layers made of them
             emb = self.contextual(emb, lengths)

@@ -3,9 +3,9 @@
 The folder holds::
 
     model.gguf               the base LLM with the LoRA merged into its weights, in llama.cpp's
-                             layout (q/k rows permuted, see :func:`permute_rows`), as f32, f16 or
-                             q8_0 (norms stay f32); metadata and vocabulary copied from the base's
-                             own GGUF file
+                             layout (q/k rows permuted, see :func:`permute_rows`), as f32, f16,
+                             q8_0 or the base file's own types (norms stay f32); metadata and
+                             vocabulary copied from the base's own GGUF file
     tokenizer files          the checkpoint's tokenizer (prompts are tokenised by ktm, not llama.cpp)
     ktm_encoder.safetensors  the merge encoder
     ktm_serving.json         as for ``ktm export`` (K, method, encoder, hashes), plus
@@ -41,8 +41,9 @@ from .export import ENCODER_FILE, SERVING_CONFIG, ExportError, check_destination
 MODEL_FILE = "model.gguf"
 ENGINE = "llama.cpp"
 TABLE_KEY = "token_embd.weight"
-#: --gguf-type -> (ggml tensor type name, llama.cpp's general.file_type)
-GGUF_TYPES = {"f32": ("F32", 0), "f16": ("F16", 1), "q8_0": ("Q8_0", 7)}
+#: --gguf-type -> (ggml tensor type name, llama.cpp's general.file_type); "source": each tensor
+#: in the type the base's GGUF gives it (the embedded SmolLM2: Q4_1, embeddings Q8_0), re-quantised
+GGUF_TYPES = {"f32": ("F32", 0), "f16": ("F16", 1), "q8_0": ("Q8_0", 7), "source": (None, None)}
 #: the architectures whose tensors this module knows how to lay out for llama.cpp
 ARCHITECTURES = ("llama",)
 
@@ -99,17 +100,19 @@ def gguf_table(path: str | os.PathLike, key: str = TABLE_KEY) -> torch.Tensor:
     raise ExportError(f"{path} has no tensor {key!r}")
 
 
-def _copy_metadata(writer, reader, file_type: int) -> None:
-    """Every key/value of the source GGUF but its header, architecture and file type."""
+def _copy_metadata(writer, reader, file_type: int | None) -> None:
+    """Every key/value of the source GGUF but its header, architecture and (unless
+    ``file_type`` is None) file type."""
     gguf = _gguf()
-    skip = {"general.architecture", "general.file_type"}
+    skip = {"general.architecture"} | ({"general.file_type"} if file_type is not None else set())
     for key, field in reader.fields.items():
         if key.startswith("GGUF.") or key in skip:
             continue
         kind = field.types[0]
         sub = field.types[1] if kind == gguf.GGUFValueType.ARRAY and len(field.types) > 1 else None
         writer.add_key_value(key, field.contents(), kind, sub)
-    writer.add_file_type(file_type)
+    if file_type is not None:
+        writer.add_file_type(file_type)
 
 
 def gguf_tensors(state: dict[str, torch.Tensor], config, n_layers: int) -> dict[str, np.ndarray]:
@@ -136,17 +139,25 @@ def gguf_tensors(state: dict[str, torch.Tensor], config, n_layers: int) -> dict[
     return out
 
 
-def _encode_tensor(array: np.ndarray, gguf_type: str):
-    """(data, raw dtype) for the writer: 1-D tensors (norms) and odd rows stay float32."""
+def _encode_tensor(array: np.ndarray, gguf_type: str, source_kind=None):
+    """(data, raw dtype) for the writer: 1-D tensors (norms) stay float32, rows that do not
+    fill whole quantisation blocks float16; ``source_kind``: the tensor's type in the base
+    GGUF, used for ``gguf_type="source"``."""
     gguf = _gguf()
-    kind = gguf.GGMLQuantizationType[GGUF_TYPES[gguf_type][0]]
+    name = GGUF_TYPES[gguf_type][0]
+    kind = source_kind if name is None else gguf.GGMLQuantizationType[name]
+    if kind is None:
+        kind = gguf.GGMLQuantizationType.F16
     if array.ndim < 2 or kind == gguf.GGMLQuantizationType.F32:
         return array.astype(np.float32), None
     if kind == gguf.GGMLQuantizationType.F16:
         return array.astype(np.float16), None
-    if array.shape[-1] % gguf.GGML_QUANT_SIZES[kind][0]:
+    if kind == gguf.GGMLQuantizationType.BF16 or array.shape[-1] % gguf.GGML_QUANT_SIZES[kind][0]:
         return array.astype(np.float16), None
-    return gguf.quants.quantize(array, kind), kind
+    try:
+        return gguf.quants.quantize(array, kind), kind
+    except NotImplementedError:  # a type gguf cannot write (k-quants): the nearest it can
+        return gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
 
 
 def write_gguf(path: Path, source: Path, tensors: dict[str, np.ndarray], gguf_type: str) -> list[str]:
@@ -168,7 +179,7 @@ def write_gguf(path: Path, source: Path, tensors: dict[str, np.ndarray], gguf_ty
     copied = []
     for t in reader.tensors:  # the source's order, then an untied output
         if t.name in tensors:
-            data, raw = _encode_tensor(tensors[t.name], gguf_type)
+            data, raw = _encode_tensor(tensors[t.name], gguf_type, t.tensor_type)
             writer.add_tensor(t.name, data, raw_dtype=raw)
         else:
             writer.add_tensor(t.name, t.data, raw_shape=list(reversed(t.shape.tolist())), raw_dtype=t.tensor_type)
@@ -188,7 +199,7 @@ def export_gguf(checkpoint: str | os.PathLike, out: str | os.PathLike, *, gguf_t
     """Write ``out`` (see the module docstring) from a ktm checkpoint (a folder or ``zoo:NAME``).
 
     The LoRA is merged in float32, then the weights are written as ``gguf_type``
-    (``"f32"``, ``"f16"`` or ``"q8_0"``). Atomic: the folder is written beside ``out`` and renamed
+    (``"f32"``, ``"f16"``, ``"q8_0"``, or ``"source"``: the base GGUF's own type per tensor). Atomic: the folder is written beside ``out`` and renamed
     into place; an existing ``out`` is replaced only with ``overwrite``. Raises
     :class:`ExportError` for a model llama.cpp cannot reproduce (a setting the client-side
     merger lacks, a base that is not a llama GGUF).
