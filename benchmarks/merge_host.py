@@ -7,7 +7,8 @@ Times, median of --repeats, one process:
 * ``flatten_s``: :meth:`PromptMerger.flat_ids` on Python lists (numpy reads them) and
   ``flatten_tensor_s`` on a (B, L) tensor;
 * ``layout_s``: the block index (:func:`ktm.model.blocks.block_slots`);
-* ``gather_s``: embedding lookup, block gather and fill rule;
+* ``gather_old_s``: the former embedding lookup, block gather and fill rule over every block;
+  ``gather_s``: one lookup straight into the block layout, the fill rule on partial blocks only;
 * ``encoder_s``: the encoder on all blocks;
 * ``merge_s``: :meth:`PromptMerger.merge_ids` end to end (lists in).
 
@@ -27,7 +28,7 @@ import torch
 from ktm.config import ModelConfig
 from ktm.model.blocks import block_slots, fill_blocks
 from ktm.model.encoder import build_encoder
-from ktm.model.prompts import PromptMerger
+from ktm.model.prompts import PromptMerger, fill_partial
 
 
 def timed(fn, repeats: int) -> float:
@@ -56,7 +57,8 @@ def measure(b: int, length: int, k: int, vocab: int, dim: int, hidden, repeats: 
             "flatten_s": timed(lambda: merger.flat_ids(ids), repeats),
             "flatten_tensor_s": timed(lambda: merger.flat_ids(tensor), repeats),
             "layout_s": timed(lambda: block_slots(lengths, k), repeats),
-            "gather_s": timed(lambda: fill_blocks(table(flat)[index], valid), repeats),
+            "gather_old_s": timed(lambda: fill_blocks(table(flat)[index], valid), repeats),
+            "gather_s": timed(lambda: fill_partial(table(flat[index]), valid), repeats),
             "encoder_s": timed(lambda: encoder(blocks, valid), repeats),
             "merge_s": timed(lambda: merger.merge_ids(ids), repeats),
             "merge_tensor_s": timed(lambda: merger.merge_ids(tensor), repeats),

@@ -66,6 +66,16 @@ class PromptTooLong(PromptError):
         super().__init__(index, detail)
 
 
+def fill_partial(blocks: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """:func:`~ktm.model.blocks.fill_blocks` applied to the partial blocks only (at most one
+    per prompt run), the full ones left as they are: the same result without a pass over all."""
+    rows = (~valid.all(1)).nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return blocks
+    filled = fill_blocks(blocks[rows], valid[rows])
+    return blocks.index_put((rows,), filled) if blocks.requires_grad else blocks.index_put_((rows,), filled)
+
+
 class PromptMerger:
     """Tokenises prompts and merges them K tokens at a time.
 
@@ -175,13 +185,17 @@ class PromptMerger:
             (index, valid, per), source = block_slots(lengths, self.k), None
         else:
             index, valid, source, per = segment_layout(keep, self.k)
-        emb = tokens = self.embedding(flat)
-        if self.config.context_layers:  # contextual merging: merge what the first layers made of them
-            emb = self.contextual(emb, lengths)
-        valid = valid.to(self.device)
-        blocks = fill_blocks(emb[index.to(self.device)], valid)
+        index, valid = index.to(self.device), valid.to(self.device)
+        if self.config.context_layers or source is not None:
+            emb = tokens = self.embedding(flat)
+            if self.config.context_layers:  # contextual merging: merge what the first layers made of them
+                emb = self.contextual(emb, lengths)
+            blocks = emb[index]
+        else:  # one lookup straight into the (NB, K, d) block layout
+            blocks = self.embedding(flat[index])
+        blocks = fill_partial(blocks, valid)
         enc_dtype = next(self.encoder.parameters()).dtype
-        merged = self.encoder(blocks.to(enc_dtype), valid).to(emb.dtype)
+        merged = self.encoder(blocks.to(enc_dtype), valid).to(blocks.dtype)
         if source is not None:  # kept tokens between the merged blocks, as they are
             merged = torch.cat([merged, tokens])[source.to(self.device)]
         return list(merged.split(per))
