@@ -1,6 +1,6 @@
 """The llama.cpp side of ``ktm export``, ``ktm generate`` and ``ktm serve``.
 
-:func:`extend` adds options to those three commands' parsers and routes them: ``export --format
+:func:`add_parser` adds options to those three commands' parsers and routes them: ``export --format
 gguf`` writes a llama.cpp export (:mod:`ktm.serve.gguf`), ``generate --export DIR`` answers through
 :class:`~ktm.serve.llamacpp.LlamaCppEngine`, and ``serve --export DIR`` on a llama.cpp export runs
 ktm's own OpenAI-compatible server (:mod:`ktm.serve.http`) instead of vLLM.
@@ -12,16 +12,8 @@ import argparse
 import json
 import sys
 
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
+from .generate import escape_line, prompt_inputs
+from .options import positive_int
 
 
 def _route(parser: argparse.ArgumentParser, use, run) -> None:
@@ -30,9 +22,9 @@ def _route(parser: argparse.ArgumentParser, use, run) -> None:
     parser.set_defaults(func=lambda args: run(args) if use(args) else before(args))
 
 
-def extend(sub, escape_line) -> None:
-    """Add the llama.cpp options to the ``export``, ``generate`` and ``serve`` sub-parsers
-    (``escape_line``: how ``ktm generate`` writes an answer on one line)."""
+def add_parser(sub) -> None:
+    """Add the llama.cpp options to the ``export``, ``generate`` and ``serve`` sub-parsers (so
+    this group comes after ``generate`` and ``serving`` in :data:`ktm.cli.main.COMMANDS`)."""
     ex, gen, sv = (sub.choices[name] for name in ("export", "generate", "serve"))
     ex.add_argument("--format", choices=["hf", "gguf"], default="hf",
                     help="hf: a Hugging Face folder for vLLM (default); gguf: a folder llama.cpp runs "
@@ -51,7 +43,6 @@ def extend(sub, escape_line) -> None:
         p.add_argument("--n-ctx", type=positive_int, default=None,
                        help="llama.cpp positions per sequence, merged prompt + answer (default: the model's, "
                             "at most 8192)")
-    gen.set_defaults(escape_line=escape_line)
     _route(gen, lambda a: a.export is not None, cmd_generate_llamacpp)
     sv.add_argument("--max-prompt-tokens", type=positive_int, default=None,
                     help="llama.cpp exports: most tokens in one prompt, before merging (default: the model's limit)")
@@ -81,15 +72,6 @@ def cmd_export_gguf(args) -> int:
     return 0
 
 
-def _inputs(args):
-    """(where, prompt): the prompt arguments, else stdin's lines."""
-    if args.prompt:
-        yield from ((f"prompt argument {i}", p) for i, p in enumerate(args.prompt, 1))
-        return
-    for n, line in enumerate(sys.stdin, 1):
-        yield f"input line {n}", line.removesuffix("\n").removesuffix("\r")
-
-
 def cmd_generate_llamacpp(args) -> int:
     from ..model import PromptError
     from ..serve.llamacpp import LlamaCppEngine, Sampling
@@ -99,7 +81,7 @@ def cmd_generate_llamacpp(args) -> int:
         raise ValueError(f"--export runs an exported model: leave out {', '.join(given)}")
     sampling = Sampling(args.sample, args.temperature, args.top_k, args.top_p, args.seed)
     engine = LlamaCppEngine(args.export, threads=args.threads, n_ctx=args.n_ctx)
-    for i, (where, prompt) in enumerate(_inputs(args)):
+    for i, (where, prompt) in enumerate(prompt_inputs(args)):
         if not prompt.strip():
             done = None
         else:
@@ -113,7 +95,7 @@ def cmd_generate_llamacpp(args) -> int:
                               "finish_reason": done.finish_reason if done else None,
                               "seconds": done.timings if done else None}))
         else:
-            print(args.escape_line(text))
+            print(escape_line(text))
         sys.stdout.flush()
     return 0
 

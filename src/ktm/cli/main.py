@@ -8,18 +8,17 @@ import argparse
 import errno
 import sys
 
-from . import data, evaluate, experiments, generate, pretrain, serving, train, zoo
+from . import data, evaluate, experiments, generate, llamacpp, pretrain, serving, train, zoo
 
 
 #: the command groups, in the order ``ktm --help`` lists them (then ``bench``)
-COMMANDS = (data, train, pretrain, zoo, evaluate, generate, experiments, serving)
+COMMANDS = (data, train, pretrain, zoo, evaluate, generate, experiments, serving, llamacpp)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``ktm`` parser: each group of :data:`COMMANDS` adds its sub-commands, then ``bench``."""
     from .. import __version__
     from ..experiments import bench
-    from . import llamacpp
 
     p = argparse.ArgumentParser(prog="ktm", description="K-Token Merging: latent-space prompt compression.")
     p.add_argument("--version", action="version", version=f"ktm {__version__}")
@@ -27,7 +26,6 @@ def build_parser() -> argparse.ArgumentParser:
     for group in COMMANDS:
         group.add_parser(sub)
     bench.register(sub)
-    llamacpp.extend(sub, escape_line)  # export --format gguf, generate --export, serve on llama.cpp exports
     return p
 
 
