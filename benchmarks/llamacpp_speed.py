@@ -49,6 +49,9 @@ def long_ids(engine, path: str, length: int) -> list[int]:
     raise ValueError(f"{path} has fewer than {length} tokens")
 
 
+HIDDEN = None  # encoder MLP width for K other than the export's (--hidden; None: the paper's)
+
+
 def with_k(engine, k: int):
     """The engine's PromptEncoder for K = k (its own when k is the export's)."""
     from ktm.config import ModelConfig
@@ -58,7 +61,7 @@ def with_k(engine, k: int):
     p = engine.prompts
     if k == p.k:
         return p
-    encoder = build_encoder(k, p.hidden_size).eval().requires_grad_(False)
+    encoder = build_encoder(k, p.hidden_size, HIDDEN).eval().requires_grad_(False)
     return PromptEncoder(p.tokenizer, p.table, encoder, ModelConfig(k=k), p.max_positions, p.name)
 
 
@@ -210,13 +213,29 @@ def load_test(address, text: str, requests: int, clients: int, new: int, budget_
             "requests_per_s": len(latencies) / wall, **pct}
 
 
+def report(files: list[str]) -> str:
+    """Markdown tables of the JSON lines in ``files`` (the prefill rows, then the others)."""
+    rows = [json.loads(line) for f in files for line in open(f) if line.strip()]
+    out = ["| L | K | positions | plain s | merged s (merge incl.) | merge s | ideal s (L/K plain) | speedup | "
+           "ideal | share of ideal | merge share |", "|" + " --- |" * 11]
+    for r in rows:
+        if r["what"] == "prefill":
+            out.append(f"| {r['L']} | {r['K']} | {r['positions']} | {r['plain_s']:.2f} | {r['merged_s']:.2f} | "
+                       f"{r['merge_s']:.3f} | {r['ideal_s']:.2f} | {r['speedup']:.2f}x | {r['ideal_speedup']:.2f}x | "
+                       f"{r['share_of_ideal']:.0%} | {r['merge_share']:.1%} |")
+    out += [""] + [f"- {r['what']}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                  for k, v in r.items() if k != "what")
+                   for r in rows if r["what"] not in ("prefill", "setup")]
+    return "\n".join(out)
+
+
 def main() -> None:
     import llama_cpp
 
     from ktm.serve.llamacpp import LlamaCppEngine
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--export", required=True)
+    ap.add_argument("--export")
     ap.add_argument("--checkpoint", default="zoo:default-k2", help="for the PyTorch rows ('' to skip)")
     ap.add_argument("--text", default="../shared/data/text/dev.jsonl")
     ap.add_argument("--threads", type=int, default=2)
@@ -232,13 +251,21 @@ def main() -> None:
     ap.add_argument("--share-length", type=int, default=8192)
     ap.add_argument("--share-batch", type=int, default=8)
     ap.add_argument("--n-ctx", type=int, default=None)
+    ap.add_argument("--hidden", type=int, default=None,
+                    help="encoder MLP width for the K other than the export's (default: the paper's for that K)")
     ap.add_argument("--parts", nargs="+", default=["prefill", "decode", "pytorch", "server", "share"])
+    ap.add_argument("--report", nargs="+", default=None, help="print markdown tables of these JSONL results and stop")
     args = ap.parse_args()
+    if args.report:
+        print(report(args.report))
+        return
+    global HIDDEN
+    HIDDEN = args.hidden
     engine = LlamaCppEngine(args.export, threads=args.threads, n_ctx=args.n_ctx)
     emit = lambda row: print(json.dumps(row), flush=True)  # noqa: E731
     emit({"what": "setup", "llama_cpp": llama_cpp.__version__, "lib": llama_cpp.__file__,
           "system_info": llama_cpp.llama_print_system_info().decode().strip(), "threads": engine.threads,
-          "export": args.export, "gguf_type": engine.meta["gguf"]["type"]})
+          "export": args.export, "gguf_type": engine.meta["gguf"]["type"], "hidden_other_k": args.hidden})
     ids = long_ids(engine, args.text, max(args.lengths + [args.pytorch_length, args.load_length]))
     if "prefill" in args.parts:
         for length in args.lengths:

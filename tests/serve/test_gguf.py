@@ -40,7 +40,7 @@ def tiny():
     return tiny_llama(len(tok), tie=True), tok
 
 
-def write_source(path: Path, model, tok, extra: bool = True) -> Path:
+def write_source(path: Path, model, tok, extra: bool = True, q8: tuple = ()) -> Path:
     """A llama GGUF of ``model`` with the metadata llama.cpp and transformers need (and a
     ``rope_freqs`` tensor the model does not produce, which the export must copy)."""
     c = model.config
@@ -60,7 +60,11 @@ def write_source(path: Path, model, tok, extra: bool = True) -> Path:
     w.add_token_types([3 if t.startswith("<") and len(t) > 1 else 1 for t in tokens])
     w.add_eos_token_id(2)
     for name, array in gguf_tensors(model.state_dict(), c, c.num_hidden_layers).items():
-        w.add_tensor(name, array)
+        if name in q8:
+            w.add_tensor(name, gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0),
+                         raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            w.add_tensor(name, array)
     if extra:
         w.add_tensor("rope_freqs.weight", np.ones(4, dtype=np.float32))
     w.write_header_to_file()
@@ -127,3 +131,12 @@ def test_export_refuses_an_unknown_type_and_an_existing_folder(tmp_path):
     (tmp_path / "there").mkdir()
     with pytest.raises(ExportError, match="already exists"):
         export_gguf("zoo:default-k2", tmp_path / "there")
+
+
+def test_source_type_keeps_each_tensors_type_of_the_base(tmp_path, tiny):
+    model, tok = tiny
+    source = write_source(tmp_path / "source.gguf", model, tok, q8=("blk.0.attn_q.weight", "token_embd.weight"))
+    write_gguf(tmp_path / "model.gguf", source, gguf_tensors(model.state_dict(), model.config, 2), "source")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "model.gguf")).tensors}
+    assert types["blk.0.attn_q.weight"] == types["token_embd.weight"] == "Q8_0"
+    assert types["blk.1.attn_q.weight"] == types["blk.0.attn_norm.weight"] == "F32"

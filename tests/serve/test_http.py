@@ -40,6 +40,8 @@ class FakeEngine:
     def _events(self, prompt, n):
         if "slow" in prompt:
             time.sleep(0.3)
+        if "crash" in prompt:
+            raise RuntimeError("llama_decode failed (1)")
         answer = prompt[::-1][:n]
         for ch in answer:
             yield ch, None
@@ -140,6 +142,9 @@ def test_bad_requests_get_4xx(server):
     assert status == 400 and "at most 50" in json.loads(text)["error"]["message"]
     status, text = call(server, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 99})
     assert status == 400 and json.loads(text)["error"]["code"] == 400
+    status, text = call(server, "POST", "/v1/completions", {"prompt": "crash", "temperature": 0})
+    assert status == 500 and "llama_decode" in json.loads(text)["error"]["message"]
+    assert call(server, "GET", "/health")[0] == 200  # and it keeps serving
 
 
 def test_more_requests_than_the_limit_get_429(server):

@@ -235,9 +235,13 @@ class Handler(BaseHTTPRequestHandler):
                                                      else detail).body())
         if job.stream:
             return self._stream(job, events)
-        done = None
-        for _, done in events:
-            pass
+        try:
+            done = None
+            for _, done in events:
+                pass
+        except Exception as e:  # the engine failed: say so, keep serving
+            self.log_error("engine error: %r", e)
+            return self._send_json(500, RequestError(500, f"the engine failed: {e}", "server_error").body())
         self._send_json(200, response(job, server.name, done))
 
     def _stream(self, job: Job, events) -> None:

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..checkpoint import file_sha256
 from ..model.generation import check_sampling
 from ..model.prompts import PromptError, PromptTooLong
 from .export import ExportError, read_export
@@ -113,11 +114,12 @@ class LlamaCppEngine:
 
     ``threads``: llama.cpp's threads (default: its own choice); ``n_ctx``: positions per
     sequence, merged prompt + answer (default: the model's, at most 8192); ``n_batch``:
-    positions per ``llama_decode`` while prefilling.
+    positions per ``llama_decode`` while prefilling; ``verify``: check ``model.gguf`` against the
+    SHA-256 recorded at export (a second or two for a 500 MB file).
     """
 
     def __init__(self, export: str | os.PathLike, *, threads: int | None = None, n_ctx: int | None = None,
-                 n_batch: int = 512, verbose: bool = False):
+                 n_batch: int = 512, verify: bool = True, verbose: bool = False):
         from .serving import PromptEncoder
 
         llama_cpp = import_llama_cpp()
@@ -129,6 +131,9 @@ class LlamaCppEngine:
         model_file = self.path / self.meta["gguf"]["file"]
         if not model_file.is_file():
             raise ExportError(f"{model_file} is missing")
+        want = self.meta.get("files", {}).get(model_file.name)
+        if verify and want and file_sha256(model_file) != want:
+            raise ExportError(f"{model_file} differs from the file exported (SHA-256): re-export it")
         self.prompts = PromptEncoder.from_export(self.path, table=gguf_table(model_file))
         self.eos_ids = set(self.meta.get("eos_ids") or [self.prompts.tokenizer.eos_token_id])
         self.n_ctx = int(n_ctx or min(self.meta.get("max_positions") or 4096, 8192))
