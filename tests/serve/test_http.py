@@ -174,3 +174,18 @@ def test_sampling_picks_argmax_when_greedy_and_is_reproducible():
     assert picked == {1, 2}  # top-k keeps the two likeliest, and a high temperature reaches both
     with pytest.raises(ValueError):
         Sampling(False, temperature=0.5)
+
+
+def test_serve_picks_ktms_server_for_a_llama_cpp_export(tmp_path, capsys):
+    from ktm.cli import main
+
+    folder = tmp_path / "exp"
+    folder.mkdir()
+    (folder / "ktm_serving.json").write_text(json.dumps({
+        "format": "ktm-export", "format_version": 1, "hidden_size": 8, "engine": "llama.cpp",
+        "embedding": {"key": "token_embd.weight", "fingerprint": "x"}, "gguf": {"file": "model.gguf"}}))
+    assert main(["serve", "--export", str(folder), "--dry-run", "--max-concurrent", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "ktm's own OpenAI-compatible server" in out and "127.0.0.1" in out and "max_concurrent=3" in out
+    assert main(["serve", "--export", str(folder), "--max-model-len", "9"]) == 2
+    assert "--n-ctx" in capsys.readouterr().err

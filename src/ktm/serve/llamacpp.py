@@ -45,8 +45,8 @@ from .gguf import ENGINE, MODEL_FILE, gguf_table
 INSTALL_HINT = "pip install 'k-token-merging[llamacpp]'"
 
 
-class LlamaCppMissing(ImportError):
-    """llama-cpp-python is not installed."""
+class LlamaCppMissing(ValueError):
+    """llama-cpp-python is not installed (a ValueError, so that the CLI says it in one line)."""
 
 
 def import_llama_cpp():
