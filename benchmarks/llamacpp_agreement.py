@@ -79,6 +79,7 @@ def main() -> None:
     ap.add_argument("--exports", nargs="+", required=True)
     ap.add_argument("--data", default="../shared/data/amazon/dev.jsonl")
     ap.add_argument("--prompts", type=int, default=100)
+    ap.add_argument("--skip", type=int, default=0, help="compare only from this prompt on (to finish a run cut short)")
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reference", default=None, help="cache of ktm's tokens (JSON), read or written")
@@ -97,7 +98,7 @@ def main() -> None:
     for folder in args.exports:
         engine = LlamaCppEngine(folder, threads=args.threads)
         result[folder] = {"type": engine.meta["gguf"]["type"],
-                          **compare(model, engine, prompts, reference, args.max_new_tokens)}
+                          **compare(model, engine, prompts[args.skip:], reference[args.skip:], args.max_new_tokens)}
         engine.close()
         r = result[folder]
         print(f"{folder} ({r['type']}): {r['same']}/{r['total']} prompts with the same greedy tokens", flush=True)
