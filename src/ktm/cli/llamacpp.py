@@ -32,7 +32,7 @@ def add_parser(sub) -> None:
     ex.add_argument("--gguf-type", choices=["f32", "f16", "q8_0", "source"], default="f32",
                     help="--format gguf: the weights' type; f32 reproduces ktm's float32 model; source: each "
                          "tensor re-quantised to its type in the base's GGUF (the default model: Q4_1, as "
-                         "small as the original; default: f32)")
+                         "small as the original, but most answers then differ from ktm's); default: f32")
     _route(ex, lambda a: a.format == "gguf", cmd_export_gguf)
     gen.add_argument("--export", default=None,
                      help="answer through llama.cpp from a folder written by ktm export --format gguf "
