@@ -22,6 +22,7 @@ from pathlib import Path
 EncoderInit = typing.Literal["mean", "paper", "random"]
 Decay = typing.Literal["constant", "cosine"]
 AlignMode = typing.Literal["cosine", "standardized"]
+MixedPrecision = typing.Literal["auto", "no", "bf16", "fp16"]
 Method = typing.Literal["merge", "mean", "keep-first", "keep-last", "stride", "random-drop"]
 #: hidden-state alignment modes (ktm.train.objectives.alignment_loss)
 ALIGN_MODES = typing.get_args(AlignMode)
@@ -149,6 +150,16 @@ class TrainConfig:
         "weight of distillation on the answer tokens: at each answer position the student's "
         "next-token distribution moves towards the teacher's (the base model, or --teacher) reading "
         "the plain prompt and the answer so far (0: off; ktm pretrain's main loss)", default=0.0)
+    distill_hidden: tuple[int, ...] = _help(
+        "layers (1 = the first, -1 = the last) whose hidden states at each answer position move "
+        "towards the teacher's at the same answer position (cosine distance; needs the teacher's "
+        "plain reading of prompt and answer, as distill_answer; empty: off)", default=())
+    distill_hidden_weight: float = _help("weight of the distill_hidden term", default=1.0)
+    mixed_precision: MixedPrecision = _help(
+        "autocast the forward and backward passes: 'bf16' (CPUs with AVX-512 BF16 or AMX, and GPUs), "
+        "'fp16' (GPUs) or 'no'; 'auto' takes accelerate's own setting (ACCELERATE_MIXED_PRECISION, "
+        "set by `accelerate launch` from its config) when there is one, else bf16 for a float32 "
+        "model on a GPU and no on a CPU", default="auto")
     task_loss: float = _help(
         "weight of the answer's cross-entropy (0: train on the auxiliary losses alone)", default=1.0)
     align: float = _help(
@@ -192,10 +203,15 @@ class TrainConfig:
         if self.decay not in ("constant", "cosine"):
             raise ValueError(f"decay must be 'constant' or 'cosine', got {self.decay!r}")
         for name in ("eval_every", "eval_examples", "save_every", "warmup_steps", "reconstruct", "distill",
-                     "distill_answer", "task_loss", "reconstruct_rows", "align", "teacher_steps"):
+                     "distill_answer", "task_loss", "reconstruct_rows", "align", "teacher_steps",
+                     "distill_hidden_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
-        if not (self.task_loss or self.distill_answer or self.distill or self.align or self.reconstruct):
+        if 0 in self.distill_hidden:
+            raise ValueError("distill_hidden counts layers from 1 (the first) or from -1 (the last); "
+                             "0 (the input embeddings) is not a layer")
+        if not (self.task_loss or self.distill_answer or self.distill or self.align or self.reconstruct
+                or (self.distill_hidden and self.distill_hidden_weight)):
             raise ValueError("task_loss is 0 and no auxiliary loss is on: nothing to train")
         if self.align_mode not in ALIGN_MODES:
             raise ValueError(f"align_mode must be one of {ALIGN_MODES}, got {self.align_mode!r}")

@@ -43,7 +43,8 @@ class LossOutput:
     (``{"task": ...}`` plus any auxiliary term); ``prompt_ids``: the prompts' token ids;
     ``merged``: their merged embeddings; ``hidden``: the LLM's last hidden states (B, T, d);
     ``hidden_states``: every layer's, when asked for (``all_layers``); ``ends``: whether each
-    row's last target is the end token (``forward(..., end_token=True)``)."""
+    row's last target is the end token (``forward(..., end_token=True)``); ``cols``: (N,) the
+    column of each target's position in ``hidden``."""
 
     loss: torch.Tensor
     logits: torch.Tensor
@@ -55,6 +56,7 @@ class LossOutput:
     hidden: torch.Tensor | None = None
     hidden_states: tuple | None = None
     ends: bool = True
+    cols: torch.Tensor | None = None
 
 
 class KTokenMerging(nn.Module):
@@ -327,7 +329,7 @@ class KTokenMerging(nn.Module):
         logits = self.logits(hidden[rows, cols])
         loss = F.cross_entropy(logits, a_flat)
         return LossOutput(loss, logits, a_flat, rows, {"task": loss.detach()}, p_ids, merged, hidden,
-                          dec.hidden_states if all_layers else None, end_token)
+                          dec.hidden_states if all_layers else None, end_token, cols)
 
 
     # ------------------------------------------------------------------ generation (ktm.model.generation)

@@ -20,6 +20,10 @@ merged embeddings. Three auxiliary losses add a signal at every block:
   into a prompt and its continuation (:class:`ktm.tasks.text.TextTask`) this is
   ``ktm pretrain``'s loss: the merged prompt must let the model continue the text as the
   plain model would.
+* **Hidden-state distillation on the answer** (``distill_hidden``): at the same answer
+  positions as ``distill_answer``, the student's hidden states at chosen layers move towards
+  the teacher's (cosine distance): a signal of the model's width at every position rather
+  than one distribution over the vocabulary.
 * **Hidden-state alignment** (``align``): at the same pairs of positions, the student's
   hidden states at every layer move towards the teacher's (cosine distance). Distillation
   and alignment can use a K = 1 model trained on the task as the teacher
@@ -242,7 +246,54 @@ def alignment_loss(model, prompt_ids: list[list[int]], student_states: Sequence[
             mu, sd = t.mean(0), t.std(0)
             sd = sd.clamp_min(1e-3 * float(sd.mean()) + 1e-8)
             s, t = (s - mu) / sd, (t - mu) / sd
-        terms.append(1 - F.cosine_similarity(s, t, dim=-1).mean())
+        terms.append(cosine_distance(s, t))
+    return torch.stack(terms).mean()
+
+
+def cosine_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean ``1 - cos`` between matching rows of two (N, d) state tensors, in float32 (not
+    squared error, so that a few massive activations do not dominate)."""
+    return 1 - F.cosine_similarity(student.float(), teacher.float(), dim=-1).mean()
+
+
+def layer_indices(layers: Sequence[int], num_layers: int) -> list[int]:
+    """Indices into a ``hidden_states`` tuple (embeddings first) of ``layers`` counted from 1
+    (the first layer) or from -1 (the last).
+
+    >>> layer_indices([1, -1, 15], 30)
+    [1, 30, 15]
+    """
+    out = []
+    for layer in layers:
+        if not (1 <= layer <= num_layers or -num_layers <= layer <= -1):
+            raise ValueError(f"layer {layer} does not exist: the model has layers 1..{num_layers} "
+                             f"(or -1..-{num_layers} from the last)")
+        out.append(layer if layer > 0 else num_layers + 1 + layer)
+    return out
+
+
+def hidden_distillation_loss(model, out, teacher_states: Sequence[torch.Tensor],
+                             layers: Sequence[int]) -> torch.Tensor:
+    """Mean cosine distance between the student's and the teacher's hidden states at
+    ``layers``, over every answer position (the end token left out), as
+    :func:`answer_distillation_loss` pairs them.
+
+    ``out``: the forward pass with every layer's states (``all_layers=True``);
+    ``teacher_states``: the teacher's states for :func:`answer_teacher_ids` (every layer)."""
+    if out.hidden_states is None or out.cols is None:
+        raise ValueError("hidden-state distillation needs every layer's hidden states: call the model "
+                         "with all_layers=True")
+    if len(teacher_states) != len(out.hidden_states):
+        raise ValueError(f"teacher has {len(teacher_states) - 1} layers, student {len(out.hidden_states) - 1}")
+    counts = torch.bincount(out.rows.cpu(), minlength=len(out.prompt_ids)).tolist()
+    rows, t_cols, s_idx = answer_distill_positions([len(p) for p in out.prompt_ids], counts, out.ends)
+    if rows.numel() == 0:
+        return out.logits.new_zeros(())
+    dev = model.device
+    rows, t_cols, s_idx = rows.to(dev), t_cols.to(dev), s_idx.to(dev)
+    s_rows, s_cols = out.rows[s_idx], out.cols[s_idx]
+    terms = [cosine_distance(out.hidden_states[i][s_rows, s_cols], teacher_states[i][rows, t_cols].detach())
+             for i in layer_indices(layers, len(out.hidden_states) - 1)]
     return torch.stack(terms).mean()
 
 
@@ -266,7 +317,8 @@ def reconstruction_loss(model, prompt_ids: list[list[int]], merged: list[torch.T
 
 def add_auxiliary(model, out, *, reconstruct: float = 0.0, distill: float = 0.0, align: float = 0.0,
                   reconstruct_rows: int | None = None, align_mode: str = "cosine", teacher=None,
-                  distill_answer: float = 0.0, task_loss: float = 1.0):
+                  distill_answer: float = 0.0, task_loss: float = 1.0,
+                  distill_hidden: Sequence[int] = (), distill_hidden_weight: float = 1.0):
     """``out`` (a forward pass's :class:`~ktm.model.LossOutput`) with the weighted auxiliary
     terms added to its loss and to its ``parts``.
 
@@ -274,26 +326,33 @@ def add_auxiliary(model, out, *, reconstruct: float = 0.0, distill: float = 0.0,
     reading the plain prompts; default: the base model, ``model``'s adapters off), whose one
     pass serves all three (with ``distill_answer`` it reads the prompts and the answers: its
     states at the prompt positions are those of the prompts alone); ``align`` needs the
-    forward's ``all_layers=True``. ``reconstruct`` runs on the first ``reconstruct_rows``
+    forward's ``all_layers=True``, as does ``distill_hidden`` (layers, weighted by
+    ``distill_hidden_weight``; the teacher reads prompts and answers). ``reconstruct`` runs on the first ``reconstruct_rows``
     rows (all by default). ``task_loss`` weighs the forward's own cross-entropy (its
     ``parts["task"]`` stays unweighted, for the logs).
     """
     import dataclasses
 
-    if not (reconstruct or distill or align or distill_answer) and task_loss == 1.0:
+    hidden = bool(distill_hidden and distill_hidden_weight)
+    if not (reconstruct or distill or align or distill_answer or hidden) and task_loss == 1.0:
         return out
-    if align and out.hidden_states is None:
-        raise ValueError("alignment needs every layer's hidden states: call the model with all_layers=True")
+    if (align or hidden) and out.hidden_states is None:
+        raise ValueError("alignment and hidden-state distillation need every layer's hidden states: "
+                         "call the model with all_layers=True")
     loss, parts = task_loss * out.loss, dict(out.parts)
-    if distill or align or distill_answer:
-        seqs = answer_teacher_ids(out) if distill_answer else out.prompt_ids
-        t_states = teacher_hidden(model, seqs, teacher, all_layers=bool(align))
-        t_last = t_states[-1] if align else t_states
+    if distill or align or distill_answer or hidden:
+        seqs = answer_teacher_ids(out) if (distill_answer or hidden) else out.prompt_ids
+        every = bool(align or hidden)
+        t_states = teacher_hidden(model, seqs, teacher, all_layers=every)
+        t_last = t_states[-1] if every else t_states
     terms = []
     if distill_answer:
         terms.append(("distill_answer", distill_answer, answer_distillation_loss(model, out, t_last, teacher)))
     if distill:
         terms.append(("distill", distill, distillation_loss(model, out.prompt_ids, out.hidden, t_last, teacher)))
+    if hidden:
+        terms.append(("distill_hidden", distill_hidden_weight,
+                      hidden_distillation_loss(model, out, t_states, distill_hidden)))
     if align:
         terms.append(("align", align, alignment_loss(model, out.prompt_ids, out.hidden_states, t_states, align_mode)))
     if reconstruct:

@@ -37,6 +37,23 @@ STATE_NAME = "trainer_state.json"
 OPTIM_NAME = "optimizer.safetensors"
 
 
+def mixed_precision(setting: str, model) -> str:
+    """accelerate's ``mixed_precision`` for a run: ``setting`` unless it is ``"auto"``, which
+    takes accelerate's own setting (``ACCELERATE_MIXED_PRECISION``, which ``accelerate launch``
+    sets from its config) when there is one, else bf16 for a float32 model on a GPU and no
+    autocast on a CPU (where bf16 pays only on AVX-512 BF16 / AMX cores: measure first,
+    ``docs/PERFORMANCE.md``)."""
+    import os
+
+    if setting != "auto":
+        return setting
+    chosen = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if chosen:
+        return chosen
+    cuda = model.device.type == "cuda"
+    return "bf16" if cuda and model.dtype == torch.float32 else "no"
+
+
 #: a prompt with more characters than this many per position the model reads cannot fit
 #: (no token is that long), so it is refused before the tokenizer sees it
 MAX_CHARS_PER_POSITION = 64
@@ -116,9 +133,8 @@ class Trainer:
         if self.model.config.keep and (self.cfg.distill or self.cfg.align):
             raise ValueError("distill and align match the teacher at block ends, which kept spans (keep) move: "
                              "train with keep without them")
-        cuda = torch.cuda.is_available() and self.model.device.type == "cuda"
-        mp = "bf16" if cuda and self.model.dtype == torch.float32 else "no"
-        self.accelerator = Accelerator(mixed_precision=mp, gradient_accumulation_steps=self.cfg.grad_accum)
+        self.accelerator = Accelerator(mixed_precision=mixed_precision(self.cfg.mixed_precision, self.model),
+                                       gradient_accumulation_steps=self.cfg.grad_accum)
         groups = self.model.trainable_parameters()
         lrs = self._base_lrs()
         self.optimizer = torch.optim.AdamW(
@@ -209,7 +225,8 @@ class Trainer:
         for j in range(0, len(batch), micro):
             chunk = batch[j:j + micro]
             with acc.accumulate(self.wrapped), acc.autocast():
-                out = self.wrapped([e.prompt for e in chunk], [e.answer for e in chunk], all_layers=bool(cfg.align),
+                every = bool(cfg.align or (cfg.distill_hidden and cfg.distill_hidden_weight))
+                out = self.wrapped([e.prompt for e in chunk], [e.answer for e in chunk], all_layers=every,
                                    end_token=end_token)
                 if global_targets:
                     share = out.targets.numel() * cfg.grad_accum * acc.num_processes / global_targets
@@ -217,7 +234,9 @@ class Trainer:
                 out = add_auxiliary(self.model, out, reconstruct=cfg.reconstruct, distill=cfg.distill,
                                     align=cfg.align, reconstruct_rows=cfg.reconstruct_rows,
                                     align_mode=cfg.align_mode, teacher=self.teacher,
-                                    distill_answer=cfg.distill_answer, task_loss=cfg.task_loss)
+                                    distill_answer=cfg.distill_answer, task_loss=cfg.task_loss,
+                                    distill_hidden=cfg.distill_hidden,
+                                    distill_hidden_weight=cfg.distill_hidden_weight)
                 acc.backward(out.loss)
                 if acc.sync_gradients and cfg.max_grad_norm:
                     acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
