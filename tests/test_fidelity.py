@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from ktm.config import TrainConfig
-from ktm.fidelity import FidelityOptions, compare_answers, fidelity, fidelity_line, plain_answer_logits, \
+from ktm.train.fidelity import FidelityOptions, compare_answers, fidelity, fidelity_line, plain_answer_logits, \
     merged_answer_logits, prose_windows
-from ktm.objectives import add_auxiliary, hidden_distillation_loss, layer_indices
+from ktm.train.objectives import add_auxiliary, hidden_distillation_loss, layer_indices
 from ktm.tasks.amazon import review_example
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from ..model.blocks import pad_sequences
 from ..config import ModelConfig, TrainConfig, save_json, to_dict
 from .evaluate import subsample
+from .fidelity import plain_answer_logits
 from .phases import RunResult, train_run
 from .recipes import get_recipe
 from ..tasks.text import TextOptions, TextTask
@@ -73,13 +73,12 @@ def pretrain_run(model_cfg: ModelConfig, train_cfg: TrainConfig, text: TextOptio
     return run, references
 
 
-@torch.no_grad()
 def plain_perplexity(model, examples, batch_size: int = 16, context: bool = True) -> float:
     """Perplexity of the examples' answers (no end token) under the base model reading the
     plain prompts (``model``'s adapters off, nothing merged): the target of pretraining.
 
-    With ``context=False`` the base model reads no prompt at all, only a start token (the
-    tokenizer's BOS, else its end token) before each continuation: the perplexity that a
+    With ``context=False`` the base model reads no prompt at all, only a start token before
+    each continuation (:func:`ktm.train.fidelity.plain_answer_logits`): the perplexity that a
     merged prefix carrying no information would get at best, so a merged model has learned
     to read its prompt only as far as it gets below it."""
     nll, count = 0.0, 0
@@ -88,20 +87,11 @@ def plain_perplexity(model, examples, batch_size: int = 16, context: bool = True
     try:
         for i in range(0, len(examples), batch_size):
             chunk = examples[i:i + batch_size]
-            if context:
-                p_ids = model.tokenize([e.prompt for e in chunk])
-            else:
-                start = model.tokenizer.bos_token_id
-                p_ids = [[model.tokenizer.eos_token_id if start is None else start]] * len(chunk)
-            a_ids = model.tokenize([e.answer for e in chunk], what="answer")
-            seqs = [model.embed_each([p + a[:-1]])[0] for p, a in zip(p_ids, a_ids)]
-            embeds, mask = pad_sequences(seqs, side="right")
-            with model.lm.disable_adapter():
-                hidden = model.decode(embeds, mask).last_hidden_state
-            for row, (p, a) in enumerate(zip(p_ids, a_ids)):
-                logits = model.logits(hidden[row, len(p) - 1:len(p) - 1 + len(a)])
-                target = torch.tensor(a, device=logits.device)
-                nll += torch.nn.functional.cross_entropy(logits, target, reduction="sum").item()
+            answers = [e.answer for e in chunk]
+            logits = plain_answer_logits(model, [e.prompt for e in chunk], answers, context=context)
+            for lg, a in zip(logits, model.tokenize(answers, what="answer")):
+                target = torch.tensor(a, device=lg.device)
+                nll += torch.nn.functional.cross_entropy(lg, target, reduction="sum").item()
                 count += len(a)
     finally:
         model.train(was_training)

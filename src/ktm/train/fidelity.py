@@ -20,7 +20,7 @@ the windows need.
 
 Example::
 
-    >>> from ktm.model import KTokenMerging                                   # doctest: +SKIP
+    >>> from ktm import KTokenMerging                                         # doctest: +SKIP
     >>> m = KTokenMerging.from_pretrained("zoo:default-k2")                   # doctest: +SKIP
     >>> fidelity(m, prose_windows("../shared/data/text/dev.jsonl", m.tokenizer, windows=64))  # doctest: +SKIP
 """
@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .blocks import pad_sequences
-from .tasks.base import Example
+from ..model.blocks import pad_sequences
+from ..tasks.base import Example
 
 
 def _opt(text: str, default):
@@ -55,7 +55,7 @@ class FidelityOptions:
     batch_size: int = _opt("windows per forward pass", 8)
 
     def __post_init__(self):
-        from .config import check_types
+        from ..config import check_types
 
         check_types(self)
         for name in ("prompt_tokens", "continuation_tokens", "windows", "batch_size"):
@@ -71,7 +71,7 @@ def prose_windows(source, tokenizer, prompt_tokens: int = 256, continuation_toke
     as ``ktm pretrain`` reads it): from each text long enough, its first
     ``prompt_tokens + continuation_tokens`` tokens, cut at the tokens' character offsets.
     Texts are read one at a time and reading stops when enough windows are cut."""
-    from .tasks.text import TextOptions, TextTask, read_texts
+    from ..tasks.text import TextOptions, TextTask, read_texts
 
     opts = TextOptions(text=(str(source),), text_field=tuple(text_field), prompt_tokens=prompt_tokens,
                        continuation_tokens=continuation_tokens, min_prompt_tokens=prompt_tokens,
@@ -88,11 +88,18 @@ def prose_windows(source, tokenizer, prompt_tokens: int = 256, continuation_toke
 
 
 @torch.no_grad()
-def plain_answer_logits(model, prompts: list[str], answers: list[str]) -> list[torch.Tensor]:
+def plain_answer_logits(model, prompts: list[str], answers: list[str], context: bool = True) -> list[torch.Tensor]:
     """Per example, the vocabulary logits (a_i, V) of the *plain* base model (``model``'s adapters
     off, nothing merged) at the positions that predict each of the answer's a_i tokens
-    (tokenised as :meth:`KTokenMerging.forward` tokenises them, without the end token)."""
-    p_ids = model.tokenize(prompts)
+    (tokenised as :meth:`KTokenMerging.forward` tokenises them, without the end token).
+
+    ``context=False``: the base model reads no prompt, only a start token (the tokenizer's BOS,
+    else its end token) before each answer: what a prefix that carries nothing gets at best."""
+    if context:
+        p_ids = model.tokenize(prompts)
+    else:
+        start = model.tokenizer.bos_token_id
+        p_ids = [[model.tokenizer.eos_token_id if start is None else start]] * len(prompts)
     a_ids = model.tokenize(answers, what="answer")
     seqs = model.embed_each([p + a[:-1] for p, a in zip(p_ids, a_ids)])
     embeds, mask = pad_sequences(seqs, side="right")
@@ -136,7 +143,7 @@ def compare_continuations(model, windows: list[Example], batch_size: int = 8, pr
 def compare_answers(model, reviews: list[Example], batch_size: int = 8, progress: bool = True) -> dict:
     """How often the merged model's sentiment answer equals the plain model's on ``reviews``
     (amazon examples), each answer the label whose first token has the larger logit."""
-    from .tasks.amazon import NEGATIVE, POSITIVE
+    from ..tasks.amazon import NEGATIVE, POSITIVE
 
     pos, neg = (ids[0] for ids in model.tokenize([POSITIVE, NEGATIVE], what="answer"))
     same = right_m = right_p = said_pos_m = said_pos_p = 0
