@@ -49,9 +49,12 @@ from ..config import save_json
 
 #: the card each shipped merger carries: how it was built, what it measured
 CARD_NAME = "zoo.json"
-#: the texts the shipped mergers were pretrained on, relative to the repository root
-#: (train files only; the dev files stay held out)
-SHARED_TEXT = ("../shared/data/commits/train.jsonl", "../shared/data/amazon/train.jsonl")
+#: the text the shipped mergers are pretrained on, relative to the repository root: general prose,
+#: never a task's text (its dev file stays held out for the fidelity numbers)
+PROSE_TEXT = ("../shared/data/text/train.jsonl",)
+#: held-out prose and reviews on which ``zoo build`` measures fidelity (never trained on)
+FIDELITY_TEXT = "../shared/data/text/dev.jsonl"
+FIDELITY_REVIEWS = "../shared/data/amazon/dev.jsonl"
 
 
 @dataclass(frozen=True)
@@ -73,15 +76,28 @@ class ZooEntry:
     save_dtype: str = "bfloat16"
 
 
+#: how the shipped mergers pretrain: continuation distillation (KL) plus hidden-state distillation at
+#: layers 15 and 30, on 256-token prompts of prose with 32-token continuations, autocast to bfloat16
+#: (2.3x the float32 step rate on an AVX-512 BF16 CPU, docs/PERFORMANCE.md), checkpoints every 20 steps
+_PROSE_TRAIN = dict(steps=4000, warmup_steps=20, batch_size=8, eval_examples=32, eval_every=100, save_every=20,
+                    distill_answer=1.0, task_loss=0.0, distill_hidden=[15, 30], distill_hidden_weight=0.5,
+                    mixed_precision="bf16")
+_PROSE_TEXT = dict(text=PROSE_TEXT, prompt_tokens=256, continuation_tokens=32, min_prompt_tokens=256,
+                   windows_per_text=0)
+
 ZOO: dict[str, ZooEntry] = {e.name: e for e in [
     ZooEntry(
         name="default-k2",
-        summary="K = 2 merger for the embedded SmolLM2-135M-Instruct, pretrained 360 steps of 8 on real code "
-                "and reviews (continuation distillation); narrow encoder (hidden 256), LoRA rank 8",
-        model=dict(k=2, encoder_hidden=256),
-        train=dict(steps=360, warmup_steps=10, batch_size=8, eval_examples=32, eval_every=60),
-        text=dict(text=SHARED_TEXT, text_field=("text", "new_contents"), prompt_tokens=64,
-                  continuation_tokens=16),
+        summary="K = 2 merger for the embedded SmolLM2-135M-Instruct, pretrained on general English prose "
+                "(Wikipedia and Project Gutenberg, 256-token prompts) by distilling the plain model's "
+                "continuation distributions and hidden states; narrow encoder (hidden 256), LoRA rank 8",
+        model=dict(k=2, encoder_hidden=256), train=_PROSE_TRAIN, text=_PROSE_TEXT,
+    ),
+    ZooEntry(
+        name="default-k4",
+        summary="K = 4 merger for the embedded SmolLM2-135M-Instruct, pretrained like default-k2 on general "
+                "English prose; narrow encoder (hidden 256), LoRA rank 8",
+        model=dict(k=4, encoder_hidden=256), train=_PROSE_TRAIN, text=_PROSE_TEXT,
     ),
 ]}
 
@@ -136,20 +152,26 @@ def folder_bytes(folder) -> int:
 # ---------------------------------------------------------------- build
 def build(entry: ZooEntry | str, out, *, into=None, text=None, base=None, tokenizer=None, device=None,
           dtype="float32", resume: bool = False, overwrite: bool = False, log=print,
-          command: str | None = None) -> tuple[Path, dict]:
+          command: str | None = None, steps: int | None = None, fidelity_text=FIDELITY_TEXT,
+          fidelity_reviews=FIDELITY_REVIEWS, fidelity_windows: int = 200) -> tuple[Path, dict]:
     """Build shipped merger ``entry`` (a :class:`ZooEntry` or a name in :data:`ZOO`).
 
-    Pretrains in run folder ``out`` (``resume`` / ``overwrite`` as for ``ktm pretrain``),
-    writes the slim copy to ``into / entry.name`` (default: the package's own
-    ``ktm/mergers``) with its card, and returns that folder and the card. ``text`` replaces
-    the entry's text sources (same settings otherwise); ``base`` / ``tokenizer`` replace
-    the entry's base model (tests use a tiny one)."""
+    Pretrains in run folder ``out`` (``resume`` / ``overwrite`` as for ``ktm pretrain``) until
+    step ``steps`` (default: the entry's; a long run is built in pieces, each resumed from the
+    last), writes the slim copy to ``into / entry.name`` (default: the package's own
+    ``ktm/mergers``) with its card, and returns that folder and the card. The card records the
+    text's SHA-256, the tokens seen, the hours, the held-out perplexities and the fidelity of
+    the slim copy (:func:`ktm.train.fidelity.fidelity`) on ``fidelity_windows`` windows of
+    ``fidelity_text`` and as many reviews of ``fidelity_reviews`` (each skipped when missing
+    or None). ``text`` replaces the entry's text sources (same settings otherwise); ``base`` /
+    ``tokenizer`` replace the entry's base model (tests use a tiny one)."""
     from .pretrain import pretrain_configs, pretrain_run
 
     entry = get_entry(entry) if isinstance(entry, str) else entry
     out = Path(out)
     text_opts = text_options(entry, text)
-    model_cfg, train_cfg = pretrain_configs(entry.recipe, entry.model, entry.train)
+    model_cfg, train_cfg = pretrain_configs(entry.recipe, entry.model,
+                                            {**entry.train, **({"steps": steps} if steps else {})})
     run, references = pretrain_run(model_cfg, train_cfg, text_opts, out, base=entry.base if base is None else base,
                                    tokenizer=tokenizer, device=device, dtype=dtype, resume=resume,
                                    overwrite=overwrite, log=log, record={"zoo": entry.name})
@@ -157,21 +179,9 @@ def build(entry: ZooEntry | str, out, *, into=None, text=None, base=None, tokeni
     held = held_out_perplexities(run.model, slim, text_opts, train_cfg, entry.save_dtype)
     held.update(plain_perplexity=references["plain_perplexity"],
                 no_prompt_perplexity=references["no_context_perplexity"])
-    history = run.trainer.history
-    card = {
-        "name": entry.name, "summary": entry.summary,
-        "command": command or f"ktm zoo build {entry.name} --out {out}",
-        "ktm_version": __version__, "built": time.strftime("%Y-%m-%d", time.gmtime()),
-        "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU threads, "
-                   f"torch {torch.__version__}, device {run.model.device}",
-        "base": read_config(slim)["base"], "k": run.model.k,
-        "settings": {"recipe": entry.recipe, "model": entry.model, "train": entry.train,
-                     "text": dataclasses.asdict(text_opts)},
-        "pretrain_steps": history[-1]["step"] if history else 0,
-        "pretrain_minutes": round(history[-1].get("elapsed_s", 0.0) / 60, 1) if history else None,
-        "held_out": held, "weights_dtype": entry.save_dtype, "bytes": folder_bytes(slim),
-    }
-    card = json.loads(json.dumps(card))  # as it reads back: lists, not tuples
+    measured = measure_fidelity(run.model, fidelity_text, fidelity_reviews, text_opts, fidelity_windows, log)
+    card = make_card(entry, run, text_opts, train_cfg, held, measured, folder_bytes(slim),
+                     command or f"ktm zoo build {entry.name} --out {out}", read_config(slim)["base"])
 
     def publish(tmp: Path) -> None:  # the measured slim copy itself, with its card
         shutil.copytree(slim, tmp, dirs_exist_ok=True)
@@ -184,6 +194,57 @@ def build(entry: ZooEntry | str, out, *, into=None, text=None, base=None, tokeni
         f"{held['plain_perplexity']:.3f}, no prompt {held['no_prompt_perplexity']:.3f}; "
         f"{card['bytes'] / 2**20:.1f} MiB in {shipped}")
     return shipped, card
+
+
+def make_card(entry: ZooEntry, run, text_opts, train_cfg, held: dict, measured: dict | None, size: int,
+              command: str, base: dict) -> dict:
+    """The card (``zoo.json``) of a build: how it was made, on what, for how long, and what it measured."""
+    history = run.trainer.history
+    steps = history[-1]["step"] if history else 0
+    hours = (history[-1].get("elapsed_s") or 0.0) / 3600 if history else 0.0
+    threads, cuda = torch.get_num_threads(), run.model.device.type == "cuda"
+    card = {
+        "name": entry.name, "summary": entry.summary, "command": command,
+        "ktm_version": __version__, "built": time.strftime("%Y-%m-%d", time.gmtime()),
+        "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU threads, "
+                   f"torch {torch.__version__}, device {run.model.device}",
+        "base": base, "k": run.model.k,
+        "settings": {"recipe": entry.recipe, "model": entry.model, "train": entry.train,
+                     "text": dataclasses.asdict(text_opts)},
+        "text_sha256": {Path(s).name: file_sha256(s) for s in text_opts.text if Path(s).is_file()},
+        "pretrain_steps": steps, "pretrain_minutes": round(hours * 60, 1),
+        "tokens_seen": steps * train_cfg.batch_size * (text_opts.prompt_tokens + text_opts.continuation_tokens),
+        "threads": threads, "gpu_hours" if cuda else "cpu_hours": round(hours * (1 if cuda else threads), 2),
+        "held_out": held, "fidelity": measured, "weights_dtype": entry.save_dtype, "bytes": size,
+    }
+    return json.loads(json.dumps(card))  # as it reads back: lists, not tuples
+
+
+def file_sha256(path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def measure_fidelity(model, text, reviews, text_opts, windows: int, log=print) -> dict | None:
+    """:func:`ktm.train.fidelity.fidelity` of ``model`` on ``windows`` held-out windows of ``text``
+    (cut as the pretraining's) and as many reviews of ``reviews``; None when ``text`` is missing."""
+    from ..tasks.amazon import read_reviews
+    from .fidelity import fidelity, fidelity_line, prose_windows
+
+    if not text or not Path(text).is_file():
+        log(f"zoo: no fidelity measured ({text} not found)")
+        return None
+    wins = prose_windows(text, model.tokenizer, text_opts.prompt_tokens, text_opts.continuation_tokens, windows,
+                         text_opts.text_field)
+    revs = read_reviews(Path(reviews))[:windows] if reviews and Path(reviews).is_file() else None
+    result = fidelity(model, wins, revs)
+    log("zoo fidelity: " + fidelity_line(result))
+    return result
 
 
 def text_options(entry: ZooEntry, text=None):
