@@ -107,3 +107,35 @@ def test_hidden_distillation_is_zero_for_the_teacher_itself_and_trains(make_mode
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
     with pytest.raises(ValueError, match="all_layers=True"):
         hidden_distillation_loss(m4, m4(prompts, answers, end_token=False), (), (1,))
+
+
+# ---------------------------------------------------------------- the command
+def test_the_command_prints_and_saves_the_numbers_of_the_library(base_dir, tmp_path, capsys):
+    from conftest import trained_checkpoint
+    from ktm import KTokenMerging
+    from ktm.cli import main
+
+    trained_checkpoint(tmp_path / "ckpt", base_dir, k=2)
+    text = write_prose(tmp_path / "dev.jsonl")
+    revs = tmp_path / "reviews.jsonl"
+    revs.write_text("".join(json.dumps({"rating": r, "text": f"fine {r} " * 4}) + "\n" for r in (1, 5, 4)))
+    args = ["fidelity", "--checkpoint", str(tmp_path / "ckpt"), "--text", str(text), "--windows", "3",
+            "--prompt-tokens", "30", "--continuation-tokens", "5", "--reviews", str(revs), "--review-windows", "2",
+            "--json", str(tmp_path / "f.json"), "--model", base_dir, "--device", "cpu", "--dtype", "float32",
+            "--threads", "1"]
+    assert main(args) == 0
+    saved = json.loads((tmp_path / "f.json").read_text())
+    assert "continuation perplexity" in capsys.readouterr().out
+    m = KTokenMerging.from_pretrained(tmp_path / "ckpt", base=base_dir, device="cpu", dtype="float32")
+    want = fidelity(m, prose_windows(text, m.tokenizer, 30, 5, 3), reviews_of(revs)[:2], progress=False)
+    assert saved["windows"] == 3 and saved["amazon"]["reviews"] == 2
+    for key in ("merged_perplexity", "plain_perplexity", "top1_agreement", "kl_per_token"):
+        assert saved[key] == pytest.approx(want[key], rel=1e-5)
+    assert main(args[:-2] + ["--threads", "0"]) == 2  # a one-line argparse error
+    assert main(["fidelity", "--checkpoint", str(tmp_path / "nothing"), "--text", str(text)]) == 2
+
+
+def reviews_of(path):
+    from ktm.tasks.amazon import read_reviews
+
+    return read_reviews(path)

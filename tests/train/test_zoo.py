@@ -11,7 +11,7 @@ from test_pretrain import write_texts
 from ktm import KTokenMerging, checkpoint
 from ktm.checkpoint import CheckpointError, read_config, resolve_folder
 from ktm.cli import main
-from ktm.train.zoo import CARD_NAME, ZOO, ZooEntry, build, describe_shipped, write_slim
+from ktm.train.zoo import CARD_NAME, ZOO, ZooEntry, build, describe_shipped, file_sha256, write_slim
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -96,8 +96,17 @@ def tiny_entry(text, base_dir, steps=4):
 def test_build_pretrains_slims_measures_and_a_task_starts_from_it(base_dir, tmp_path, monkeypatch, capsys):
     text = write_texts(tmp_path / "text")
     entry = tiny_entry(text, base_dir)
-    folder, card = build(entry, tmp_path / "run", into=tmp_path / "mergers", device="cpu", log=lambda *a: None)
+    reviews = tmp_path / "reviews.jsonl"
+    reviews.write_text("".join(json.dumps({"rating": r, "text": f"it is {w}"}) + "\n"
+                               for r, w in ((1, "bad"), (5, "good"), (4, "fine"))))
+    measured = dict(fidelity_text=str(text / "train.jsonl"), fidelity_reviews=str(reviews), fidelity_windows=3)
+    folder, card = build(entry, tmp_path / "run", into=tmp_path / "mergers", device="cpu", log=lambda *a: None,
+                         **measured)
     assert folder == tmp_path / "mergers" / "tiny-k2" and not (tmp_path / "run" / "slim").exists()
+    fid = card["fidelity"]
+    assert fid["windows"] == 3 and fid["perplexity_ratio"] > 0 and 0 <= fid["top1_agreement"] <= 1
+    assert fid["amazon"]["reviews"] == 3 and card["tokens_seen"] == 4 * 4 * (24 + 8)
+    assert card["text_sha256"] == {"train.jsonl": file_sha256(text / "train.jsonl")} and card["cpu_hours"] >= 0
     assert json.loads((folder / CARD_NAME).read_text()) == card
     assert card["k"] == 2 and card["pretrain_steps"] == 4 and card["weights_dtype"] == "bfloat16"
     held = card["held_out"]
@@ -113,7 +122,8 @@ def test_build_pretrains_slims_measures_and_a_task_starts_from_it(base_dir, tmp_
     assert all(torch.equal(got[k], want[k].to(torch.bfloat16).float()) for k in want)
     # building again from the finished run (--resume) trains nothing more: the same files
     before = read_config(folder)["files"]
-    build(entry, tmp_path / "run", into=tmp_path / "mergers", device="cpu", resume=True, log=lambda *a: None)
+    build(entry, tmp_path / "run", into=tmp_path / "mergers", device="cpu", resume=True, log=lambda *a: None,
+          **measured)
     assert read_config(folder)["files"] == before
     # a task starts from it by name
     monkeypatch.setattr(checkpoint, "MERGERS_DIR", tmp_path / "mergers")

@@ -8,11 +8,11 @@ import argparse
 import errno
 import sys
 
-from . import data, evaluate, experiments, generate, llamacpp, pretrain, serving, train, zoo
+from . import data, evaluate, experiments, fidelity, generate, llamacpp, pretrain, serving, train, zoo
 
 
 #: the command groups, in the order ``ktm --help`` lists them (then ``bench``)
-COMMANDS = (data, train, pretrain, zoo, evaluate, generate, experiments, serving, llamacpp)
+COMMANDS = (data, train, pretrain, zoo, fidelity, evaluate, generate, experiments, serving, llamacpp)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         if e.code in (0, None):
             raise
         return e.code if isinstance(e.code, int) else 2
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         return args.func(args) or 0
     except Exception as e:

@@ -82,6 +82,13 @@ def add_base_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
     g.add_argument("--dtype", default="auto", help="float32, bfloat16 or auto (bf16 on GPU; default: auto)")
     g.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
+    add_threads_arg(g)
+
+
+def add_threads_arg(group) -> None:
+    group.add_argument("--threads", type=positive_int, default=None,
+                       help="CPU threads for PyTorch (default: its own choice, all cores); --threads 1 holds a "
+                            "long run to one core and leaves the others free")
 
 
 def tasks_from(args) -> list:

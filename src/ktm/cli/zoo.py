@@ -1,10 +1,11 @@
 """``ktm zoo list|build``: the pretrained mergers that ship with ktm (``ktm.train.zoo``)."""
 
-
+from .options import add_threads_arg, positive_int
 
 
 def cmd_zoo_list(args) -> int:
     from .. import checkpoint
+    from ..train.fidelity import fidelity_line
     from ..train.zoo import describe_shipped
 
     rows = describe_shipped()
@@ -25,6 +26,11 @@ def cmd_zoo_list(args) -> int:
             print(f"  {r['summary']}")
         if ppl:
             print(f"  held-out continuation perplexity: {ppl}")
+        if r.get("fidelity"):
+            print(f"  fidelity on held-out prose: {fidelity_line(r['fidelity'])}")
+        if r.get("tokens_seen"):
+            print(f"  pretrained on {r['tokens_seen'] / 1e6:.1f} M tokens of {', '.join(r['text'])} "
+                  f"({r['pretrain_steps']} steps, {r['hours']})")
         if r["command"]:
             print(f"  rebuilt by: {r['command']}")
         print(f"  start a task from it: ktm train --init-from zoo:{r['name']} --k {r['k']} ...")
@@ -39,7 +45,7 @@ def cmd_zoo_build(args) -> int:
     command = f"ktm zoo build {args.name} --out {args.out}"
     folder, card = build(args.name, args.out, into=args.into, text=args.text, base=args.model, device=args.device,
                          dtype=args.dtype, resume=args.resume, overwrite=args.overwrite, log=tqdm.write,
-                         command=command)
+                         command=command, steps=args.steps, fidelity_windows=args.fidelity_windows)
     print(f"wrote {folder} ({card['bytes'] / 2**20:.1f} MiB); use it as --init-from zoo:{args.name} "
           f"(or --init-from {folder})")
     return 0
@@ -67,4 +73,10 @@ def add_parser(sub) -> None:
     zb.add_argument("--model", default=None, help="base model (default: the one recorded, the embedded SmolLM2)")
     zb.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
     zb.add_argument("--dtype", default="float32", help="training dtype (default: float32, as recorded)")
+    zb.add_argument("--steps", type=positive_int, default=None,
+                    help="pretrain until this step and publish (default: the recorded total); a long run is "
+                         "built in pieces, each continuing the last with --resume")
+    zb.add_argument("--fidelity-windows", type=positive_int, default=200,
+                    help="held-out prose windows and reviews on which the card's fidelity is measured")
+    add_threads_arg(zb)
     zb.set_defaults(func=cmd_zoo_build)

@@ -115,7 +115,9 @@ def cut_windows(offsets: list[tuple[int, int]], opts: TextOptions) -> list[tuple
     return out
 
 
-def _files(source: Path) -> list[Path]:
+def source_files(source: Path) -> list[Path]:
+    """The files a local text source names: itself, or a folder's .jsonl and .txt files (sorted, not
+    recursive) but its held-out splits."""
     if source.is_file():
         return [source]
     if not source.is_dir():
@@ -155,7 +157,7 @@ def read_texts(source: str | Path, opts: TextOptions):
     if is_hub_id(source):
         yield from _hub_texts(str(source), opts.text_field, opts.max_texts or HUB_TEXTS)
         return
-    for path in _files(Path(source)):
+    for path in source_files(Path(source)):
         texts = _jsonl_texts(path, opts.text_field) if path.suffix == ".jsonl" else \
             iter([(str(path), path.read_text(encoding="utf-8"))])
         yield from itertools.islice(texts, opts.max_texts or None)

@@ -211,13 +211,21 @@ def make_card(entry: ZooEntry, run, text_opts, train_cfg, held: dict, measured: 
         "base": base, "k": run.model.k,
         "settings": {"recipe": entry.recipe, "model": entry.model, "train": entry.train,
                      "text": dataclasses.asdict(text_opts)},
-        "text_sha256": {Path(s).name: file_sha256(s) for s in text_opts.text if Path(s).is_file()},
+        "text_sha256": text_hashes(text_opts.text),
         "pretrain_steps": steps, "pretrain_minutes": round(hours * 60, 1),
         "tokens_seen": steps * train_cfg.batch_size * (text_opts.prompt_tokens + text_opts.continuation_tokens),
         "threads": threads, "gpu_hours" if cuda else "cpu_hours": round(hours * (1 if cuda else threads), 2),
         "held_out": held, "fidelity": measured, "weights_dtype": entry.save_dtype, "bytes": size,
     }
     return json.loads(json.dumps(card))  # as it reads back: lists, not tuples
+
+
+def text_hashes(sources) -> dict[str, str]:
+    """SHA-256 of every local file the text sources name (a Hub dataset id has none)."""
+    from ..tasks.hub import is_hub_id
+    from ..tasks.text import source_files
+
+    return {p.name: file_sha256(p) for s in sources if not is_hub_id(s) for p in source_files(Path(s))}
 
 
 def file_sha256(path) -> str:
@@ -232,17 +240,22 @@ def file_sha256(path) -> str:
 
 def measure_fidelity(model, text, reviews, text_opts, windows: int, log=print) -> dict | None:
     """:func:`ktm.train.fidelity.fidelity` of ``model`` on ``windows`` held-out windows of ``text``
-    (cut as the pretraining's) and as many reviews of ``reviews``; None when ``text`` is missing."""
+    (cut as the pretraining's) and as many reviews of ``reviews``; None (with a log line) when
+    ``text`` is missing or its texts or the reviews do not fit."""
     from ..tasks.amazon import read_reviews
     from .fidelity import fidelity, fidelity_line, prose_windows
 
     if not text or not Path(text).is_file():
         log(f"zoo: no fidelity measured ({text} not found)")
         return None
-    wins = prose_windows(text, model.tokenizer, text_opts.prompt_tokens, text_opts.continuation_tokens, windows,
-                         text_opts.text_field)
-    revs = read_reviews(Path(reviews))[:windows] if reviews and Path(reviews).is_file() else None
-    result = fidelity(model, wins, revs)
+    try:  # after hours of pretraining, a text that does not fit must not lose the build
+        wins = prose_windows(text, model.tokenizer, text_opts.prompt_tokens, text_opts.continuation_tokens,
+                             windows, text_opts.text_field)
+        revs = read_reviews(Path(reviews))[:windows] if reviews and Path(reviews).is_file() else None
+        result = fidelity(model, wins, revs)
+    except ValueError as e:
+        log(f"zoo: no fidelity measured: {e}")
+        return None
     log("zoo fidelity: " + fidelity_line(result))
     return result
 
@@ -289,6 +302,12 @@ def read_card(name: str) -> dict:
         raise CheckpointError(f"{card} is corrupt ({e})") from e
 
 
+def hours_text(card: dict) -> str:
+    """How long a card's pretraining ran, e.g. ``2.5 CPU hours``."""
+    parts = [f"{card[k]:g} {name} hours" for k, name in (("cpu_hours", "CPU"), ("gpu_hours", "GPU")) if card.get(k)]
+    return ", ".join(parts) or f"{card.get('pretrain_minutes', '?')} minutes"
+
+
 def describe_shipped() -> list[dict]:
     """One row per shipped merger: name, K, base reference, size, dtype and the card's numbers."""
     rows = []
@@ -298,7 +317,10 @@ def describe_shipped() -> list[dict]:
         rows.append({"name": name, "k": meta["model"]["k"], "base": meta["base"]["reference"],
                      "weights_dtype": meta.get("weights_dtype", "float32"),
                      "bytes": folder_bytes(folder), "summary": card.get("summary", ""),
-                     "held_out": card.get("held_out", {}), "command": card.get("command", "")})
+                     "held_out": card.get("held_out", {}), "command": card.get("command", ""),
+                     "fidelity": card.get("fidelity"), "tokens_seen": card.get("tokens_seen"),
+                     "pretrain_steps": card.get("pretrain_steps"), "text": sorted(card.get("text_sha256", {})),
+                     "hours": hours_text(card)})
     return rows
 
 
