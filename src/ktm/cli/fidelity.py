@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-from ..config import add_arguments, overrides
+from ..arguments import add_arguments, overrides
 from .options import HelpFormatter, add_base_args
 
 
