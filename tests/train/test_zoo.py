@@ -209,3 +209,29 @@ def test_the_amazon_demo_points_to_the_shipped_merger(monkeypatch, tmp_path):
     assert shipped_merger_hint("x", AMAZON_DEMO, model="some/other-model") is None
     monkeypatch.setattr(checkpoint, "MERGERS_DIR", tmp_path)
     assert shipped_merger_hint("x", AMAZON_DEMO) is None
+
+
+def test_a_build_without_its_checkpoint_continues_from_the_published_merger(base_dir, tmp_path):
+    """A fresh clone has the published slim merger and its card, not the run folder: --resume
+    continues from them at the card's step, with the optimiser state restarted."""
+    import dataclasses
+
+    text = write_texts(tmp_path / "text")
+    entry = tiny_entry(text, base_dir, steps=4)
+    quiet = dict(into=tmp_path / "mergers", device="cpu", fidelity_text=None)
+    lines = []
+    _, first = build(entry, tmp_path / "run1", log=lines.append, **quiet)
+    folder, card = build(entry, tmp_path / "run2", resume=True, steps=6, log=lines.append, **quiet)
+    assert card["pretrain_steps"] == 6 and card["restarts"] == [4]
+    assert [r["step"] for r in card["history"]][:len(first["history"])] == [r["step"] for r in first["history"]]
+    assert any("continuing from" in str(x) for x in lines)
+    run2 = json.loads((tmp_path / "run2" / "checkpoint" / "trainer_state.json").read_text())
+    assert run2["step"] == 6
+    # the weights moved on from the published ones
+    before = KTokenMerging.from_pretrained(tmp_path / "run1" / "model", device="cpu", dtype="float32")
+    after = KTokenMerging.from_pretrained(folder, device="cpu", dtype="float32")
+    assert any(not torch.equal(a, b) for a, b in zip(trainable_state(before).values(), trainable_state(after).values()))
+    # other settings: no continuation, a run from scratch
+    other = dataclasses.replace(entry, train={**entry.train, "lr": 5e-3})
+    _, card = build(other, tmp_path / "run3", resume=True, steps=2, log=lines.append, **quiet)
+    assert card["pretrain_steps"] == 2 and card["restarts"] == []

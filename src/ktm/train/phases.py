@@ -130,7 +130,8 @@ def train_run(model_cfg: ModelConfig, train_cfg: TrainConfig, tasks: Task | list
               trust_remote_code: bool | None = None, resume: bool = False, overwrite: bool = False,
               init_from=None, init_adapter_from=None, thresholds: list[float | None] | None = None,
               threshold: float | None = None, final_threshold: float | None = None, max_rounds: int = 3,
-              record: dict | None = None, log=tqdm.write, given: dict | None = None) -> RunResult:
+              record: dict | None = None, log=tqdm.write, given: dict | None = None,
+              start: tuple[int, list] | None = None) -> RunResult:
     """Train one run in folder ``out``; returns the model, the trainer and the final model's folder.
 
     ``tasks``: one task, or several for a curriculum (``train_cfg.steps`` steps per round;
@@ -144,6 +145,8 @@ def train_run(model_cfg: ModelConfig, train_cfg: TrainConfig, tasks: Task | list
     by one) is how every model of the run loads, teacher and smaller models included.
     ``given``: the model options the caller set explicitly (the CLI's flags), refused when they
     differ from the settings of the model ``init_from`` loads (:func:`check_init_options`).
+    ``start``: ``(step, history)`` where a run without a checkpoint continues from the weights of
+    ``init_from`` alone (:meth:`Trainer.continue_from`; a checkpoint in ``out`` wins with ``resume``).
     """
     runtime = runtime or Runtime(base, device, dtype, trust_remote_code)
     tasks = [tasks] if isinstance(tasks, Task) else list(tasks)
@@ -168,11 +171,11 @@ def train_run(model_cfg: ModelConfig, train_cfg: TrainConfig, tasks: Task | list
             clean_stale(out, name)
         return _train_in(out, model_cfg, train_cfg, tasks, runtime, resume=resume, init_from=init_from,
                          init_adapter_from=init_adapter_from, thresholds=thresholds, max_rounds=max_rounds,
-                         record=record, log=log)
+                         record=record, log=log, start=start)
 
 
 def _train_in(out: Path, model_cfg, train_cfg, tasks, runtime: Runtime, *, resume, init_from,
-              init_adapter_from, thresholds, max_rounds, record, log) -> RunResult:
+              init_adapter_from, thresholds, max_rounds, record, log, start=None) -> RunResult:
     model_cfg, train_cfg = prepare_phases(tasks, out, model_cfg, train_cfg, runtime, log=log)
     if process_rank() == 0:
         save_json(out / "run_config.json", {"model": to_dict(model_cfg), "train": to_dict(train_cfg),
@@ -180,7 +183,10 @@ def _train_in(out: Path, model_cfg, train_cfg, tasks, runtime: Runtime, *, resum
     model = build_model(model_cfg, runtime, seed=train_cfg.seed, init_from=init_from,
                         init_adapter_from=init_adapter_from, grow_from=train_cfg.grow_from)
     trainer = Trainer(model, train_cfg, output_dir=out, log=log, teacher=load_run_teacher(train_cfg, model, runtime))
-    if resume and not trainer.resume():
+    resumed = resume and trainer.resume()
+    if start and not resumed:
+        trainer.continue_from(*start)
+    elif resume and not resumed:
         log(f"no checkpoint in {out}; starting from scratch")
     if len(tasks) > 1:
         stages = list(zip(tasks, thresholds or [None] * len(tasks)))

@@ -113,6 +113,7 @@ class Trainer:
     teacher: object = None  # K = 1 KTokenMerging for distillation/alignment (default: cfg.teacher)
     schedule_cycle: tuple = (0, None)  # (start, span) of the cosine cycle: the whole run by default
     on_evaluate: object = None  # called with each evaluation's history row (e.g. to probe or stop early)
+    restart: int | None = None  # the step a run continued from without its optimiser state (continue_from)
     # runtime state, set up in __post_init__ and by fit
     accelerator: object = field(init=False, default=None, repr=False)
     optimizer: object = field(init=False, default=None, repr=False)
@@ -180,8 +181,11 @@ class Trainer:
         # wall time counts on across fit calls (curricula) and resumes: carried from the history
         self.fit_start = t0 - (self.history[-1].get("elapsed_s") or 0.0 if self.history else 0.0)
         while self.step < end:
+            factor = lr_factor(self.step, cfg, *self.schedule_cycle)
+            if self.restart is not None and cfg.warmup_steps:  # fresh AdamW moments: warm up again
+                factor *= min(1.0, (self.step - self.restart + 1) / cfg.warmup_steps)
             for g in self.optimizer.param_groups:
-                g["lr"] = g["base_lr"] * lr_factor(self.step, cfg, *self.schedule_cycle)
+                g["lr"] = g["base_lr"] * factor
             # every process draws the same global batch and takes its own share
             idx = batch_indices(train, self.step, cfg, labels, size=cfg.batch_size * world)
             batch = [train[i] for i in process_share(idx, world, rank)]
@@ -326,6 +330,18 @@ class Trainer:
         if self.is_main:
             self.log(f"resumed from {ckpt} at step {self.step}")
         return True
+
+    def continue_from(self, step: int, history: list[dict]) -> None:
+        """Continue a run at global ``step`` from weights alone (e.g. a shipped bf16 merger and its
+        card's ``history``), without its optimiser state or random state: the batches are those
+        the uninterrupted run would take from ``step`` on (they depend on the step only), the
+        AdamW moments start from zero and the learning rate warms up again over
+        ``cfg.warmup_steps``. Less exact than :meth:`resume`; ``docs/RECIPES.md`` measures it."""
+        self.step, self.history, self.restart = step, list(history), step
+        self.extra_state.setdefault("restarts", []).append(step)
+        if self.is_main:
+            self.log(f"continuing at step {step} from weights alone: optimiser state restarts, "
+                     f"learning rate warms up over {self.cfg.warmup_steps} steps")
 
     def _apply_changed_settings(self, saved: dict) -> None:
         """Settings given anew on resume win over the checkpoint's: the learning rates are

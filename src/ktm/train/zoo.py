@@ -46,6 +46,7 @@ from ..checkpoint import (
     write_dir,
 )
 from ..config import save_json
+from .trainer import CHECKPOINT_DIR, STATE_NAME
 
 #: the card each shipped merger carries: how it was built, what it measured
 CARD_NAME = "zoo.json"
@@ -158,7 +159,8 @@ def build(entry: ZooEntry | str, out, *, into=None, text=None, base=None, tokeni
 
     Pretrains in run folder ``out`` (``resume`` / ``overwrite`` as for ``ktm pretrain``) until
     step ``steps`` (default: the entry's; a long run is built in pieces, each resumed from the
-    last), writes the slim copy to ``into / entry.name`` (default: the package's own
+    last; where ``out`` holds no checkpoint, ``resume`` continues from the published merger's
+    weights and card, :func:`continue_shipped`), writes the slim copy to ``into / entry.name`` (default: the package's own
     ``ktm/mergers``) with its card, and returns that folder and the card. The card records the
     text's SHA-256, the tokens seen, the hours, the held-out perplexities and the fidelity of
     the slim copy (:func:`ktm.train.fidelity.fidelity`) on ``fidelity_windows`` windows of
@@ -172,9 +174,11 @@ def build(entry: ZooEntry | str, out, *, into=None, text=None, base=None, tokeni
     text_opts = text_options(entry, text)
     model_cfg, train_cfg = pretrain_configs(entry.recipe, entry.model,
                                             {**entry.train, **({"steps": steps} if steps else {})})
+    has_checkpoint = (out / CHECKPOINT_DIR / STATE_NAME).is_file()
+    start = continue_shipped(entry, into, log) if resume and not has_checkpoint else {}
     run, references = pretrain_run(model_cfg, train_cfg, text_opts, out, base=entry.base if base is None else base,
                                    tokenizer=tokenizer, device=device, dtype=dtype, resume=resume,
-                                   overwrite=overwrite, log=log, record={"zoo": entry.name})
+                                   overwrite=overwrite, log=log, record={"zoo": entry.name}, **start)
     slim = write_slim(run.path, out / "slim", dtype=entry.save_dtype)
     held = held_out_perplexities(run.model, slim, text_opts, train_cfg, entry.save_dtype)
     held.update(plain_perplexity=references["plain_perplexity"],
@@ -194,6 +198,26 @@ def build(entry: ZooEntry | str, out, *, into=None, text=None, base=None, tokeni
         f"{held['plain_perplexity']:.3f}, no prompt {held['no_prompt_perplexity']:.3f}; "
         f"{card['bytes'] / 2**20:.1f} MiB in {shipped}")
     return shipped, card
+
+
+def continue_shipped(entry: ZooEntry, into=None, log=print) -> dict:
+    """Where a build with ``resume`` has no checkpoint (a new machine, a fresh clone): continue
+    from the published merger ``entry.name`` when its card was built with the entry's recipe,
+    model and training settings, as ``pretrain_run``'s ``init_from`` and ``start`` (its step and
+    evaluation history; :meth:`ktm.train.trainer.Trainer.continue_from`). ``{}`` otherwise."""
+    folder = Path(into or checkpoint.MERGERS_DIR) / entry.name
+    try:
+        card = json.loads((folder / CARD_NAME).read_text())
+    except (OSError, ValueError):
+        return {}
+    wanted = json.loads(json.dumps({"recipe": entry.recipe, "model": entry.model, "train": entry.train}))
+    settings = card.get("settings", {})
+    if any(settings.get(k) != v for k, v in wanted.items()) or not card.get("pretrain_steps") or \
+            not card.get("history"):
+        log(f"zoo: {folder} was built with other settings (or has no history): starting from scratch")
+        return {}
+    log(f"zoo: no checkpoint to resume; continuing from {folder} at step {card['pretrain_steps']}")
+    return {"init_from": str(folder), "start": (card["pretrain_steps"], card["history"])}
 
 
 def make_card(entry: ZooEntry, run, text_opts, train_cfg, held: dict, measured: dict | None, size: int,
@@ -216,6 +240,7 @@ def make_card(entry: ZooEntry, run, text_opts, train_cfg, held: dict, measured: 
         "tokens_seen": steps * train_cfg.batch_size * (text_opts.prompt_tokens + text_opts.continuation_tokens),
         "threads": threads, "gpu_hours" if cuda else "cpu_hours": round(hours * (1 if cuda else threads), 2),
         "held_out": held, "fidelity": measured, "weights_dtype": entry.save_dtype, "bytes": size,
+        "restarts": run.trainer.extra_state.get("restarts", []), "history": history,
     }
     return json.loads(json.dumps(card))  # as it reads back: lists, not tuples
 
