@@ -8,7 +8,7 @@ import dataclasses
 import types
 import typing
 
-from .config import literal_choices
+from .typecheck import literal_choices
 
 
 def _base_type(tp):
