@@ -31,13 +31,14 @@ def batches(tokenizer, path: str, steps: int, batch: int, prompt: int, cont: int
 
 
 def step(model, opt, chunk, bf16: bool, layers) -> tuple[float, dict]:
+    from ktm.config import LossWeights
     from ktm.train.objectives import add_auxiliary
 
     t0 = time.perf_counter()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         out = model([e.prompt for e in chunk], [e.answer for e in chunk], all_layers=True, end_token=False)
-        out = add_auxiliary(model, out, distill_answer=1.0, task_loss=0.0, distill_hidden=layers,
-                            distill_hidden_weight=0.5)
+        out = add_auxiliary(model, out, LossWeights(distill_answer=1.0, task_loss=0.0, distill_hidden=layers,
+                                                    distill_hidden_weight=0.5))
     out.loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()

@@ -11,7 +11,7 @@ below are its public surface.
 __version__ = "0.1.0"
 
 from .checkpoint import CheckpointError  # noqa: E402
-from .config import ModelConfig, Runtime, TrainConfig  # noqa: E402
+from .config import LossWeights, ModelConfig, Runtime, TrainConfig  # noqa: E402
 from .model import KTokenMerging, PromptError, PromptTooLong  # noqa: E402
 from .model.encoder import MergeEncoder  # noqa: E402
 from .serve.serving import PromptEncoder  # noqa: E402
@@ -21,5 +21,5 @@ from .train.phases import train_run  # noqa: E402
 from .train.recipes import get_recipe  # noqa: E402
 
 __all__ = ["KTokenMerging", "MergeEncoder", "CheckpointError", "PromptError", "PromptTooLong", "ModelConfig",
-           "TrainConfig", "Runtime", "train_run", "get_recipe", "evaluate", "TASKS", "TreeTask", "PromptEncoder",
+           "TrainConfig", "LossWeights", "Runtime", "train_run", "get_recipe", "evaluate", "TASKS", "TreeTask", "PromptEncoder",
            "__version__"]

@@ -119,6 +119,45 @@ class ModelConfig:
         self.lora_targets = tuple(self.lora_targets)
 
 
+@dataclass(frozen=True)
+class LossWeights:
+    """The weight of each loss term of a training step (:func:`ktm.train.objectives.add_auxiliary`);
+    the fields are :class:`TrainConfig`'s of the same names, which document them."""
+
+    task_loss: float = 1.0
+    reconstruct: float = 0.0
+    reconstruct_rows: int = 0
+    distill: float = 0.0
+    distill_answer: float = 0.0
+    distill_hidden: tuple[int, ...] = ()
+    distill_hidden_weight: float = 1.0
+    align: float = 0.0
+    align_mode: AlignMode = "cosine"
+
+    def __post_init__(self):
+        check_types(self)
+
+    @property
+    def hidden(self) -> bool:
+        """Whether hidden-state distillation is on."""
+        return bool(self.distill_hidden and self.distill_hidden_weight)
+
+    @property
+    def all_layers(self) -> bool:
+        """Whether the forward pass must return every layer's hidden states."""
+        return bool(self.align) or self.hidden
+
+    @property
+    def auxiliary(self) -> bool:
+        """Whether any term besides the task loss is on."""
+        return bool(self.reconstruct or self.distill or self.align or self.distill_answer or self.hidden)
+
+    @property
+    def trains(self) -> bool:
+        """Whether some term has a weight."""
+        return bool(self.task_loss) or self.auxiliary
+
+
 @dataclass
 class TrainConfig:
     """One training run (a recipe fills the learning-rate fields)."""
@@ -188,6 +227,10 @@ class TrainConfig:
         default=None)
     phase_rounds: int = _help("most rounds of a phase with phase_threshold", default=3)
 
+    def loss_weights(self) -> "LossWeights":
+        """The loss terms' weights of this run, as one object for :func:`ktm.train.objectives.add_auxiliary`."""
+        return LossWeights(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LossWeights)})
+
     def __post_init__(self):
         check_types(self)
         for name in ("steps", "batch_size", "grad_accum"):
@@ -209,8 +252,7 @@ class TrainConfig:
         if 0 in self.distill_hidden:
             raise ValueError("distill_hidden counts layers from 1 (the first) or from -1 (the last); "
                              "0 (the input embeddings) is not a layer")
-        if not (self.task_loss or self.distill_answer or self.distill or self.align or self.reconstruct
-                or (self.distill_hidden and self.distill_hidden_weight)):
+        if not self.loss_weights().trains:
             raise ValueError("task_loss is 0 and no auxiliary loss is on: nothing to train")
         if self.align_mode not in ALIGN_MODES:
             raise ValueError(f"align_mode must be one of {ALIGN_MODES}, got {self.align_mode!r}")

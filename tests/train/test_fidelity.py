@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from ktm.config import TrainConfig
+from ktm.config import LossWeights, TrainConfig
 from ktm.train.fidelity import FidelityOptions, compare_answers, fidelity, fidelity_line, plain_answer_logits, \
     merged_answer_logits, prose_windows
 from ktm.train.objectives import add_auxiliary, hidden_distillation_loss, layer_indices
@@ -94,12 +94,11 @@ def test_layer_indices():
 def test_hidden_distillation_is_zero_for_the_teacher_itself_and_trains(make_model):
     prompts, answers = ["abcdefgh", "hello there"], ["xyz", "ok"]
     m = make_model(k=1)  # student == teacher at initialisation
-    out = add_auxiliary(m, m(prompts, answers, all_layers=True, end_token=False), distill_answer=0.0,
-                        task_loss=1.0, distill_hidden=(1, -1))
+    out = add_auxiliary(m, m(prompts, answers, all_layers=True, end_token=False), LossWeights(distill_hidden=(1, -1)))
     assert float(out.parts["distill_hidden"]) == pytest.approx(0.0, abs=1e-5)
     m4 = make_model(k=4).train()
     out = m4(prompts, answers, all_layers=True, end_token=False)
-    out = add_auxiliary(m4, out, task_loss=0.0, distill_hidden=(-1,), distill_hidden_weight=2.0)
+    out = add_auxiliary(m4, out, LossWeights(task_loss=0.0, distill_hidden=(-1,), distill_hidden_weight=2.0))
     assert float(out.parts["distill_hidden"]) > 0
     assert float(out.loss.detach()) == pytest.approx(2.0 * float(out.parts["distill_hidden"]))
     out.loss.backward()

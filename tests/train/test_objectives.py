@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ktm.config import LossWeights
 from ktm.model.blocks import num_blocks
 from ktm.train.objectives import (
     RECON_CUE,
@@ -21,10 +22,10 @@ PROMPTS = ["abcdefghij", "xyz", "hello world!"]
 ANSWERS = ["yes", "no", "maybe"]
 
 
-def run(model, **aux):
+def run(model, teacher=None, **aux):
     """A forward pass on PROMPTS / ANSWERS with the auxiliary terms added, as the trainer does."""
     out = model(PROMPTS, ANSWERS, all_layers=bool(aux.get("align")))
-    return add_auxiliary(model, out, **aux)
+    return add_auxiliary(model, out, LossWeights(**aux), teacher=teacher)
 
 
 @given(st.lists(st.integers(1, 40), min_size=1, max_size=6), st.integers(1, 9))
@@ -243,9 +244,9 @@ def test_forward_returns_the_task_loss_and_the_auxiliary_terms_add_to_it(make_mo
     out = m(PROMPTS, ANSWERS, all_layers=True)
     assert out.parts == {"task": out.loss.detach()} and len(out.hidden_states) == 3  # embeddings + 2 layers
     assert [len(x) for x in out.prompt_ids] == [len(p) for p in PROMPTS] and len(out.merged) == 3
-    both = add_auxiliary(m, out, distill=0.5, align=2.0)
+    both = add_auxiliary(m, out, LossWeights(distill=0.5, align=2.0))
     total = out.loss + 0.5 * both.parts["distill"] + 2.0 * both.parts["align"]
     torch.testing.assert_close(both.loss, total)
-    assert add_auxiliary(m, out) is out
+    assert add_auxiliary(m, out, LossWeights()) is out
     with pytest.raises(ValueError, match="all_layers=True"):
-        add_auxiliary(m, m(PROMPTS, ANSWERS), align=1.0)
+        add_auxiliary(m, m(PROMPTS, ANSWERS), LossWeights(align=1.0))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ktm.cli import main
-from ktm.config import TrainConfig
+from ktm.config import LossWeights, TrainConfig
 from ktm.model import KTokenMerging
 from ktm.train.objectives import add_auxiliary, answer_teacher_ids
 from ktm.train.pretrain import pretrain_configs
@@ -128,11 +128,11 @@ def test_without_the_end_token_the_answer_tokens_are_the_targets(make_model):
 @pytest.mark.parametrize("end", [True, False])
 def test_answer_distillation_is_zero_when_the_student_reads_what_the_teacher_reads(make_model, end):
     plain = make_model(k=1)  # K = 1, mean-initialised encoder, LoRA at zero: the base model itself
-    out = add_auxiliary(plain, plain(PROMPTS, CONTS, end_token=end), distill_answer=1.0, task_loss=0.0)
+    out = add_auxiliary(plain, plain(PROMPTS, CONTS, end_token=end), LossWeights(distill_answer=1.0, task_loss=0.0))
     assert float(out.parts["distill_answer"]) == pytest.approx(0.0, abs=1e-5)
     assert float(out.loss.detach()) == pytest.approx(0.0, abs=1e-5)
     merged = make_model(k=4)
-    out = add_auxiliary(merged, merged(PROMPTS, CONTS, end_token=end), distill_answer=1.0, task_loss=0.0)
+    out = add_auxiliary(merged, merged(PROMPTS, CONTS, end_token=end), LossWeights(distill_answer=1.0, task_loss=0.0))
     assert float(out.parts["distill_answer"]) > 1e-3
     out.loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in merged.encoder.parameters())
@@ -141,8 +141,8 @@ def test_answer_distillation_is_zero_when_the_student_reads_what_the_teacher_rea
 def test_one_teacher_pass_serves_prompt_and_answer_distillation(make_model):
     m = make_model(k=2)
     out = m(PROMPTS, CONTS, end_token=False, all_layers=True)
-    alone = add_auxiliary(m, out, distill=1.0, align=1.0)
-    both = add_auxiliary(m, out, distill=1.0, align=1.0, distill_answer=0.5, task_loss=0.25)
+    alone = add_auxiliary(m, out, LossWeights(distill=1.0, align=1.0))
+    both = add_auxiliary(m, out, LossWeights(distill=1.0, align=1.0, distill_answer=0.5, task_loss=0.25))
     for name in ("distill", "align"):
         torch.testing.assert_close(both.parts[name], alone.parts[name], rtol=1e-5, atol=1e-6)
     expected = 0.25 * out.loss + both.parts["distill"] + both.parts["align"] + 0.5 * both.parts["distill_answer"]

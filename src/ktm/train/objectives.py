@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model.blocks import answer_targets, check_k, concat_right_padded, num_blocks, pad_sequences
-from ..config import ALIGN_MODES
+from ..config import ALIGN_MODES, LossWeights
 
 RECON_CUE = "\nRepeat:\n"
 
@@ -315,49 +315,46 @@ def reconstruction_loss(model, prompt_ids: list[list[int]], merged: list[torch.T
     return F.cross_entropy(logits, targets)
 
 
-def add_auxiliary(model, out, *, reconstruct: float = 0.0, distill: float = 0.0, align: float = 0.0,
-                  reconstruct_rows: int | None = None, align_mode: str = "cosine", teacher=None,
-                  distill_answer: float = 0.0, task_loss: float = 1.0,
-                  distill_hidden: Sequence[int] = (), distill_hidden_weight: float = 1.0):
-    """``out`` (a forward pass's :class:`~ktm.model.LossOutput`) with the weighted auxiliary
-    terms added to its loss and to its ``parts``.
+def add_auxiliary(model, out, weights: LossWeights, teacher=None):
+    """``out`` (a forward pass's :class:`~ktm.model.core.LossOutput`) with the auxiliary terms of
+    ``weights`` (a :class:`~ktm.config.LossWeights`) added to its loss and to its ``parts``.
 
-    ``distill``, ``distill_answer`` and ``align`` learn from ``teacher`` (a K = 1 model
-    reading the plain prompts; default: the base model, ``model``'s adapters off), whose one
-    pass serves all three (with ``distill_answer`` it reads the prompts and the answers: its
-    states at the prompt positions are those of the prompts alone); ``align`` needs the
-    forward's ``all_layers=True``, as does ``distill_hidden`` (layers, weighted by
-    ``distill_hidden_weight``; the teacher reads prompts and answers). ``reconstruct`` runs on the first ``reconstruct_rows``
-    rows (all by default). ``task_loss`` weighs the forward's own cross-entropy (its
-    ``parts["task"]`` stays unweighted, for the logs).
+    ``distill``, ``distill_answer``, ``distill_hidden`` and ``align`` learn from ``teacher`` (a
+    K = 1 model reading the plain prompts; default: the base model, ``model``'s adapters off),
+    whose one pass serves all of them (with ``distill_answer`` or ``distill_hidden`` it reads the
+    prompts and the answers: its states at the prompt positions are those of the prompts alone);
+    ``align`` and ``distill_hidden`` need the forward's ``all_layers=True``
+    (``weights.all_layers``). ``reconstruct`` runs on the first ``reconstruct_rows`` rows (all when
+    0). ``task_loss`` weighs the forward's own cross-entropy (its ``parts["task"]`` stays
+    unweighted, for the logs).
     """
     import dataclasses
 
-    hidden = bool(distill_hidden and distill_hidden_weight)
-    if not (reconstruct or distill or align or distill_answer or hidden) and task_loss == 1.0:
+    w = weights
+    if not w.auxiliary and w.task_loss == 1.0:
         return out
-    if (align or hidden) and out.hidden_states is None:
+    if w.all_layers and out.hidden_states is None:
         raise ValueError("alignment and hidden-state distillation need every layer's hidden states: "
                          "call the model with all_layers=True")
-    loss, parts = task_loss * out.loss, dict(out.parts)
-    if distill or align or distill_answer or hidden:
-        seqs = answer_teacher_ids(out) if (distill_answer or hidden) else out.prompt_ids
-        every = bool(align or hidden)
-        t_states = teacher_hidden(model, seqs, teacher, all_layers=every)
-        t_last = t_states[-1] if every else t_states
+    loss, parts = w.task_loss * out.loss, dict(out.parts)
+    if w.distill or w.align or w.distill_answer or w.hidden:
+        seqs = answer_teacher_ids(out) if (w.distill_answer or w.hidden) else out.prompt_ids
+        t_states = teacher_hidden(model, seqs, teacher, all_layers=w.all_layers)
+        t_last = t_states[-1] if w.all_layers else t_states
     terms = []
-    if distill_answer:
-        terms.append(("distill_answer", distill_answer, answer_distillation_loss(model, out, t_last, teacher)))
-    if distill:
-        terms.append(("distill", distill, distillation_loss(model, out.prompt_ids, out.hidden, t_last, teacher)))
-    if hidden:
-        terms.append(("distill_hidden", distill_hidden_weight,
-                      hidden_distillation_loss(model, out, t_states, distill_hidden)))
-    if align:
-        terms.append(("align", align, alignment_loss(model, out.prompt_ids, out.hidden_states, t_states, align_mode)))
-    if reconstruct:
-        terms.append(("reconstruct", reconstruct,
-                      reconstruction_loss(model, out.prompt_ids, out.merged, reconstruct_rows)))
+    if w.distill_answer:
+        terms.append(("distill_answer", w.distill_answer, answer_distillation_loss(model, out, t_last, teacher)))
+    if w.distill:
+        terms.append(("distill", w.distill, distillation_loss(model, out.prompt_ids, out.hidden, t_last, teacher)))
+    if w.hidden:
+        terms.append(("distill_hidden", w.distill_hidden_weight,
+                      hidden_distillation_loss(model, out, t_states, w.distill_hidden)))
+    if w.align:
+        terms.append(("align", w.align, alignment_loss(model, out.prompt_ids, out.hidden_states, t_states,
+                                                       w.align_mode)))
+    if w.reconstruct:
+        terms.append(("reconstruct", w.reconstruct,
+                      reconstruction_loss(model, out.prompt_ids, out.merged, w.reconstruct_rows or None)))
     for name, weight, term in terms:
         parts[name] = term.detach()
         loss = loss + weight * term

@@ -225,22 +225,17 @@ class Trainer:
         ``grad_accum``, data parallel averages over processes); with one process and no
         accumulation the weight is exactly 1."""
         cfg, acc = self.cfg, self.accelerator
+        weights = cfg.loss_weights()
         parts: dict[str, float] = {}
         for j in range(0, len(batch), micro):
             chunk = batch[j:j + micro]
             with acc.accumulate(self.wrapped), acc.autocast():
-                every = bool(cfg.align or (cfg.distill_hidden and cfg.distill_hidden_weight))
-                out = self.wrapped([e.prompt for e in chunk], [e.answer for e in chunk], all_layers=every,
+                out = self.wrapped([e.prompt for e in chunk], [e.answer for e in chunk], all_layers=weights.all_layers,
                                    end_token=end_token)
                 if global_targets:
                     share = out.targets.numel() * cfg.grad_accum * acc.num_processes / global_targets
                     out = out if share == 1.0 else dataclasses.replace(out, loss=out.loss * share)
-                out = add_auxiliary(self.model, out, reconstruct=cfg.reconstruct, distill=cfg.distill,
-                                    align=cfg.align, reconstruct_rows=cfg.reconstruct_rows,
-                                    align_mode=cfg.align_mode, teacher=self.teacher,
-                                    distill_answer=cfg.distill_answer, task_loss=cfg.task_loss,
-                                    distill_hidden=cfg.distill_hidden,
-                                    distill_hidden_weight=cfg.distill_hidden_weight)
+                out = add_auxiliary(self.model, out, weights, teacher=self.teacher)
                 acc.backward(out.loss)
                 if acc.sync_gradients and cfg.max_grad_norm:
                     acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
