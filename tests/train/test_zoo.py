@@ -113,7 +113,7 @@ def test_build_pretrains_slims_measures_and_a_task_starts_from_it(base_dir, tmp_
     assert 1 <= held["windows"] <= 4 and held["plain_perplexity"] > 1 and held["no_prompt_perplexity"] > 1
     full, slim = held["merged_perplexity_float32"], held["merged_perplexity_bfloat16"]
     assert full > 1 and abs(slim - full) < 0.05 * full
-    assert card["command"] == f"ktm zoo build tiny-k2 --out {tmp_path / 'run'}"
+    assert card["command"] == "ktm zoo build tiny-k2 --out RUN"  # no path of the machine that built it
     assert card["settings"]["model"]["encoder_hidden"] == 16 and card["bytes"] > 0
     # the slim folder holds the pretrained run's weights, rounded
     run_model = KTokenMerging.from_pretrained(tmp_path / "run" / "model", device="cpu", dtype="float32")
@@ -235,3 +235,20 @@ def test_a_build_without_its_checkpoint_continues_from_the_published_merger(base
     other = dataclasses.replace(entry, train={**entry.train, "lr": 5e-3})
     _, card = build(other, tmp_path / "run3", resume=True, steps=2, log=lines.append, **quiet)
     assert card["pretrain_steps"] == 2 and card["restarts"] == []
+
+
+def test_no_shipped_file_names_a_folder_of_the_machine(base_dir, tmp_path):
+    """The shipped mergers hold no absolute path (a home, a venv, a run folder); a slim copy names
+    its base in peft's adapter config by ktm's base reference, not by where peft loaded it from."""
+    from ktm.checkpoint import MERGERS_DIR
+
+    for folder in [p for p in Path(MERGERS_DIR).iterdir() if p.is_dir()]:
+        for f in folder.rglob("*.json"):
+            text = f.read_text()
+            for marker in ("/work/", "/home/", "/root/", "/Users/", "site-packages", "/tmp/", ":\\"):
+                assert marker not in text, f"{f} names {marker!r}"
+    src = tmp_path / "ckpt"
+    KTokenMerging.from_base(base_dir, k=2, encoder_hidden=8).save_pretrained(src)
+    slim = write_slim(src, tmp_path / "slim")
+    peft_config = json.loads((slim / "adapter" / "adapter_config.json").read_text())
+    assert peft_config["base_model_name_or_path"] == read_config(slim)["base"]["reference"]

@@ -42,10 +42,9 @@ def cmd_zoo_build(args) -> int:
 
     from ..train.zoo import build
 
-    command = f"ktm zoo build {args.name} --out {args.out}"
     folder, card = build(args.name, args.out, into=args.into, text=args.text, base=args.model, device=args.device,
                          dtype=args.dtype, resume=args.resume, overwrite=args.overwrite, log=tqdm.write,
-                         command=command, steps=args.steps, fidelity_windows=args.fidelity_windows)
+                         steps=args.steps, fidelity_windows=args.fidelity_windows)
     print(f"wrote {folder} ({card['bytes'] / 2**20:.1f} MiB); use it as --init-from zoo:{args.name} "
           f"(or --init-from {folder})")
     return 0

@@ -136,7 +136,11 @@ def write_slim(src, dst, dtype: str = "bfloat16", tokenizer: bool = False) -> Pa
         (tmp / ADAPTER_DIR).mkdir()
         save_file(encoder, str(tmp / ENCODER_NAME))
         save_file(adapter, str(tmp / ADAPTER_DIR / ADAPTER_FILE), metadata={"format": "pt"})
-        shutil.copy2(adapter_config, tmp / ADAPTER_DIR / adapter_config.name)
+        # peft records where the base model was loaded from, a folder of the machine that built the
+        # merger: the copy names the base by its reference instead (ktm loads the base itself)
+        peft_config = json.loads(adapter_config.read_text())
+        peft_config["base_model_name_or_path"] = meta["base"]["reference"]
+        save_json(tmp / ADAPTER_DIR / adapter_config.name, peft_config)
         if tokenizer and (src / TOKENIZER_DIR).is_dir():
             shutil.copytree(src / TOKENIZER_DIR, tmp / TOKENIZER_DIR)
         kept = {k: v for k, v in meta.items() if k != "files"}
@@ -185,7 +189,7 @@ def build(entry: ZooEntry | str, out, *, into=None, text=None, base=None, tokeni
                 no_prompt_perplexity=references["no_context_perplexity"])
     measured = measure_fidelity(run.model, fidelity_text, fidelity_reviews, text_opts, fidelity_windows, log)
     card = make_card(entry, run, text_opts, train_cfg, held, measured, folder_bytes(slim),
-                     command or f"ktm zoo build {entry.name} --out {out}", read_config(slim)["base"])
+                     command or f"ktm zoo build {entry.name} --out {portable_path(out)}", read_config(slim)["base"])
 
     def publish(tmp: Path) -> None:  # the measured slim copy itself, with its card
         shutil.copytree(slim, tmp, dirs_exist_ok=True)
@@ -218,6 +222,15 @@ def continue_shipped(entry: ZooEntry, into=None, log=print) -> dict:
         return {}
     log(f"zoo: no checkpoint to resume; continuing from {folder} at step {card['pretrain_steps']}")
     return {"init_from": str(folder), "start": (card["pretrain_steps"], card["history"])}
+
+
+def portable_path(path) -> str:
+    """``path`` as the card may record it: relative to the working directory when it lies below it,
+    else ``RUN`` (a shipped file never names a folder of the machine that built it)."""
+    import os
+
+    full = Path(path).resolve()
+    return os.path.relpath(full) if full.is_relative_to(Path.cwd().resolve()) else "RUN"
 
 
 def make_card(entry: ZooEntry, run, text_opts, train_cfg, held: dict, measured: dict | None, size: int,
