@@ -252,3 +252,22 @@ def test_no_shipped_file_names_a_folder_of_the_machine(base_dir, tmp_path):
     slim = write_slim(src, tmp_path / "slim")
     peft_config = json.loads((slim / "adapter" / "adapter_config.json").read_text())
     assert peft_config["base_model_name_or_path"] == read_config(slim)["base"]["reference"]
+
+
+def test_the_demo_prints_each_shipped_mergers_fidelity(monkeypatch, tmp_path):
+    import shutil
+
+    from ktm.experiments.demo import shipped_fidelity_lines
+
+    shutil.copytree(resolve_folder("zoo:default-k2"), tmp_path / "default-k2")
+    card_path = tmp_path / "default-k2" / CARD_NAME
+    card = json.loads(card_path.read_text())
+    card["fidelity"] = {"k": 2, "merged_perplexity": 30.0, "plain_perplexity": 25.0, "perplexity_ratio": 1.2,
+                        "top1_agreement": 0.7, "tokens": 3200, "windows": 100, "kl_per_token": 0.3}
+    card_path.write_text(json.dumps(card))
+    monkeypatch.setattr(checkpoint, "MERGERS_DIR", tmp_path)
+    (line,) = shipped_fidelity_lines()
+    assert line.startswith("zoo:default-k2 before any task training: K = 2") and "1.200x" in line and "70.0%" in line
+    card.pop("fidelity")
+    card_path.write_text(json.dumps(card))
+    assert shipped_fidelity_lines() == []

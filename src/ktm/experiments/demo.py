@@ -152,6 +152,8 @@ def run_amazon_demo(reviews=None, out: str = "runs/demo-amazon", k: int = 4, ste
     log("verdict: " + verdict)
     hint = shipped_merger_hint(reviews, cfg, model)
     if hint:
+        for line in shipped_fidelity_lines():
+            log(line)
         log(hint)
     on_llamacpp = llamacpp_step(rows, grid, out, log) if llamacpp else None
     log(f"total {(time.perf_counter() - t0) / 60:.1f} min; the runs, pareto.md and pareto.png are in {out}")
@@ -173,6 +175,16 @@ def llamacpp_step(rows: list[dict], grid, out, log, n: int = 4) -> dict | None:
     examples = task.examples("test")[:n]
     model_dir = Path(out) / CELLS_DIR / merge["cell"] / "run" / "model"
     return llamacpp_showcase(model_dir, examples, Path(out) / "llamacpp", threads=torch.get_num_threads(), log=log)
+
+
+def shipped_fidelity_lines() -> list[str]:
+    """One line per shipped merger with the fidelity its card records (held-out prose, no task
+    training), to read beside the task numbers."""
+    from ..train.fidelity import fidelity_line
+    from ..train.zoo import describe_shipped
+
+    return [f"zoo:{r['name']} before any task training: {fidelity_line(r['fidelity'])}"
+            for r in describe_shipped() if r.get("fidelity")]
 
 
 def shipped_merger_hint(reviews, cfg: dict, model=None) -> str | None:
