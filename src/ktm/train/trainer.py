@@ -120,6 +120,7 @@ class Trainer:
     wrapped: object = field(init=False, default=None, repr=False)  # the model as accelerate prepared it
     checked: set = field(init=False, default_factory=set, repr=False)  # (task id, split) already checked
     fit_start: float | None = field(init=False, default=None)  # perf_counter at step 0 of this run's time
+    elapsed_saved: float = field(init=False, default=0.0)  # training seconds the checkpoint resumed from had
 
     # ------------------------------------------------------------------ setup
     def __post_init__(self):
@@ -179,7 +180,8 @@ class Trainer:
                    disable=not (self.progress and self.is_main), dynamic_ncols=True)
         seen, t0, ema = 0, time.perf_counter(), {}
         # wall time counts on across fit calls (curricula) and resumes: carried from the history
-        self.fit_start = t0 - (self.history[-1].get("elapsed_s") or 0.0 if self.history else 0.0)
+        before = self.history[-1].get("elapsed_s") or 0.0 if self.history else 0.0
+        self.fit_start = t0 - max(before, self.elapsed_saved)
         while self.step < end:
             factor = lr_factor(self.step, cfg, *self.schedule_cycle)
             if self.restart is not None and cfg.warmup_steps:  # fresh AdamW moments: warm up again
@@ -298,8 +300,10 @@ class Trainer:
             return
         folder = folder or self.output_dir / CHECKPOINT_DIR
         _, groups = _optimizer_tensors(self.optimizer, with_state=False)
+        elapsed = 0.0 if self.fit_start is None else round(time.perf_counter() - self.fit_start, 1)
         save_json(folder / STATE_NAME, {"step": self.step, "history": self.history, "param_groups": groups,
-                                        "train_config": to_dict(self.cfg), "extra": self.extra_state})
+                                        "train_config": to_dict(self.cfg), "extra": self.extra_state,
+                                        "elapsed_s": max(elapsed, self.elapsed_saved)})
 
     def resume(self) -> bool:
         """Continue from ``OUTPUT/checkpoint`` if there is one; returns whether it did."""
@@ -320,6 +324,7 @@ class Trainer:
         _load_optimizer(self.optimizer, tensors, state["param_groups"])
         torch.set_rng_state(tensors["rng.cpu"])
         self.step, self.history = state["step"], state["history"]
+        self.elapsed_saved = float(state.get("elapsed_s") or 0.0)  # wall time up to the checkpoint
         self.extra_state = state.get("extra", {})
         self._apply_changed_settings(state.get("train_config", {}))
         if self.is_main:
