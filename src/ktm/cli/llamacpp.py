@@ -37,9 +37,10 @@ def add_parser(sub) -> None:
     gen.add_argument("--export", default=None,
                      help="answer through llama.cpp from a folder written by ktm export --format gguf "
                           "(instead of --checkpoint)")
+    # generate has --threads from the base-model options (PyTorch's threads; with --export llama.cpp's too)
+    sv.add_argument("--threads", type=positive_int, default=None,
+                    help="llama.cpp threads (llama.cpp exports; default: llama.cpp's choice)")
     for p in (gen, sv):
-        p.add_argument("--threads", type=positive_int, default=None,
-                       help="llama.cpp threads (llama.cpp exports; default: llama.cpp's choice)")
         p.add_argument("--n-ctx", type=positive_int, default=None,
                        help="llama.cpp positions per sequence, merged prompt + answer (default: the model's, "
                             "at most 8192)")

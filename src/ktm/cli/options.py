@@ -87,8 +87,8 @@ def add_base_args(p: argparse.ArgumentParser) -> None:
 
 def add_threads_arg(group) -> None:
     group.add_argument("--threads", type=positive_int, default=None,
-                       help="CPU threads for PyTorch (default: its own choice, all cores); --threads 1 holds a "
-                            "long run to one core and leaves the others free")
+                       help="CPU threads for PyTorch, and for llama.cpp where it runs (default: their own "
+                            "choice); --threads 1 holds a long run to one core and leaves the others free")
 
 
 def tasks_from(args) -> list:
