@@ -35,8 +35,14 @@ def llamacpp_showcase(model_dir, examples, out, *, threads: int | None = None, l
     except LlamaCppMissing as e:
         log(f"llama.cpp step skipped: {e}")
         return None
+    from ..serve.export import ExportError
+
     log(f"exporting {model_dir} for llama.cpp (f32, LoRA merged) to {out} ...")
-    export = export_gguf(model_dir, Path(out), gguf_type="f32", overwrite=True)
+    try:
+        export = export_gguf(model_dir, Path(out), gguf_type="f32", overwrite=True)
+    except ExportError as e:  # e.g. a base that llama.cpp cannot read as it is: the demo's numbers stand
+        log(f"llama.cpp step skipped: {e}")
+        return None
     engine = LlamaCppEngine(export, threads=threads)
     try:
         engine.complete(examples[0].prompt, 1)  # warm-up: first calls allocate llama.cpp's buffers
