@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..config import TrainConfig, save_json, to_dict
-from .evaluate import evaluate
+from .evaluate import answer_budget, evaluate
 from ..checkpoint import CheckpointError, recover_dir, write_dir
 from ..model import KTokenMerging, load_teacher
 from .batches import batch_indices, lr_factor, process_share
@@ -42,10 +42,12 @@ OPTIM_NAME = "optimizer.safetensors"
 MAX_CHARS_PER_POSITION = 64
 
 
-def check_examples(model, examples: list[Example], what: str) -> None:
+def check_examples(model, examples: list[Example], what: str, generate: int = 0) -> None:
     """Raise ``ValueError`` for the first example that cannot be trained on or scored: an
     empty prompt, one with no tokens, or a prompt + answer too long for the model once
-    merged. The message names the example's ``file:line`` (or its index in ``what``)."""
+    merged, or (``generate`` > 0: the new tokens the evaluator generates per prompt) a
+    prompt that leaves fewer positions than that. The message names the example's
+    ``file:line`` (or its index in ``what``)."""
     if not examples:
         raise ValueError(f"{what}: no examples")
     where = [e.source or f"{what} example {i}" for i, e in enumerate(examples)]
@@ -71,6 +73,10 @@ def check_examples(model, examples: list[Example], what: str) -> None:
                 raise ValueError(f"{w}: the prompt's {len(p)} tokens merge to {read} "
                                  f"embeddings, + {len(a)} answer tokens = {need} > {limit} positions the "
                                  f"model reads")
+            if limit and read + generate > limit:
+                raise ValueError(f"{w}: the prompt's {len(p)} tokens merge to {read} embeddings, + {generate} "
+                                 f"tokens the evaluator generates = {read + generate} > {limit} positions "
+                                 f"the model reads")
 
 
 @dataclass
@@ -152,7 +158,10 @@ class Trainer:
         checked = self.checked
         for t, split in ((task, "train"), (eval_task or task, "test")):
             if (id(t), split) not in checked:
-                check_examples(self.model, t.examples(split), f"{t.label} {split}")
+                examples = t.examples(split)
+                # the test split is scored by generating: the evaluator's budget must fit too
+                new = answer_budget(self.model, t, examples) if split == "test" and t.metric == "accuracy" else 0
+                check_examples(self.model, examples, f"{t.label} {split}", generate=new)
                 checked.add((id(t), split))
         labels = task.labels(train) if task.metric == "accuracy" else None
         world, rank = acc.num_processes, acc.process_index

@@ -1,0 +1,42 @@
+"""Faults found by the third review (issue 28), each produced on the real code path: the
+evaluator's budget, base-model identity, kills inside saves, resumed settings, locks."""
+
+import json
+
+import pytest
+
+from conftest import save_tiny_base
+from ktm.config import ModelConfig, TrainConfig
+from ktm.tasks import JsonlTask
+from ktm.train.phases import train_run
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """A tiny model folder that reads 128 positions: long prompts are easy to make."""
+    return save_tiny_base(tmp_path_factory.mktemp("base"), max_positions=128)
+
+
+def _task(folder, test_lines=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    good = [json.dumps({"prompt": f"seq {'ab' * (i % 3 + 1)}", "answer": "b"}) for i in range(12)]
+    (folder / "train.jsonl").write_text("\n".join(good) + "\n")
+    (folder / "test.jsonl").write_text("\n".join(test_lines or good) + "\n")
+    return JsonlTask(folder)
+
+
+def _run(task, out, base_dir, resume=False, log=None, **train):
+    cfg = TrainConfig(**{**dict(steps=2, batch_size=2, eval_examples=4, eval_every=0), **train})
+    return train_run(ModelConfig(k=2, lora_r=2), cfg, task, out, base=base_dir, device="cpu", resume=resume,
+                     log=log or (lambda line: None))
+
+
+def test_a_test_prompt_without_room_for_the_evaluators_tokens_stops_the_run_before_training(tmp_path, base_dir):
+    # 250 characters merge to 125 embeddings: room for the 1-token answer (126 <= 128), not
+    # for the 8 tokens the evaluator generates (133 > 128)
+    lines = [json.dumps({"prompt": f"seq {i}", "answer": "b"}) for i in range(6)]
+    lines.insert(2, json.dumps({"prompt": "x" * 250, "answer": "b"}))
+    with pytest.raises(ValueError, match=r"test.jsonl:3: the prompt's 250 tokens merge to 125 embeddings, "
+                                         r"\+ 8 tokens the evaluator generates = 133 > 128"):
+        _run(_task(tmp_path / "data", test_lines=lines), tmp_path / "run", base_dir)
+    assert not (tmp_path / "run" / "checkpoint").exists()
