@@ -2,6 +2,7 @@
 evaluator's budget, base-model identity, kills inside saves, resumed settings, locks."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -40,3 +41,28 @@ def test_a_test_prompt_without_room_for_the_evaluators_tokens_stops_the_run_befo
                                          r"\+ 8 tokens the evaluator generates = 133 > 128"):
         _run(_task(tmp_path / "data", test_lines=lines), tmp_path / "run", base_dir)
     assert not (tmp_path / "run" / "checkpoint").exists()
+
+
+def test_an_export_or_a_changed_copy_of_the_base_is_refused_and_export_keeps_the_base(tmp_path, base_dir):
+    import shutil
+
+    from ktm import KTokenMerging
+    from ktm.checkpoint import CheckpointError
+    from ktm.serve.export import ExportError, export_model
+
+    _run(_task(tmp_path / "data"), tmp_path / "run", base_dir, lr=1e-2)
+    ckpt = tmp_path / "run" / "model"
+    export_model(ckpt, tmp_path / "exp")
+    with pytest.raises(ValueError, match=r"exp is a ktm export \(ktm_serving.json\): .* \(the LoRA would apply twice\)"):
+        KTokenMerging.from_pretrained(ckpt, base=tmp_path / "exp", device="cpu")
+    # the same merged weights without the marker: the embedding table is the base's, the rest is not
+    shutil.copytree(tmp_path / "exp", tmp_path / "plain", ignore=shutil.ignore_patterns("ktm_*"))
+    with pytest.raises(CheckpointError, match=r"has other weights \(weights fingerprint .*\) though the same "
+                                              r"embedding table"):
+        KTokenMerging.from_pretrained(ckpt, base=tmp_path / "plain", device="cpu")
+    copy = shutil.copytree(base_dir, tmp_path / "base-copy")  # the same weights elsewhere load
+    KTokenMerging.from_pretrained(ckpt, base=copy, device="cpu")
+    with pytest.raises(ExportError, match=r"is the base model .* that .* was trained on: exporting there would "
+                                          r"replace it"):
+        export_model(ckpt, base_dir, overwrite=True)
+    assert not (Path(base_dir) / "ktm_serving.json").exists()

@@ -239,12 +239,23 @@ def _show(value) -> str:
 
 
 def check_compatible(meta: dict, path, *, fingerprint: str | None = None, config=None,
-                     fields: Iterable[str] = FUNCTION_FIELDS, k: int | None = None) -> None:
+                     fields: Iterable[str] = FUNCTION_FIELDS, k: int | None = None,
+                     weights: str | None = None, given: str | None = None) -> None:
     """Raise :class:`CheckpointError` unless the saved folder ``path`` (its ``meta``, from
-    :func:`read_config`) fits: the same base model (``fingerprint``), the same value of
+    :func:`read_config`) fits: the same base model (``fingerprint`` of its embeddings,
+    ``weights`` of all its tensors, :func:`ktm.loading.weights_fingerprint`; folders saved
+    before ktm recorded the latter are checked on the embeddings alone), the same value of
     every one of ``fields`` as ``config`` (a :class:`~ktm.config.ModelConfig`), and K = ``k``.
-    The message names the first field that differs and both values."""
+    The message names the first field that differs and both values (``given``: how the base
+    model was named, for the message)."""
     saved = meta["model"]
+    theirs = meta["base"].get("weights_fingerprint")
+    if weights is not None and theirs is not None and theirs != weights:
+        raise CheckpointError(
+            f"{path} was trained on base model {meta['base']['reference']!r}, but the base model given"
+            f"{f' ({given!r})' if given else ''} has other weights (weights fingerprint {weights}, the checkpoint "
+            f"recorded {theirs}) though the same embedding table: e.g. a ktm export, or a fine-tuned or replaced "
+            f"copy of the base")
     if k is not None and saved.get("k") != k:
         raise CheckpointError(f"{path} was trained for K = {saved.get('k')}, not K = {k}")
     if fingerprint is not None and meta["base"]["embedding_fingerprint"] != fingerprint:
