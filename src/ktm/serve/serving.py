@@ -32,7 +32,6 @@ Example::
 from __future__ import annotations
 
 import base64
-import binascii
 import importlib.util
 import io
 import json
@@ -48,14 +47,9 @@ import torch
 from ..model.methods import TOKEN_METHODS
 from ..model.prompts import PromptMerger
 from .export import ExportError, export_model_config, load_export_encoder, read_export
+from .payload import FLOAT_DTYPES, check_prompt_embeds, load_prompt_embeds, payload_limit  # noqa: F401 - public here too
 
 #: the dtypes a prompt-embeddings tensor may have (vLLM casts them to the model's dtype)
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-#: bytes a torch.save file may add to its tensor's data (zip records, pickle: 1,577 measured
-#: with torch 2.13 for any 2-D float tensor), with room to spare
-SAVE_OVERHEAD = 4096
-
-
 class PromptEncoder:
     """Prompts -> the merged embeddings a served ktm model reads, without the LLM.
 
@@ -225,61 +219,6 @@ def post_json(url: str, body: dict, *, api_key: str | None = None, timeout: floa
             return json.loads(response.read())
     except urllib.error.HTTPError as e:
         raise ValueError(f"{url} answered HTTP {e.code}: {e.read()[:500].decode(errors='replace')}") from e
-
-
-# ---------------------------------------------------------------- what a server accepts
-def payload_limit(hidden_size: int, max_length: int, dtype: torch.dtype = torch.float32) -> int:
-    """Characters of the largest base64 ``prompt_embeds`` of a (max_length, hidden_size) tensor."""
-    raw = max_length * hidden_size * dtype.itemsize + SAVE_OVERHEAD
-    return 4 * -(-raw // 3)
-
-
-def check_prompt_embeds(tensor, hidden_size: int, max_length: int, *, dtypes=FLOAT_DTYPES) -> torch.Tensor:
-    """Return ``tensor`` if it is a dense 2-D (length, hidden_size) tensor of one of
-    ``dtypes`` with 1 <= length <= ``max_length`` and finite values; raise ValueError saying
-    what is wrong otherwise. (vLLM itself also accepts a 3-D tensor with a leading 1.)"""
-    if not isinstance(tensor, torch.Tensor):
-        raise ValueError(f"prompt_embeds is a {type(tensor).__name__}, not a tensor")
-    if tensor.layout != torch.strided:
-        raise ValueError(f"prompt_embeds must be a dense tensor, got layout {tensor.layout}")
-    if tensor.dtype not in dtypes:
-        raise ValueError(f"prompt_embeds has dtype {tensor.dtype}; accepted: {', '.join(map(str, dtypes))}")
-    if tensor.dim() != 2:
-        raise ValueError(f"prompt_embeds must be 2-D (length, hidden_size), got shape {tuple(tensor.shape)}")
-    length, width = tensor.shape
-    if width != hidden_size:
-        raise ValueError(f"prompt_embeds has hidden size {width}, the model {hidden_size}")
-    if not 1 <= length <= max_length:
-        raise ValueError(f"prompt_embeds has {length} positions; accepted: 1 to {max_length}")
-    if not bool(torch.isfinite(tensor).all()):
-        raise ValueError("prompt_embeds holds NaN or infinite values")
-    return tensor
-
-
-def load_prompt_embeds(payload: str | bytes, hidden_size: int, max_length: int, *,
-                       max_chars: int | None = None, dtypes=FLOAT_DTYPES) -> torch.Tensor:
-    """Decode one base64 ``prompt_embeds`` as vLLM does, bounded and checked.
-
-    The payload is refused unread when longer than ``max_chars`` (default:
-    :func:`payload_limit` for float32 at ``max_length``); it is then base64-decoded strictly
-    and read with ``torch.load(weights_only=True)`` (sparse-tensor invariants checked), and
-    the tensor must pass :func:`check_prompt_embeds`. Raises ValueError.
-    """
-    limit = payload_limit(hidden_size, max_length) if max_chars is None else max_chars
-    if not isinstance(payload, (str, bytes)):
-        raise ValueError(f"prompt_embeds must be a base64 string, got a {type(payload).__name__}")
-    if len(payload) > limit:
-        raise ValueError(f"prompt_embeds is {len(payload)} characters long; accepted: at most {limit}")
-    try:
-        data = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise ValueError(f"prompt_embeds is not valid base64 ({e})") from e
-    try:
-        with torch.sparse.check_sparse_tensor_invariants():
-            tensor = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
-    except Exception as e:  # torch raises many types for bytes that are not a tensor file
-        raise ValueError(f"prompt_embeds could not be read as a torch tensor ({str(e)[:200]})") from e
-    return check_prompt_embeds(tensor, hidden_size, max_length, dtypes=dtypes)
 
 
 # ---------------------------------------------------------------- files of prompt embeddings
