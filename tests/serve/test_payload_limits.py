@@ -15,7 +15,7 @@ import torch
 
 from ktm.serve.serving import load_prompt_embeds, tensor_to_base64
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 
 def deflated(tensor):
