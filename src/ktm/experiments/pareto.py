@@ -233,13 +233,12 @@ def run_grid(grid: GridConfig, methods: list[str], ks: list[int], out, *, device
     and writes the report after every cell. ``trust_remote_code``: as in ``train_run``, for
     every cell (not part of the grid's settings)."""
     from .pareto_report import write_report
-    from ..train.phases import run_lock
+    from ..train.runlock import main_first
 
     cells = grid_cells(methods, ks)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    with run_lock(out):
-        check_grid(out, grid, overwrite)
+    with main_first(out, lambda: check_grid(out, grid, overwrite)):
         task = build_task(grid)
         rows = []
         bar = tqdm(cells, desc="pareto cells", disable=not progress, dynamic_ncols=True)
