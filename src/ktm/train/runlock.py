@@ -67,9 +67,10 @@ def share_from_main(value):
     if world_size() == 1:
         return value
     from accelerate import PartialState
-    from accelerate.utils import broadcast_object_list
+    from accelerate.utils import broadcast_object_list, parse_flag_from_env
 
-    PartialState()  # joins the process group the accelerator will use
+    # joins the process group the accelerator will use (on CPU as `accelerate launch --cpu` asks)
+    PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     box = [value]
     broadcast_object_list(box, from_process=0)
     return box[0]
