@@ -66,3 +66,40 @@ def test_an_export_or_a_changed_copy_of_the_base_is_refused_and_export_keeps_the
                                           r"replace it"):
         export_model(ckpt, base_dir, overwrite=True)
     assert not (Path(base_dir) / "ktm_serving.json").exists()
+
+
+#: train 2 steps with a checkpoint at each, SIGKILLed inside the second checkpoint's model write
+KILLED_IN_SAVE = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[3])
+import ktm.model.io as io
+from ktm.config import ModelConfig, TrainConfig
+from ktm.tasks import JsonlTask
+from ktm.train.phases import train_run
+
+real, calls = io.save_file, []
+def save_then_die(*args, **kw):
+    calls.append(1)
+    if len(calls) == 2:  # the encoder file of the step-2 checkpoint: the process dies right here
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args, **kw)
+io.save_file = save_then_die
+train_run(ModelConfig(k=2, lora_r=2), TrainConfig(steps=2, batch_size=2, eval_examples=4, eval_every=0, save_every=1),
+          JsonlTask(sys.argv[2]), sys.argv[1], base=sys.argv[4], device="cpu", log=lambda line: None)
+"""
+
+
+def test_a_checkpoint_save_killed_leaves_nothing_after_resume(tmp_path, base_dir):
+    import signal
+    import subprocess
+    import sys
+
+    task, out = _task(tmp_path / "data"), tmp_path / "run"
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    proc = subprocess.run([sys.executable, "-c", KILLED_IN_SAVE, str(out), str(tmp_path / "data"), src, str(base_dir)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert [p.name for p in out.iterdir() if p.name.startswith(".checkpoint.")]  # the killed write's folder
+    run = _run(task, out, base_dir, resume=True, save_every=1)
+    assert run.trainer.step == 2
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "history.json", "model", "run_config.json"]

@@ -143,11 +143,12 @@ def recover_dir(path: str | os.PathLike) -> bool:
 
 def clean_stale(folder: str | os.PathLike, name: str) -> list[Path]:
     """Remove the temporary folders that interrupted writes of ``folder/name`` left behind
-    (``.NAME.xxxx``; not ``.NAME.old``, which :func:`recover_dir` may still need while
-    ``NAME`` is missing). Call it only when no other process writes there."""
+    (``.NAME.xxxx``, and ``..NAME.xxxx.yyyy`` from versions that nested one temporary folder
+    in another; not ``.NAME.old``, which :func:`recover_dir` may still need while ``NAME`` is
+    missing). Call it only when no other process writes there."""
     folder, removed = Path(folder), []
     keep = {f".{name}.old"} if not (folder / name).exists() else set()
-    for p in folder.glob(f".{name}.*"):
+    for p in [*folder.glob(f".{name}.*"), *folder.glob(f"..{name}.*")]:
         if p.is_dir() and p.name not in keep:
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)

@@ -42,15 +42,18 @@ def save_pretrained(model, path: str | os.PathLike) -> Path:
     The folder is written beside its destination and renamed into place, so an
     interrupted save never leaves a half-written checkpoint.
     """
+    return write_dir(path, lambda tmp: write_into(model, tmp))
 
-    def write(tmp: Path) -> None:
-        model.lm.save_pretrained(tmp / ADAPTER_DIR, safe_serialization=True, save_embedding_layers=False)
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.encoder.state_dict().items()},
-                  str(tmp / ENCODER_NAME))
-        model.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
-        save_json(tmp / CONFIG_NAME, {**model.describe(), "files": weight_hashes(tmp)})
 
-    return write_dir(path, write)
+def write_into(model, folder: Path) -> None:
+    """Write the files of a saved model into the existing ``folder`` (the temporary folder of
+    a :func:`~ktm.checkpoint.write_dir`, e.g. the trainer's checkpoint, which adds its own
+    files: one temporary folder, not one inside another)."""
+    model.lm.save_pretrained(folder / ADAPTER_DIR, safe_serialization=True, save_embedding_layers=False)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.encoder.state_dict().items()},
+              str(folder / ENCODER_NAME))
+    model.tokenizer.save_pretrained(str(folder / TOKENIZER_DIR))
+    save_json(folder / CONFIG_NAME, {**model.describe(), "files": weight_hashes(folder)})
 
 
 def describe(model) -> dict:

@@ -26,6 +26,7 @@ from ..config import TrainConfig, save_json, to_dict
 from .evaluate import answer_budget, evaluate
 from ..checkpoint import CheckpointError, recover_dir, write_dir
 from ..model import KTokenMerging, load_teacher
+from ..model.io import write_into
 from .batches import batch_indices, lr_factor, process_share
 from .objectives import add_auxiliary
 from ..model.blocks import num_blocks
@@ -271,7 +272,7 @@ class Trainer:
         if not self.is_main:
             return None
         def write(tmp: Path) -> None:
-            self.model.save_pretrained(tmp)
+            write_into(self.model, tmp)  # straight into the checkpoint's temporary folder
             tensors, _ = _optimizer_tensors(self.optimizer)
             tensors["rng.cpu"] = torch.get_rng_state()
             save_file(tensors, str(tmp / OPTIM_NAME))
