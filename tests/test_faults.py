@@ -103,3 +103,15 @@ def test_a_checkpoint_save_killed_leaves_nothing_after_resume(tmp_path, base_dir
     run = _run(task, out, base_dir, resume=True, save_every=1)
     assert run.trainer.step == 2
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "history.json", "model", "run_config.json"]
+
+
+def test_resume_applies_a_changed_weight_decay_to_the_optimiser(tmp_path, base_dir):
+    task, out = _task(tmp_path / "data"), tmp_path / "run"
+    _run(task, out, base_dir, weight_decay=0.0)
+    lines = []
+    run = _run(task, out, base_dir, resume=True, log=lines.append, steps=3, weight_decay=0.5)
+    assert any("weight_decay 0.0 -> 0.5" in line for line in lines)
+    assert [g["weight_decay"] for g in run.trainer.optimizer.param_groups] == [0.5, 0.5]
+    state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
+    assert [g["weight_decay"] for g in state["param_groups"]] == [0.5, 0.5]
+    assert state["extra"]["resumed"][-1]["changed"]["weight_decay"] == [0.0, 0.5]

@@ -320,13 +320,14 @@ class Trainer:
 
     def _apply_changed_settings(self, saved: dict) -> None:
         """Settings given anew on resume win over the checkpoint's: the learning rates are
-        applied to the restored optimiser, and every change is logged and recorded in the
+        applied to the restored optimiser (and the weight decay), and every change is logged and recorded in the
         checkpoint's ``extra.resumed`` (what really ran). The model's settings cannot change:
         :meth:`KTokenMerging.load_trained` refuses those."""
         now = to_dict(self.cfg)
         changed = {k: [saved[k], now[k]] for k in now if k in saved and saved[k] != now[k]}
-        for g in self.optimizer.param_groups:
+        for g in self.optimizer.param_groups:  # the restored groups hold the checkpoint's values
             g["base_lr"] = self._base_lrs()[g["name"]]
+            g["weight_decay"] = self.cfg.weight_decay
         if changed:
             self.extra_state.setdefault("resumed", []).append({"step": self.step, "changed": changed})
             if self.is_main:
