@@ -86,7 +86,9 @@ def read_config(path: str | os.PathLike) -> dict:
     try:
         meta = json.loads(cfg.read_text())
         meta["model"], meta["base"]["embedding_fingerprint"], meta["base"]["reference"]
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+        if not isinstance(meta.get("files", {}), dict):
+            raise TypeError(f"'files' must be a JSON object of file: SHA-256, got {json.dumps(meta['files'])}")
+    except (ValueError, KeyError, TypeError, RecursionError) as e:  # JSON and UTF-8 errors are ValueErrors
         raise CheckpointError(f"{cfg} is corrupt or not a ktm config ({e})") from e
     return meta
 

@@ -202,7 +202,11 @@ def read_export(path: str | os.PathLike) -> dict:
         raise ExportError(f"{cfg} is corrupt or not a ktm export config ({e})") from e
     if not ok:
         raise ExportError(f"{cfg} is not a ktm export config")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
+    version = meta.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ExportError(f"{path}/{SERVING_CONFIG} is corrupt: format_version must be an integer, got "
+                          f"{json.dumps(version)}")
+    if version > FORMAT_VERSION:
         raise ExportError(f"{path} was written by a newer ktm (export format {meta['format_version']}; "
                           f"this ktm reads up to {FORMAT_VERSION}): upgrade ktm")
     return meta

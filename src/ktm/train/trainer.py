@@ -305,6 +305,10 @@ class Trainer:
             return False
         try:
             state = json.loads((ckpt / STATE_NAME).read_text())
+            missing = [k for k in ("step", "history", "param_groups") if k not in state]
+            if missing or not isinstance(state["step"], int):
+                raise ValueError(f"{STATE_NAME} has no integer 'step', 'history' and 'param_groups' "
+                                 f"(missing: {missing})")
             tensors = load_file(str(ckpt / OPTIM_NAME))
         except Exception as e:  # noqa: BLE001 - any unreadable file is a corrupt checkpoint
             raise CheckpointError(f"checkpoint {ckpt} is unreadable ({e}); move it away to start over") from e
