@@ -108,3 +108,19 @@ def test_non_finite_numbers_are_refused_before_training(trained, tmp_path, capsy
     assert not (tmp_path / "r" / "checkpoint").exists()
     with pytest.raises(ValueError, match="must be a finite number"):
         ModelConfig(lora_alpha=float("nan"))
+
+
+@pytest.mark.parametrize("dataset,row", [
+    ("amazon", {"prompt": "Review: good, Label:", "answer": "positive", "rating": 5.0}),
+    ("commits", {"prompt": "x", "answer": "y", "old_contents": "a", "new_contents": "b", "subject": "s"}),
+])
+def test_ktm_data_refuses_an_out_that_is_its_source(tmp_path, capsys, dataset, row):
+    for split in ("train", "test"):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for _ in range(6)))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    for source in (tmp_path, tmp_path / "train.jsonl"):
+        assert main(["data", dataset, "--source", str(source), "--out", str(tmp_path)]) == 2
+        assert (f"ktm: error: --out {tmp_path} would overwrite the source data it is made from ("
+                f"{tmp_path / 'train.jsonl'} is read from --source {source}): choose another --out"
+                in capsys.readouterr().err)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
