@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
@@ -192,9 +193,9 @@ def write_file(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
-        raise
+        raise_located(e, path)
     return path
 
 
@@ -214,10 +215,24 @@ def write_dir(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
         write(tmp)
         _publish(tmp)
         replace_dir(tmp, path)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        raise_located(e, path)
     return path
+
+
+def raise_located(error: BaseException, path: Path):
+    """Re-raise ``error`` from writing ``path``: an operating-system error without a file name
+    (a full disk fails a ``write``, not an ``open``), or one that safetensors wrapped in its own
+    error (``... (os error 28)``), becomes an ``OSError`` of the same errno naming
+    ``path`` (``PermissionError`` etc. by errno), so the message says what could not be written."""
+    code = getattr(error, "errno", None) if isinstance(error, OSError) and error.filename is None else None
+    if isinstance(error, SafetensorError):
+        found = re.search(r"\bcode: (\d+)|\bos error (\d+)", str(error))
+        code = int(found.group(1) or found.group(2)) if found else None
+    if code:
+        raise OSError(code, os.strerror(code), str(path)) from error
+    raise error
 
 
 #: the weight files whose SHA-256 ``ktm_config.json`` records (safetensors checks headers only)
