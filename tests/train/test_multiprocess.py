@@ -104,6 +104,9 @@ def test_two_processes_run_a_phase_chain_overwrite_resume_and_a_grid_in_one_fold
         done = json.loads((out / f"done-rank{rank}.json").read_text())
         assert done == {"steps": [2, 2, 3], "cells": ["plain", "merge-k2"]}
     assert (out / "chain" / "teacher" / "model").is_dir() and not (out / "chain" / ".lock").exists()
+    # the checkpoint holds every process's random state, which --resume gives back to each
+    saved = load_file(str(out / "chain" / "checkpoint" / "optimizer.safetensors"))
+    assert {"rng.cpu", "rng.cpu.0", "rng.cpu.1"} <= saved.keys()
 
 
 def test_process_shares_make_up_the_one_process_batch():

@@ -269,13 +269,13 @@ class Trainer:
         if self.output_dir is None:
             return None
         self.accelerator.wait_for_everyone()
+        rng = rng_states(self.accelerator)  # every process's, gathered (a collective: all call it)
         if not self.is_main:
             return None
         def write(tmp: Path) -> None:
             write_into(self.model, tmp)  # straight into the checkpoint's temporary folder
             tensors, _ = _optimizer_tensors(self.optimizer)
-            tensors["rng.cpu"] = torch.get_rng_state()
-            save_file(tensors, str(tmp / OPTIM_NAME))
+            save_file({**tensors, **rng}, str(tmp / OPTIM_NAME))
             self._save_state(tmp)
 
         # the whole folder appears at once: never half a checkpoint
@@ -314,7 +314,7 @@ class Trainer:
             raise CheckpointError(f"checkpoint {ckpt} is unreadable ({e}); move it away to start over") from e
         self.model.load_trained(ckpt)
         _load_optimizer(self.optimizer, tensors, state["param_groups"])
-        torch.set_rng_state(tensors["rng.cpu"])
+        restore_rng(tensors, self.accelerator.process_index)
         self.step, self.history = state["step"], state["history"]
         self.extra_state = state.get("extra", {})
         self._apply_changed_settings(state.get("train_config", {}))
@@ -348,6 +348,30 @@ class Trainer:
             path = self.model.save_pretrained(path)
         self.accelerator.wait_for_everyone()
         return path
+
+
+def rng_states(accelerator) -> dict[str, torch.Tensor]:
+    """The CPU and CUDA random states of every process, as tensors ``rng.cpu.R`` and
+    ``rng.cuda.R.D`` (rank R, device D); ``rng.cpu`` is rank 0's (older checkpoints have only it)."""
+    from accelerate.utils import gather_object
+
+    mine = {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    every = gather_object([mine]) if accelerator.num_processes > 1 else [mine]
+    out = {"rng.cpu": every[0]["cpu"]}
+    for rank, state in enumerate(every):
+        out[f"rng.cpu.{rank}"] = state["cpu"]
+        out.update({f"rng.cuda.{rank}.{d}": t for d, t in enumerate(state["cuda"])})
+    return out
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], rank: int) -> None:
+    """Put back this process's random states saved by :func:`rng_states`."""
+    torch.set_rng_state(tensors.get(f"rng.cpu.{rank}", tensors["rng.cpu"]))
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith(f"rng.cuda.{rank}.")),
+                                       key=lambda k: int(k.rsplit(".", 1)[1]))]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def _optimizer_tensors(opt, with_state: bool = True) -> tuple[dict[str, torch.Tensor], list[dict]]:
