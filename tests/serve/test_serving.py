@@ -351,6 +351,9 @@ def test_ktm_serve_builds_the_vllm_command_line(exported, capsys):
     (["--", "--enable-lora"], "LoRA merged into the weights"),
     (["--", "--max-model-len=100"], "use ktm serve --max-model-len"),
     (["--", "--port", "1"], "use ktm serve --port"),
+    (["--", "--max_model_len=100"], "use ktm serve --max-model-len"),  # vLLM's underscore spelling
+    (["--", "--served_model_name", "x"], "use ktm serve --name"),
+    (["--", "--enable_lora"], "LoRA merged into the weights"),
 ])
 def test_ktm_serve_refuses_what_it_sets_itself(exported, capsys, argv, message):
     _, out, _ = exported
@@ -423,3 +426,22 @@ def test_the_client_merges_with_the_models_own_prompt_merger(exported):
     with pytest.raises(PromptTooLong) as e:
         enc.encode(["x" * (3 * 512 + 1)])
     assert (e.value.index, e.value.merged, e.value.limit) == (0, 513, 512)
+
+
+def test_ktm_serve_warns_when_it_listens_beyond_this_machine_without_an_api_key(exported, capsys, monkeypatch):
+    _, out, _ = exported
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    capsys.readouterr()
+    assert main(["serve", "--export", str(out), "--dry-run", "--host", "0.0.0.0"]) == 0
+    assert capsys.readouterr().err == (
+        "ktm: warning: serving on 0.0.0.0 without an API key: anyone who can reach it can send prompt embeddings; "
+        "pass -- --api-key KEY (or set VLLM_API_KEY), or listen on 127.0.0.1\n")
+    for argv in (["--host", "0.0.0.0", "--", "--api_key", "k"], ["--host", "::1"], ["--host", "localhost"]):
+        assert main(["serve", "--export", str(out), "--dry-run", *argv]) == 0
+        assert capsys.readouterr().err == ""
+
+
+def test_the_serving_extra_pins_vllm_past_the_prompt_embeds_advisory():
+    text = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    assert 'serve = ["vllm>=0.11.1"]' in text  # CVE-2025-62164
+    assert '"torch>=2.6"' in text  # CVE-2025-32434

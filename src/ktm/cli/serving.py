@@ -51,10 +51,13 @@ def cmd_serve(args) -> int:
     import shlex
     import subprocess
 
-    from ..serve.serving import serve_command, vllm_executable
+    from ..serve.serving import exposure_warning, serve_command, vllm_executable
 
     cmd = serve_command(args.export, max_model_len=args.max_model_len, name=args.name, host=args.host,
                         port=args.port, extra=args.vllm_args)
+    warning = exposure_warning(args.host, args.vllm_args)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     if args.dry_run:
         print(shlex.join(cmd))
         return 0

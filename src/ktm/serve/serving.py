@@ -274,6 +274,29 @@ RESERVED = {"--max-model-len": "use ktm serve --max-model-len", "--served-model-
             "--lora-modules": "the export has its LoRA merged into the weights"}
 
 
+def vllm_flag(arg: str) -> str:
+    """The flag an argument of ``vllm serve`` names, spelled with dashes as vLLM matches it
+    (``--max_model_len=9`` names ``--max-model-len``); other arguments as they are."""
+    if not arg.startswith("--"):
+        return arg
+    return "--" + arg[2:].split("=", 1)[0].replace("_", "-")
+
+
+def exposure_warning(host: str, extra: list[str], env=os.environ) -> str | None:
+    """A warning when the server would listen beyond this machine without an API key (vLLM's
+    ``--api-key`` or ``VLLM_API_KEY``): prompt embeddings are for trusted clients."""
+    import ipaddress
+
+    try:
+        local = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        local = host == "localhost"
+    if local or "--api-key" in {vllm_flag(str(a)) for a in extra} or env.get("VLLM_API_KEY"):
+        return None
+    return (f"ktm: warning: serving on {host} without an API key: anyone who can reach it can send prompt "
+            f"embeddings; pass -- --api-key KEY (or set VLLM_API_KEY), or listen on 127.0.0.1")
+
+
 def serve_command(export: str | os.PathLike, *, vllm: str = "vllm", max_model_len: int | None = None,
                   name: str | None = None, host: str = "127.0.0.1", port: int = 8000,
                   extra: list[str] = ()) -> list[str]:
@@ -287,14 +310,15 @@ def serve_command(export: str | os.PathLike, *, vllm: str = "vllm", max_model_le
     if max_model_len is not None and longest and max_model_len > longest:
         raise ValueError(f"--max-model-len {max_model_len} is more than the model's {longest} positions")
     extra = [str(a) for a in extra]
+    given = {vllm_flag(a) for a in extra}  # vLLM reads --max_model_len as --max-model-len
     for flag, why in RESERVED.items():
-        if any(a == flag or a.startswith(flag + "=") for a in extra):
+        if flag in given:
             raise ValueError(f"{flag} is not passed through to vllm serve: {why}")
     cmd = [vllm, "serve", str(path), "--enable-prompt-embeds", "--served-model-name", name or path.name,
            "--host", host, "--port", str(port)]
     length = max_model_len or longest
     if length:
         cmd += ["--max-model-len", str(length)]
-    if not any(a == "--dtype" or a.startswith("--dtype=") for a in extra):
+    if "--dtype" not in given:
         cmd += ["--dtype", meta.get("dtype", "auto")]
     return cmd + extra
