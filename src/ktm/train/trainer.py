@@ -358,7 +358,7 @@ def rng_states(accelerator) -> dict[str, torch.Tensor]:
     mine = {"cpu": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     every = gather_object([mine]) if accelerator.num_processes > 1 else [mine]
-    out = {"rng.cpu": every[0]["cpu"]}
+    out = {"rng.cpu": every[0]["cpu"].clone()}  # its own storage: safetensors refuses shared ones
     for rank, state in enumerate(every):
         out[f"rng.cpu.{rank}"] = state["cpu"]
         out.update({f"rng.cuda.{rank}.{d}": t for d, t in enumerate(state["cuda"])})
