@@ -3,6 +3,7 @@ and tokenized only as far as its windows need, a binary one is named, and symbol
 folder are not followed."""
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -53,3 +54,18 @@ def test_a_binary_file_is_named_and_symlinks_are_not_followed(tmp_path):
     (folder / "b.txt").write_bytes("plain ".encode() * 3 + b"\x00\x9c\xff binary")
     with pytest.raises(ValueError, match=r"texts/b.txt: not UTF-8 text \(byte 19: b'\\x9c'\)"):
         TextTask([folder], char_tokenizer(), prompt_tokens=16, continuation_tokens=8).examples("train")
+
+
+@pytest.mark.parametrize("version,passed", [("2.20.0", {"trust_remote_code": False}), ("4.1.0", {})])
+def test_a_hub_dataset_is_read_without_running_its_code(monkeypatch, tmp_path, version, passed):
+    import sys
+    import types
+
+    calls = []
+    fake = types.SimpleNamespace(__version__=version,
+                                 load_dataset=lambda *a, **kw: calls.append(kw) or iter([{"text": "w " * 60}] * 3))
+    monkeypatch.setitem(sys.modules, "datasets", fake)  # the real library is an optional extra
+    task = TextTask(["owner/name"], char_tokenizer(), prompt_tokens=16, continuation_tokens=8)
+    assert task.examples("train") and calls == [{"split": "train", "streaming": True, **passed}]
+    text = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    assert 'datasets = ["datasets>=2.20"]' in text
