@@ -148,9 +148,13 @@ class PromptEncoder:
         answer = post_json(url.rstrip("/") + "/v1/completions", body, api_key=api_key, timeout=timeout)
         try:
             choices = sorted(answer["choices"], key=lambda c: c["index"])
-            return [c["text"] for c in choices]
+            indices, texts = [c["index"] for c in choices], [c["text"] for c in choices]
         except (KeyError, TypeError) as e:
             raise ValueError(f"{url} answered without the Completions API's choices: {str(answer)[:300]}") from e
+        if indices != list(range(len(prompts))):
+            raise ValueError(f"{url} answered {len(indices)} choices (indices {indices[:8]}) for {len(prompts)} "
+                             f"prompts: one answer per prompt is needed (leave n and best_of at 1)")
+        return texts
 
 
 def encode_prompts(model, prompts: list[str]) -> list[torch.Tensor]:
@@ -207,18 +211,33 @@ def completion_request(embeds: list[torch.Tensor], model: str, **params) -> dict
     return {"model": model, "prompt_embeds": [tensor_to_base64(t) for t in embeds], **params}
 
 
-def post_json(url: str, body: dict, *, api_key: str | None = None, timeout: float = 600) -> dict:
+#: the most bytes of a server's answer the client reads (a completion is text: far less)
+MAX_RESPONSE_BYTES = 64 << 20
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        raise ValueError(f"{req.full_url} redirected (HTTP {code}) to {newurl}: ktm does not follow redirects, "
+                         f"which would carry the API key elsewhere; give the server's own address")
+
+
+def post_json(url: str, body: dict, *, api_key: str | None = None, timeout: float = 600,
+              max_bytes: int = MAX_RESPONSE_BYTES) -> dict:
     """POST ``body`` as JSON and return the JSON answer; an HTTP error raises ValueError with
-    the status and the start of the server's message."""
+    the status and the start of the server's message. Redirects are refused (the
+    ``Authorization`` header would follow them), and an answer over ``max_bytes`` is not read."""
     headers = {"Content-Type": "application/json"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
     request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return json.loads(response.read())
+        with urllib.request.build_opener(_NoRedirects()).open(request, timeout=timeout) as response:
+            data = response.read(max_bytes + 1)
     except urllib.error.HTTPError as e:
-        raise ValueError(f"{url} answered HTTP {e.code}: {e.read()[:500].decode(errors='replace')}") from e
+        raise ValueError(f"{url} answered HTTP {e.code}: {e.read(500).decode(errors='replace')}") from e
+    if len(data) > max_bytes:
+        raise ValueError(f"{url} answered with more than {max_bytes:,} bytes: not read")
+    return json.loads(data)
 
 
 # ---------------------------------------------------------------- files of prompt embeddings
