@@ -59,7 +59,13 @@ def shipped_mergers() -> list[str]:
     """Names of the mergers shipped with ktm (``zoo:NAME``), sorted."""
     if not MERGERS_DIR.is_dir():
         return []
-    return sorted(p.name for p in MERGERS_DIR.iterdir() if (p / CONFIG_NAME).is_file())
+    for old in MERGERS_DIR.glob(".*.old"):  # a `ktm zoo build` killed between its two renames
+        try:
+            recover_dir(MERGERS_DIR / old.name[1:-len(".old")])
+        except OSError:
+            pass  # a read-only install: the merger stays unlisted until rebuilt
+    return sorted(p.name for p in MERGERS_DIR.iterdir()
+                  if not p.name.startswith(".") and (p / CONFIG_NAME).is_file())
 
 
 def resolve_folder(path: str | os.PathLike) -> Path:

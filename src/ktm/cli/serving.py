@@ -18,12 +18,12 @@ def cmd_export(args) -> int:
 
 
 def cmd_encode(args) -> int:
-    from ..checkpoint import CONFIG_NAME
+    from ..checkpoint import CONFIG_NAME, resolve_folder
     from ..serve.export import SERVING_CONFIG
     from ..model import KTokenMerging, PromptError
     from ..serve.serving import PromptEncoder, encode_prompts, save_embeds
 
-    folder = Path(args.checkpoint)
+    folder = resolve_folder(args.checkpoint)  # a path, or zoo:NAME
     if (folder / SERVING_CONFIG).is_file():
         model = PromptEncoder.from_export(folder, device=args.device, trust_remote_code=args.trust_remote_code)
     elif not (folder / CONFIG_NAME).is_file():
