@@ -273,6 +273,12 @@ def check_compatible(meta: dict, path, *, fingerprint: str | None = None, config
     The message names the first field that differs and both values (``given``: how the base
     model was named, for the message)."""
     saved = meta["model"]
+    if k is not None and saved.get("k") != k:
+        raise CheckpointError(f"{path} was trained for K = {saved.get('k')}, not K = {k}")
+    if fingerprint is not None and meta["base"]["embedding_fingerprint"] != fingerprint:
+        raise CheckpointError(
+            f"{path} was trained on another base model ({meta['base']['reference']!r}, embedding "
+            f"fingerprint {meta['base']['embedding_fingerprint']}; this model's base has fingerprint {fingerprint})")
     theirs = meta["base"].get("weights_fingerprint")
     if weights is not None and theirs is not None and theirs != weights:
         raise CheckpointError(
@@ -280,12 +286,6 @@ def check_compatible(meta: dict, path, *, fingerprint: str | None = None, config
             f"{f' ({given!r})' if given else ''} has other weights (weights fingerprint {weights}, the checkpoint "
             f"recorded {theirs}) though the same embedding table: e.g. a ktm export, or a fine-tuned or replaced "
             f"copy of the base")
-    if k is not None and saved.get("k") != k:
-        raise CheckpointError(f"{path} was trained for K = {saved.get('k')}, not K = {k}")
-    if fingerprint is not None and meta["base"]["embedding_fingerprint"] != fingerprint:
-        raise CheckpointError(
-            f"{path} was trained on another base model ({meta['base']['reference']!r}, embedding "
-            f"fingerprint {meta['base']['embedding_fingerprint']}; this model's base has fingerprint {fingerprint})")
     if config is None:
         return
     defaults = type(config)()  # a field missing from an older folder had its default value

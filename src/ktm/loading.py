@@ -261,7 +261,8 @@ def weights_fingerprint(model) -> str:
             continue
         flat = p.detach().reshape(-1)
         if flat.numel() > FINGERPRINT_SAMPLES:
-            flat = flat[torch.linspace(0, flat.numel() - 1, FINGERPRINT_SAMPLES, device=flat.device).long()]
+            step = torch.arange(FINGERPRINT_SAMPLES, device=flat.device, dtype=torch.int64)
+            flat = flat[step * (flat.numel() - 1) // (FINGERPRINT_SAMPLES - 1)]  # integers: exact ends
         h.update(str(tuple(p.shape)).encode())
         h.update(flat.to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
     return h.hexdigest()[:32]

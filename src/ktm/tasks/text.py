@@ -150,7 +150,7 @@ def _hub_texts(repo_id: str, fields: tuple[str, ...], limit: int):
         raise ValueError(f"{repo_id} reads as a Hugging Face dataset id, which needs the datasets "
                          f"library: pip install 'ktm[datasets]' (or give a local file or folder)") from None
     # never run a dataset's loading script (datasets >= 4 dropped them, and the flag with them)
-    no_scripts = {} if int(datasets.__version__.split(".")[0]) >= 4 else {"trust_remote_code": False}
+    no_scripts = {} if int(getattr(datasets, "__version__", "4").split(".")[0]) >= 4 else {"trust_remote_code": False}
     rows = datasets.load_dataset(repo_id, split="train", streaming=True, **no_scripts)
     for n, row in enumerate(itertools.islice(rows, limit)):
         name = next((f for f in fields if isinstance(row.get(f), str)), None)
