@@ -67,7 +67,9 @@ def check_servable(config: ModelConfig) -> None:
             f"client-side encoder of ktm.serve.serving does not reproduce: it cannot be exported for serving")
 
 
-def check_destination(checkpoint: Path, out: Path, overwrite: bool) -> None:
+def check_destination(checkpoint: Path, out: Path, overwrite: bool, base=None) -> None:
+    """Refuse an ``out`` that is the checkpoint, its base model (``base``, default the one it
+    saved), an existing folder without ``overwrite``, or a file."""
     src, dst = checkpoint.resolve(), out.resolve()
     if dst == src or dst in src.parents:
         raise ExportError(f"--out {out} would replace the checkpoint {checkpoint} it is exported from: "
@@ -76,6 +78,7 @@ def check_destination(checkpoint: Path, out: Path, overwrite: bool) -> None:
         raise ExportError(f"{out} already exists: pass --overwrite to replace it, or choose another --out")
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} exists and is not a folder")
+    _refuse_replacing_the_base(checkpoint, out, base)
 
 
 def _refuse_replacing_the_base(checkpoint: Path, out: Path, base) -> None:
@@ -162,8 +165,7 @@ def export_model(checkpoint: str | os.PathLike, out: str | os.PathLike, *, overw
     from ..model import KTokenMerging
 
     checkpoint, out = resolve_folder(checkpoint), Path(out)
-    check_destination(checkpoint, out, overwrite)
-    _refuse_replacing_the_base(checkpoint, out, base)
+    check_destination(checkpoint, out, overwrite, base)
     save_dtype = resolve_dtype(dtype, "cpu")
     model = KTokenMerging.from_pretrained(checkpoint, base=base, device="cpu", dtype="float32",
                                           trust_remote_code=trust_remote_code).eval()
