@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
@@ -58,7 +59,13 @@ def shipped_mergers() -> list[str]:
     """Names of the mergers shipped with ktm (``zoo:NAME``), sorted."""
     if not MERGERS_DIR.is_dir():
         return []
-    return sorted(p.name for p in MERGERS_DIR.iterdir() if (p / CONFIG_NAME).is_file())
+    for old in MERGERS_DIR.glob(".*.old"):  # a `ktm zoo build` killed between its two renames
+        try:
+            recover_dir(MERGERS_DIR / old.name[1:-len(".old")])
+        except OSError:
+            pass  # a read-only install: the merger stays unlisted until rebuilt
+    return sorted(p.name for p in MERGERS_DIR.iterdir()
+                  if not p.name.startswith(".") and (p / CONFIG_NAME).is_file())
 
 
 def resolve_folder(path: str | os.PathLike) -> Path:
@@ -86,7 +93,9 @@ def read_config(path: str | os.PathLike) -> dict:
     try:
         meta = json.loads(cfg.read_text())
         meta["model"], meta["base"]["embedding_fingerprint"], meta["base"]["reference"]
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+        if not isinstance(meta.get("files", {}), dict):
+            raise TypeError(f"'files' must be a JSON object of file: SHA-256, got {json.dumps(meta['files'])}")
+    except (ValueError, KeyError, TypeError, RecursionError) as e:  # JSON and UTF-8 errors are ValueErrors
         raise CheckpointError(f"{cfg} is corrupt or not a ktm config ({e})") from e
     return meta
 
@@ -143,11 +152,12 @@ def recover_dir(path: str | os.PathLike) -> bool:
 
 def clean_stale(folder: str | os.PathLike, name: str) -> list[Path]:
     """Remove the temporary folders that interrupted writes of ``folder/name`` left behind
-    (``.NAME.xxxx``; not ``.NAME.old``, which :func:`recover_dir` may still need while
-    ``NAME`` is missing). Call it only when no other process writes there."""
+    (``.NAME.xxxx``, and ``..NAME.xxxx.yyyy`` from versions that nested one temporary folder
+    in another; not ``.NAME.old``, which :func:`recover_dir` may still need while ``NAME`` is
+    missing). Call it only when no other process writes there."""
     folder, removed = Path(folder), []
     keep = {f".{name}.old"} if not (folder / name).exists() else set()
-    for p in folder.glob(f".{name}.*"):
+    for p in [*folder.glob(f".{name}.*"), *folder.glob(f"..{name}.*")]:
         if p.is_dir() and p.name not in keep:
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
@@ -189,9 +199,9 @@ def write_file(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
-        raise
+        raise_located(e, path)
     return path
 
 
@@ -211,10 +221,24 @@ def write_dir(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
         write(tmp)
         _publish(tmp)
         replace_dir(tmp, path)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        raise_located(e, path)
     return path
+
+
+def raise_located(error: BaseException, path: Path):
+    """Re-raise ``error`` from writing ``path``: an operating-system error without a file name
+    (a full disk fails a ``write``, not an ``open``), or one that safetensors wrapped in its own
+    error (``... (os error 28)``), becomes an ``OSError`` of the same errno naming
+    ``path`` (``PermissionError`` etc. by errno), so the message says what could not be written."""
+    code = getattr(error, "errno", None) if isinstance(error, OSError) and error.filename is None else None
+    if isinstance(error, SafetensorError):
+        found = re.search(r"\bcode: (\d+)|\bos error (\d+)", str(error))
+        code = int(found.group(1) or found.group(2)) if found else None
+    if code:
+        raise OSError(code, os.strerror(code), str(path)) from error
+    raise error
 
 
 #: the weight files whose SHA-256 ``ktm_config.json`` records (safetensors checks headers only)
@@ -239,11 +263,15 @@ def _show(value) -> str:
 
 
 def check_compatible(meta: dict, path, *, fingerprint: str | None = None, config=None,
-                     fields: Iterable[str] = FUNCTION_FIELDS, k: int | None = None) -> None:
+                     fields: Iterable[str] = FUNCTION_FIELDS, k: int | None = None,
+                     weights: str | None = None, given: str | None = None) -> None:
     """Raise :class:`CheckpointError` unless the saved folder ``path`` (its ``meta``, from
-    :func:`read_config`) fits: the same base model (``fingerprint``), the same value of
+    :func:`read_config`) fits: the same base model (``fingerprint`` of its embeddings,
+    ``weights`` of all its tensors, :func:`ktm.loading.weights_fingerprint`; folders saved
+    before ktm recorded the latter are checked on the embeddings alone), the same value of
     every one of ``fields`` as ``config`` (a :class:`~ktm.config.ModelConfig`), and K = ``k``.
-    The message names the first field that differs and both values."""
+    The message names the first field that differs and both values (``given``: how the base
+    model was named, for the message)."""
     saved = meta["model"]
     if k is not None and saved.get("k") != k:
         raise CheckpointError(f"{path} was trained for K = {saved.get('k')}, not K = {k}")
@@ -251,6 +279,13 @@ def check_compatible(meta: dict, path, *, fingerprint: str | None = None, config
         raise CheckpointError(
             f"{path} was trained on another base model ({meta['base']['reference']!r}, embedding "
             f"fingerprint {meta['base']['embedding_fingerprint']}; this model's base has fingerprint {fingerprint})")
+    theirs = meta["base"].get("weights_fingerprint")
+    if weights is not None and theirs is not None and theirs != weights:
+        raise CheckpointError(
+            f"{path} was trained on base model {meta['base']['reference']!r}, but the base model given"
+            f"{f' ({given!r})' if given else ''} has other weights (weights fingerprint {weights}, the checkpoint "
+            f"recorded {theirs}) though the same embedding table: e.g. a ktm export, or a fine-tuned or replaced "
+            f"copy of the base")
     if config is None:
         return
     defaults = type(config)()  # a field missing from an older folder had its default value

@@ -225,11 +225,47 @@ def load_base(reference=None, tokenizer=None, dtype=None, device=None, *,
         kw, src = dict(gguf_file=path.name), str(path.parent)
     else:  # a local folder, or a hub id that transformers downloads (needs a network)
         kw, src, ref = {}, where, where
+        if kind == "folder":
+            refuse_export(Path(where))
     model = from_pretrained(AutoModelForCausalLM, src, "model", trust_remote_code=trust,
                             dtype=torch_dtype, **kw)
     if tokenizer is None:
         tokenizer = load_tokenizer(src, trust_remote_code=trust, **kw)
     return model.to(device), tokenizer, ref
+
+
+#: the file that marks a folder written by ``ktm export`` (:mod:`ktm.serve.export`)
+EXPORT_MARKER = "ktm_serving.json"
+#: :func:`weights_fingerprint` reads at most this many evenly spaced values of each tensor
+FINGERPRINT_SAMPLES = 4096
+
+
+def refuse_export(folder: Path) -> None:
+    """Raise ``ValueError`` when ``folder`` is a ``ktm export`` folder: a checkpoint's LoRA is
+    merged into its weights, so loading a checkpoint (or training) on it as a base model would
+    apply that LoRA a second time."""
+    if (folder / EXPORT_MARKER).is_file():
+        raise ValueError(f"{folder} is a ktm export ({EXPORT_MARKER}): a checkpoint's LoRA is merged into its "
+                         f"weights, so it cannot be a base model (the LoRA would apply twice); give the base "
+                         f"model the checkpoint was trained on, or serve the export as it is")
+
+
+def weights_fingerprint(model) -> str:
+    """SHA-256 of the shapes and (rounded to bfloat16, like :func:`table_fingerprint`) up to
+    :data:`FINGERPRINT_SAMPLES` evenly spaced values of every base-model tensor, LoRA tensors
+    left out: tells apart bases with the same embedding table, such as a base and a ``ktm
+    export`` of a model trained on it (the merged LoRA changes the attention weights)."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            continue
+        flat = p.detach().reshape(-1)
+        if flat.numel() > FINGERPRINT_SAMPLES:
+            step = torch.arange(FINGERPRINT_SAMPLES, device=flat.device, dtype=torch.int64)
+            flat = flat[step * (flat.numel() - 1) // (FINGERPRINT_SAMPLES - 1)]  # integers: exact ends
+        h.update(str(tuple(p.shape)).encode())
+        h.update(flat.to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
+    return h.hexdigest()[:32]
 
 
 def embedding_fingerprint(model) -> str:

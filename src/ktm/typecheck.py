@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import numbers
 import os
 import types
@@ -17,9 +18,9 @@ class _Mismatch(Exception):
     """Internal: a value does not fit an annotation; ``args[0]`` says what was expected and
     ``path`` where inside the value (e.g. ``[2]`` for a tuple's third item)."""
 
-    def __init__(self, expected: str, value, path: str = ""):
-        super().__init__(expected)
-        self.value, self.path = value, path
+    def __init__(self, expected: str, value, path: str = "", bad_value: bool = False):
+        super().__init__(expected)  # bad_value: the right type, a value no field takes (NaN)
+        self.value, self.path, self.bad_value = value, path, bad_value
 
 
 def show_value(value) -> str:
@@ -82,7 +83,7 @@ def _conform(tp, value):
             try:
                 return _conform(arm, value)
             except _Mismatch as e:
-                if e.path:  # the right container, a wrong item: report the item
+                if e.path or e.bad_value:  # the right container, a wrong item / the right type, a bad value
                     raise
         raise _Mismatch(_expected(tp), value)
     origin = typing.get_origin(tp)
@@ -114,7 +115,9 @@ def _conform(tp, value):
         raise _Mismatch(_expected(tp), value)
     if tp is float:
         if isinstance(value, numbers.Real) and not isinstance(value, (bool, numbers.Integral)):
-            return value if isinstance(value, float) else float(value)
+            if math.isfinite(value):  # --lr nan would train to NaN weights and exit 0
+                return value if isinstance(value, float) else float(value)
+            raise _Mismatch("a finite number", value, bad_value=True)
         if isinstance(value, numbers.Integral) and not isinstance(value, bool):
             return int(value)
         raise _Mismatch(_expected(tp), value)
@@ -136,7 +139,7 @@ def check_types(cfg) -> None:
     """Check every field of the dataclass instance ``cfg`` against its annotation.
 
     bool fields take only bools (not ``"false"`` or 0); int fields ints, not bools; float
-    fields ints or floats, not bools; ``X | None`` also None; ``tuple[T, ...]`` a tuple or
+    fields finite ints or floats, not bools; ``X | None`` also None; ``tuple[T, ...]`` a tuple or
     list of T (stored as a tuple); ``Literal[...]`` only its values. Raises ``TypeError``
     (``ValueError`` for a ``Literal`` field) naming the field, what it takes and what it got,
     e.g. ``ModelConfig.encoder_norm must be a bool, got 'false' (str)``.
@@ -153,6 +156,6 @@ def check_types(cfg) -> None:
             if isinstance(e.value, os.PathLike):
                 message += ": convert the path to a str, e.g. str(path)"
             literal = literal_choices(tp) is not None
-            raise (ValueError if literal else TypeError)(message) from None
+            raise (ValueError if literal or e.bad_value else TypeError)(message) from None
         if checked is not value:
             object.__setattr__(cfg, f.name, checked)

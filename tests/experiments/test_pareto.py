@@ -279,3 +279,18 @@ def test_doctests():
 
     for module in (ktm.experiments.frontier, pareto):
         assert doctest.testmod(module).failed == 0
+
+
+def test_a_rerun_on_changed_data_is_refused_and_a_broken_cell_file_named(tmp_path, base_dir):
+    data, out = _data(tmp_path / "data"), tmp_path / "grid"
+    grid = _grid(data, base_dir, steps=1, eval_examples=2)
+    run_grid(grid, ["merge"], [2], out, device="cpu", timing_prompts=1, progress=False, log=lambda s: None)
+    (out / "cells" / "plain" / "cell.json").write_text("")
+    with pytest.raises(ValueError, match=r"cells/plain/cell.json is unreadable \(JSONDecodeError: .*\): delete it "
+                                         r"to train the cell again, or pass --overwrite to start the grid over"):
+        run_grid(grid, ["merge"], [2], out, device="cpu", timing_prompts=1, progress=False, log=lambda s: None)
+    with open(tmp_path / "data" / "test.jsonl", "a") as f:  # the same path, other data
+        f.write(json.dumps({"prompt": "x new y", "answer": "yes"}) + "\n")
+    with pytest.raises(ValueError, match=r"holds a grid made with other settings \(data_sha256: '[0-9a-f]{64}' -> "
+                                         r"'[0-9a-f]{64}'\); use another --out, the same settings, or --overwrite"):
+        run_grid(grid, ["merge"], [2], out, device="cpu", timing_prompts=1, progress=False, log=lambda s: None)

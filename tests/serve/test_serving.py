@@ -188,6 +188,17 @@ class FakeVLLM(BaseHTTPRequestHandler):
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         self.server.seen.append((self.path, dict(self.headers), body))
+        mode = getattr(self.server, "mode", None)
+        if mode and mode.startswith("redirect "):  # to another server, e.g. another host
+            self.send_response(307)
+            self.send_header("Location", mode.split(" ", 1)[1])
+            self.send_header("Content-Length", "0")
+            return self.end_headers()
+        if mode == "n2":  # n = 2: two choices per prompt
+            n = len(body["prompt_embeds"])
+            return self.answer(200, {"choices": [{"index": i, "text": "x"} for i in range(2 * n)]})
+        if mode == "huge":
+            return self.answer(200, {"choices": [], "padding": "x" * 3000})
         try:
             tensors = [vllm_decode(s) for s in body["prompt_embeds"]]
             for t, want in zip(tensors, self.server.expected, strict=True):
@@ -351,6 +362,9 @@ def test_ktm_serve_builds_the_vllm_command_line(exported, capsys):
     (["--", "--enable-lora"], "LoRA merged into the weights"),
     (["--", "--max-model-len=100"], "use ktm serve --max-model-len"),
     (["--", "--port", "1"], "use ktm serve --port"),
+    (["--", "--max_model_len=100"], "use ktm serve --max-model-len"),  # vLLM's underscore spelling
+    (["--", "--served_model_name", "x"], "use ktm serve --name"),
+    (["--", "--enable_lora"], "LoRA merged into the weights"),
 ])
 def test_ktm_serve_refuses_what_it_sets_itself(exported, capsys, argv, message):
     _, out, _ = exported
@@ -423,3 +437,51 @@ def test_the_client_merges_with_the_models_own_prompt_merger(exported):
     with pytest.raises(PromptTooLong) as e:
         enc.encode(["x" * (3 * 512 + 1)])
     assert (e.value.index, e.value.merged, e.value.limit) == (0, 513, 512)
+
+
+def test_ktm_serve_warns_when_it_listens_beyond_this_machine_without_an_api_key(exported, capsys, monkeypatch):
+    _, out, _ = exported
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    capsys.readouterr()
+    assert main(["serve", "--export", str(out), "--dry-run", "--host", "0.0.0.0"]) == 0
+    assert capsys.readouterr().err == (
+        "ktm: warning: serving on 0.0.0.0 without an API key: anyone who can reach it can send prompt embeddings; "
+        "pass -- --api-key KEY (or set VLLM_API_KEY), or listen on 127.0.0.1\n")
+    for argv in (["--host", "0.0.0.0", "--", "--api_key", "k"], ["--host", "::1"], ["--host", "localhost"]):
+        assert main(["serve", "--export", str(out), "--dry-run", *argv]) == 0
+        assert capsys.readouterr().err == ""
+
+
+def test_the_serving_extra_pins_vllm_past_the_prompt_embeds_advisory():
+    text = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    assert 'serve = ["vllm>=0.11.1"]' in text  # CVE-2025-62164
+    assert '"torch>=2.6"' in text  # CVE-2025-32434
+
+
+def test_the_client_checks_one_answer_per_prompt_refuses_redirects_and_bounds_the_answer(exported, fake_server):
+    from ktm.serve.serving import post_json
+
+    _, out, _ = exported
+    enc = PromptEncoder.from_export(out)
+    url = f"http://127.0.0.1:{fake_server.server_address[1]}"
+    fake_server.mode = "n2"
+    with pytest.raises(ValueError, match=r"answered 4 choices \(indices \[0, 1, 2, 3\]\) for 2 prompts: one answer "
+                                         r"per prompt is needed \(leave n and best_of at 1\)"):
+        enc.complete(url, PROMPTS[:2], n=2)
+    other = ThreadingHTTPServer(("127.0.0.1", 0), FakeVLLM)  # where a redirect would lead
+    other.seen, other.expected = [], []
+    thread = threading.Thread(target=other.serve_forever, daemon=True)
+    thread.start()
+    try:
+        fake_server.mode = f"redirect http://localhost:{other.server_address[1]}/v1/completions"
+        with pytest.raises(ValueError, match=r"redirected \(HTTP 307\) to http://localhost:\d+/v1/completions: ktm "
+                                             r"does not follow redirects"):
+            enc.complete(url, PROMPTS[:1], api_key="secret")
+        assert other.seen == []  # the key never reached the other server
+    finally:
+        other.shutdown()
+        other.server_close()
+        thread.join(5)
+    fake_server.mode = "huge"
+    with pytest.raises(ValueError, match=r"answered with more than 2,000 bytes: not read"):
+        post_json(url + "/v1/completions", {"prompt_embeds": []}, max_bytes=2000)

@@ -58,13 +58,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(base, data, out, batch_size):
+def _launch(base, data, out, batch_size, script="multiprocess_train.py"):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(HERE.parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(_free_port()),
-           str(HERE / "multiprocess_train.py"), base, data, str(out), str(batch_size)]
+           str(HERE / script), base, data, str(out)] + ([str(batch_size)] if batch_size else [])
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
@@ -91,6 +91,22 @@ def test_two_processes_equal_one_process_with_the_global_batch(tmp_path):
         assert largest < TOL_MAX and share < TOL_SHARE, (largest, share)
     other_batch = load_file(train_and_save(base, data, str(tmp_path / "other"), batch_size=2))
     assert _diff(other_batch, one)[0] > 1e-3  # training on other examples is far away
+
+
+def test_two_processes_run_a_phase_chain_overwrite_resume_and_a_grid_in_one_folder(tmp_path):
+    # rank 0 alone locks, recovers and cleans (teacher/, checkpoint/, the grid's cells) while
+    # rank 1 waits; a lock taken in every rank made the grid fail ("in use by another ktm run")
+    base, data = save_tiny_base(tmp_path / "base"), _data(tmp_path / "data")
+    out = tmp_path / "two"
+    out.mkdir()
+    _launch(base, data, out, 0, script="multiprocess_phases.py")
+    for rank in (0, 1):
+        done = json.loads((out / f"done-rank{rank}.json").read_text())
+        assert done == {"steps": [2, 2, 3], "cells": ["plain", "merge-k2"]}
+    assert (out / "chain" / "teacher" / "model").is_dir() and not (out / "chain" / ".lock").exists()
+    # the checkpoint holds every process's random state, which --resume gives back to each
+    saved = load_file(str(out / "chain" / "checkpoint" / "optimizer.safetensors"))
+    assert {"rng.cpu", "rng.cpu.0", "rng.cpu.1"} <= saved.keys()
 
 
 def test_process_shares_make_up_the_one_process_batch():

@@ -85,16 +85,40 @@ def test_the_final_checkpoint_is_written_before_the_final_evaluation(tmp_path, b
 
 
 def test_a_second_run_on_the_same_folder_is_refused_and_a_stale_lock_taken_over(tmp_path, base_dir):
+    import socket
+    import subprocess
+    import sys
+
     out = tmp_path / "run"
     out.mkdir()
-    (out / LOCK_NAME).write_text(str(os.getppid()))  # a live process holds it
-    with pytest.raises(ValueError, match="in use by another ktm run"):
-        _run(_data(tmp_path / "data"), out, base_dir)
-    (out / LOCK_NAME).write_text("999999999")  # no such process: a stale lock
+    # a live process holds the lock (an open-file lock; its file still empty, as just after creation)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out / LOCK_NAME)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ValueError, match=r"in use by another ktm run \(process \?\)"):
+            _run(_data(tmp_path / "data"), out, base_dir)
+    finally:
+        holder.kill()
+        holder.wait()
+    (out / LOCK_NAME).write_text("999999999 otherhost\n")  # left by a killed run: nobody holds it
     _run(_data(tmp_path / "data"), out, base_dir)
     assert not (out / LOCK_NAME).exists()
     with run_lock(out):
-        assert (out / LOCK_NAME).read_text() == str(os.getpid())
+        assert (out / LOCK_NAME).read_text() == f"{os.getpid()} {socket.gethostname()}\n"
+        with pytest.raises(ValueError, match=rf"in use by another ktm run \(process {os.getpid()} on "
+                                             rf"{socket.gethostname()}\)"):
+            with run_lock(out):
+                pass
+
+
+#: hold an open-file lock on argv[1] without writing to it, then wait to be killed
+HOLD = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_CREAT | os.O_RDWR, 0o644)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(600)
+"""
 
 
 def test_resume_after_a_kill_inside_the_rename_and_stale_folders_cleaned(tmp_path, base_dir):

@@ -15,6 +15,17 @@ def cmd_data(args) -> int:
     return 0
 
 
+def refuse_overwriting_source(source: Path, out: Path) -> None:
+    """``ValueError`` when writing ``out/train.jsonl`` or ``out/test.jsonl`` would replace a file
+    that ``source`` (a file, or a folder of ``train`` / ``test`` / ``dev`` .jsonl) is read from."""
+    read = [source] if source.is_file() else [source / f"{s}.jsonl" for s in ("train", "test", "dev")]
+    read = {p.resolve() for p in read if p.exists()}
+    clash = [name for name in ("train.jsonl", "test.jsonl") if (out / name).resolve() in read]
+    if clash:
+        raise ValueError(f"--out {out} would overwrite the source data it is made from ({out / clash[0]} is read "
+                         f"from --source {source}): choose another --out")
+
+
 def cmd_data_source(args) -> int:
     """``ktm data amazon|commits``: the task's prompt/answer records, both splits, as JSONL.
     ``--source`` is a local folder or file, or a Hugging Face dataset id (one category's or
@@ -39,6 +50,7 @@ def cmd_data_source(args) -> int:
         if given:
             raise ValueError(f"{', '.join(given)} apply to a Hugging Face dataset id as --source, and "
                              f"{args.source} is a local path (or no Hub id)")
+        refuse_overwriting_source(Path(args.source), Path(args.out))
         task = (AmazonTask(args.source, max_chars=args.review_chars) if amazon_data else
                 CommitsTask(args.source, max_chars=args.commit_chars, policy=args.long_commits))
         splits = {split: task.examples(split) for split in ("train", "test")}

@@ -24,9 +24,19 @@ def prompt_inputs(args):
     without its line ending); ``where`` names it in error messages."""
     if args.prompt:
         for i, p in enumerate(args.prompt, 1):
+            try:
+                p.encode("utf-8")  # the shell's bytes that were not UTF-8 are lone surrogates here
+            except UnicodeEncodeError as e:
+                raise ValueError(f"prompt argument {i}: not UTF-8 text (character {e.start})") from None
             yield f"prompt argument {i}", p
         return
-    for n, line in enumerate(sys.stdin, 1):
+    stream = getattr(sys.stdin, "buffer", None)  # bytes, so a bad line is named, not a traceback
+    for n, line in enumerate(stream if stream is not None else sys.stdin, 1):
+        if isinstance(line, bytes):
+            try:
+                line = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"input line {n}: not UTF-8 text (byte {e.start}: {line[e.start:e.start + 1]!r})") from None
         yield f"input line {n}", line.removesuffix("\n").removesuffix("\r")
 
 

@@ -47,12 +47,16 @@ def user_error(e: BaseException) -> str | None:
                 f"used with the base model it was trained on)")
     if isinstance(e, (ValueError, FileNotFoundError)):
         return _one_line(e)
-    if isinstance(e, PermissionError):
-        return (f"permission denied: {where or _one_line(e)}: choose a file or folder you can write to "
+    if isinstance(e, PermissionError) or isinstance(e, OSError) and e.errno == errno.EROFS:
+        why = " (a read-only file system)" if e.errno == errno.EROFS else ""
+        return (f"permission denied: {where or _one_line(e)}{why}: choose a file or folder you can write to "
                 f"(e.g. another --out) or read from, or change its permissions")
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
         return (f"no space left on the device{f' writing {where}' if where else ''}: free some space, "
                 f"or write to another disk (e.g. another --out)")
+    if isinstance(e, OSError) and e.errno == errno.EFBIG:
+        return (f"the file-size limit of this process (ulimit -f) was reached{f' writing {where}' if where else ''}: "
+                f"raise the limit, or write less (e.g. fewer or smaller files)")
     if isinstance(e, OSError):
         return f"{_one_line(e)} (check the paths and model names given)"
     if isinstance(e, SafetensorError):

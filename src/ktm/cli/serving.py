@@ -18,12 +18,12 @@ def cmd_export(args) -> int:
 
 
 def cmd_encode(args) -> int:
-    from ..checkpoint import CONFIG_NAME
+    from ..checkpoint import CONFIG_NAME, resolve_folder
     from ..serve.export import SERVING_CONFIG
     from ..model import KTokenMerging, PromptError
     from ..serve.serving import PromptEncoder, encode_prompts, save_embeds
 
-    folder = Path(args.checkpoint)
+    folder = resolve_folder(args.checkpoint)  # a path, or zoo:NAME
     if (folder / SERVING_CONFIG).is_file():
         model = PromptEncoder.from_export(folder, device=args.device, trust_remote_code=args.trust_remote_code)
     elif not (folder / CONFIG_NAME).is_file():
@@ -51,10 +51,13 @@ def cmd_serve(args) -> int:
     import shlex
     import subprocess
 
-    from ..serve.serving import serve_command, vllm_executable
+    from ..serve.serving import exposure_warning, serve_command, vllm_executable
 
     cmd = serve_command(args.export, max_model_len=args.max_model_len, name=args.name, host=args.host,
                         port=args.port, extra=args.vllm_args)
+    warning = exposure_warning(args.host, args.vllm_args)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     if args.dry_run:
         print(shlex.join(cmd))
         return 0

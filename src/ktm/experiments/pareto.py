@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -141,14 +142,51 @@ def check_grid(out: Path, grid: GridConfig, overwrite: bool) -> None:
             old = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"{path} is unreadable ({e}); pass --overwrite to start the grid over") from None
-        new = json.loads(json.dumps(grid.key()))
-        changed = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
+        new = json.loads(json.dumps(grid_record(grid)))
+        # a grid recorded before data hashes were has no DATA_KEY: its data cannot be compared
+        changed = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v and (k != DATA_KEY or k in old)}
         if changed:
             diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))
             raise ValueError(f"{out} holds a grid made with other settings ({diff}); use another --out, the same "
                              f"settings, or --overwrite to start over")
     out.mkdir(parents=True, exist_ok=True)
-    save_json(path, grid.key())
+    save_json(path, grid_record(grid))
+
+
+#: grid.json's entry for the SHA-256 of the task's local data files
+DATA_KEY = "data_sha256"
+
+
+def data_sha256(options: dict) -> str | None:
+    """SHA-256 over the contents of the local files a task's options name (a file, or the
+    files of a folder, sorted, hidden ones left out), so a grid rerun on changed data under
+    the same path is caught; None when the options name no local path (a hub id)."""
+    import hashlib
+
+    digest, found = hashlib.sha256(), False
+    for value in sorted(str(v) for v in options.values() if isinstance(v, (str, os.PathLike))):
+        root = Path(value)
+        for file in _data_files(root):
+            found = True
+            digest.update(f"{file.relative_to(root) if file != root else file.name}\0".encode())
+            with open(file, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+    return digest.hexdigest() if found else None
+
+
+def _data_files(root: Path) -> list[Path]:
+    if root.is_file():
+        return [root]
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.rglob("*") if p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(root).parts))
+
+
+def grid_record(grid: GridConfig) -> dict:
+    """What grid.json keeps: the grid's settings and the hash of its task's data."""
+    return {**grid.key(), DATA_KEY: data_sha256(grid.task_options)}
 
 
 def cell_task(cell: Cell, task: Task, grid: GridConfig, folder: Path, log, trust_remote_code=None) -> Task:
@@ -233,13 +271,12 @@ def run_grid(grid: GridConfig, methods: list[str], ks: list[int], out, *, device
     and writes the report after every cell. ``trust_remote_code``: as in ``train_run``, for
     every cell (not part of the grid's settings)."""
     from .pareto_report import write_report
-    from ..train.phases import run_lock
+    from ..train.runlock import main_first
 
     cells = grid_cells(methods, ks)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    with run_lock(out):
-        check_grid(out, grid, overwrite)
+    with main_first(out, lambda: check_grid(out, grid, overwrite)):
         task = build_task(grid)
         rows = []
         bar = tqdm(cells, desc="pareto cells", disable=not progress, dynamic_ncols=True)
@@ -248,7 +285,7 @@ def run_grid(grid: GridConfig, methods: list[str], ks: list[int], out, *, device
             folder = out / CELLS_DIR / cell.name
             done = folder / CELL_FILE
             if done.is_file():
-                row = json.loads(done.read_text())["row"]
+                row = read_cell(done)
                 log(f"{cell.name}: finished earlier, reused ({done})")
             else:
                 folder.mkdir(parents=True, exist_ok=True)
@@ -261,6 +298,15 @@ def run_grid(grid: GridConfig, methods: list[str], ks: list[int], out, *, device
             write_report(rows, out, grid)
         bar.close()
     return rows
+
+
+def read_cell(path: Path) -> dict:
+    """The row of a finished cell's ``cell.json``; ``ValueError`` naming it when unreadable."""
+    try:
+        return json.loads(path.read_text())["row"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is unreadable ({type(e).__name__}: {e}): delete it to train the cell again, "
+                         f"or pass --overwrite to start the grid over") from None
 
 
 def _row_line(row: dict) -> str:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..loading import embedding_fingerprint, load_base
+from ..loading import embedding_fingerprint, load_base, weights_fingerprint
 from . import compiled, generation, io
 from .blocks import answer_targets, concat_right_padded, pad_sequences, position_ids
 from .encoder import build_encoder
@@ -75,6 +75,8 @@ class KTokenMerging(nn.Module):
         self.config = config
         self.base_reference = base_reference
         self.base_fingerprint = base_fingerprint
+        #: ktm.loading.weights_fingerprint of the base (all its tensors, sampled); set by assemble
+        self.base_weights_fingerprint = None
         causal = lm.get_base_model()
         self._decoder = getattr(causal, causal.base_model_prefix)
         self._lm_head = causal.get_output_embeddings()
@@ -141,6 +143,7 @@ class KTokenMerging(nn.Module):
             raise ValueError("keep='cue' names a task's cue: train_run resolves it (ktm.model.segments.task_keep_pattern); "
                              "give the model a regular expression")
         fingerprint = fingerprint or embedding_fingerprint(base)
+        weights = weights_fingerprint(base)  # before LoRA wraps it
         targets = list(config.lora_targets)
         if config.lora_lm_head and not _tied(base):
             targets.append("lm_head")
@@ -156,7 +159,9 @@ class KTokenMerging(nn.Module):
         encoder.to(base.get_input_embeddings().weight.device)
         if config.method != "merge":  # the block mean, or no encoder at all: nothing to train
             encoder.requires_grad_(False)
-        return cls(lm, tokenizer, encoder, config, ref, fingerprint)
+        model = cls(lm, tokenizer, encoder, config, ref, fingerprint)
+        model.base_weights_fingerprint = weights
+        return model
 
     # ------------------------------------------------------------------ properties
     @property
@@ -245,6 +250,7 @@ class KTokenMerging(nn.Module):
         encoder.to(device=self.device, dtype=enc_dtype)
         encoder.requires_grad_(config.method == "merge")
         m = KTokenMerging(self.lm, self.tokenizer, encoder, config, self.base_reference, self.base_fingerprint)
+        m.base_weights_fingerprint = self.base_weights_fingerprint
         return m.train(self.training)
     # ------------------------------------------------------------------ prompts (ktm.model.prompts)
     def tokenize(self, texts: list[str], what: str = "prompt") -> list[list[int]]:

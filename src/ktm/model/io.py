@@ -42,15 +42,18 @@ def save_pretrained(model, path: str | os.PathLike) -> Path:
     The folder is written beside its destination and renamed into place, so an
     interrupted save never leaves a half-written checkpoint.
     """
+    return write_dir(path, lambda tmp: write_into(model, tmp))
 
-    def write(tmp: Path) -> None:
-        model.lm.save_pretrained(tmp / ADAPTER_DIR, safe_serialization=True, save_embedding_layers=False)
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.encoder.state_dict().items()},
-                  str(tmp / ENCODER_NAME))
-        model.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
-        save_json(tmp / CONFIG_NAME, {**model.describe(), "files": weight_hashes(tmp)})
 
-    return write_dir(path, write)
+def write_into(model, folder: Path) -> None:
+    """Write the files of a saved model into the existing ``folder`` (the temporary folder of
+    a :func:`~ktm.checkpoint.write_dir`, e.g. the trainer's checkpoint, which adds its own
+    files: one temporary folder, not one inside another)."""
+    model.lm.save_pretrained(folder / ADAPTER_DIR, safe_serialization=True, save_embedding_layers=False)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.encoder.state_dict().items()},
+              str(folder / ENCODER_NAME))
+    model.tokenizer.save_pretrained(str(folder / TOKENIZER_DIR))
+    save_json(folder / CONFIG_NAME, {**model.describe(), "files": weight_hashes(folder)})
 
 
 def describe(model) -> dict:
@@ -62,6 +65,7 @@ def describe(model) -> dict:
                     "hidden": model.encoder.hidden, "init": model.encoder.init,
                     "stages": list(encoder_stages(model.encoder))},
         "base": {"reference": model.base_reference, "embedding_fingerprint": model.base_fingerprint,
+                 "weights_fingerprint": model.base_weights_fingerprint,
                  "model_type": getattr(model.lm.get_base_model().config, "model_type", None)},
     }
 
@@ -102,6 +106,7 @@ def from_pretrained(cls, path: str | os.PathLike, base=None, tokenizer=None, *, 
             f"fingerprint {meta['base']['embedding_fingerprint']}), but the base model given "
             f"({ref_str!r}) has fingerprint {got_fp}: a different model or different weights")
     model = cls.assemble(base_model, tokenizer, config, meta["base"]["reference"], got_fp)
+    check_compatible(meta, path, weights=model.base_weights_fingerprint, given=ref_str)
     model.load_trained(path)
     return model
 
@@ -120,7 +125,8 @@ def load_trained(model, path: str | os.PathLike, adapter_only: bool = False) -> 
     path = resolve_folder(path)
     meta = read_config(path)
     check_compatible(meta, path, fingerprint=model.base_fingerprint, config=model.config,
-                     fields=ADAPTER_FIELDS if adapter_only else FUNCTION_FIELDS)
+                     fields=ADAPTER_FIELDS if adapter_only else FUNCTION_FIELDS,
+                     weights=model.base_weights_fingerprint)
     if not adapter_only:
         enc_state = load_weights(meta, path, ENCODER_NAME)
         want = {k: tuple(v.shape) for k, v in model.encoder.state_dict().items()}
@@ -193,7 +199,7 @@ def load_teacher(path, student, base=None, trust_remote_code: bool | None = None
     if meta["model"].get("k") != 1:
         raise CheckpointError(f"{path}: a teacher must read plain prompts (K = 1), this model has "
                               f"K = {meta['model'].get('k')}")
-    check_compatible(meta, path, fingerprint=student.base_fingerprint)
+    check_compatible(meta, path, fingerprint=student.base_fingerprint, weights=student.base_weights_fingerprint)
     teacher = type(student).from_pretrained(path, base=base, device=student.device,
                                              trust_remote_code=trust_remote_code).eval()
     for p in teacher.parameters():

@@ -34,10 +34,11 @@ import torch
 from safetensors.torch import save_file
 
 from .. import __version__
-from ..checkpoint import CheckpointError, file_sha256, load_tensors, resolve_folder, write_dir
+from ..checkpoint import CheckpointError, file_sha256, load_tensors, read_config, resolve_folder, write_dir
 from ..config import ModelConfig, from_dict, save_json, to_dict
+from ..loading import EXPORT_MARKER
 
-SERVING_CONFIG = "ktm_serving.json"
+SERVING_CONFIG = EXPORT_MARKER  # "ktm_serving.json"
 ENCODER_FILE = "ktm_encoder.safetensors"
 FORMAT = "ktm-export"
 FORMAT_VERSION = 1
@@ -66,7 +67,9 @@ def check_servable(config: ModelConfig) -> None:
             f"client-side encoder of ktm.serve.serving does not reproduce: it cannot be exported for serving")
 
 
-def check_destination(checkpoint: Path, out: Path, overwrite: bool) -> None:
+def check_destination(checkpoint: Path, out: Path, overwrite: bool, base=None) -> None:
+    """Refuse an ``out`` that is the checkpoint, its base model (``base``, default the one it
+    saved), an existing folder without ``overwrite``, or a file."""
     src, dst = checkpoint.resolve(), out.resolve()
     if dst == src or dst in src.parents:
         raise ExportError(f"--out {out} would replace the checkpoint {checkpoint} it is exported from: "
@@ -75,6 +78,19 @@ def check_destination(checkpoint: Path, out: Path, overwrite: bool) -> None:
         raise ExportError(f"{out} already exists: pass --overwrite to replace it, or choose another --out")
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} exists and is not a folder")
+    _refuse_replacing_the_base(checkpoint, out, base)
+
+
+def _refuse_replacing_the_base(checkpoint: Path, out: Path, base) -> None:
+    """An ``out`` that is (or holds) the local base model the checkpoint refers to would
+    replace it under every checkpoint trained on it."""
+    ref = base if base is not None else read_config(checkpoint)["base"]["reference"]
+    if not isinstance(ref, (str, os.PathLike)) or not Path(ref).is_absolute() and not Path(ref).exists():
+        return
+    dst, used = out.resolve(), Path(ref).expanduser().resolve()
+    if dst == used or dst in used.parents:
+        raise ExportError(f"--out {out} is the base model {ref} that {checkpoint} was trained on: exporting "
+                          f"there would replace it under every checkpoint that refers to it; choose another --out")
 
 
 def _embedding_key(lm) -> str:
@@ -149,7 +165,7 @@ def export_model(checkpoint: str | os.PathLike, out: str | os.PathLike, *, overw
     from ..model import KTokenMerging
 
     checkpoint, out = resolve_folder(checkpoint), Path(out)
-    check_destination(checkpoint, out, overwrite)
+    check_destination(checkpoint, out, overwrite, base)
     save_dtype = resolve_dtype(dtype, "cpu")
     model = KTokenMerging.from_pretrained(checkpoint, base=base, device="cpu", dtype="float32",
                                           trust_remote_code=trust_remote_code).eval()
@@ -188,7 +204,11 @@ def read_export(path: str | os.PathLike) -> dict:
         raise ExportError(f"{cfg} is corrupt or not a ktm export config ({e})") from e
     if not ok:
         raise ExportError(f"{cfg} is not a ktm export config")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
+    version = meta.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ExportError(f"{path}/{SERVING_CONFIG} is corrupt: format_version must be an integer, got "
+                          f"{json.dumps(version)}")
+    if version > FORMAT_VERSION:
         raise ExportError(f"{path} was written by a newer ktm (export format {meta['format_version']}; "
                           f"this ktm reads up to {FORMAT_VERSION}): upgrade ktm")
     return meta

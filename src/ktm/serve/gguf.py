@@ -210,7 +210,7 @@ def export_gguf(checkpoint: str | os.PathLike, out: str | os.PathLike, *, gguf_t
     if gguf_type not in GGUF_TYPES:
         raise ExportError(f"--gguf-type must be one of {', '.join(GGUF_TYPES)}, got {gguf_type!r}")
     checkpoint, out = resolve_folder(checkpoint), Path(out)
-    check_destination(checkpoint, out, overwrite)
+    check_destination(checkpoint, out, overwrite, base)
     model = KTokenMerging.from_pretrained(checkpoint, base=base, device="cpu", dtype="float32",
                                           trust_remote_code=trust_remote_code).eval()
     check_servable(model.config)

@@ -32,7 +32,6 @@ Example::
 from __future__ import annotations
 
 import base64
-import binascii
 import importlib.util
 import io
 import json
@@ -48,14 +47,9 @@ import torch
 from ..model.methods import TOKEN_METHODS
 from ..model.prompts import PromptMerger
 from .export import ExportError, export_model_config, load_export_encoder, read_export
+from .payload import FLOAT_DTYPES, check_prompt_embeds, load_prompt_embeds, payload_limit  # noqa: F401 - public here too
 
 #: the dtypes a prompt-embeddings tensor may have (vLLM casts them to the model's dtype)
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-#: bytes a torch.save file may add to its tensor's data (zip records, pickle: 1,577 measured
-#: with torch 2.13 for any 2-D float tensor), with room to spare
-SAVE_OVERHEAD = 4096
-
-
 class PromptEncoder:
     """Prompts -> the merged embeddings a served ktm model reads, without the LLM.
 
@@ -154,9 +148,13 @@ class PromptEncoder:
         answer = post_json(url.rstrip("/") + "/v1/completions", body, api_key=api_key, timeout=timeout)
         try:
             choices = sorted(answer["choices"], key=lambda c: c["index"])
-            return [c["text"] for c in choices]
+            indices, texts = [c["index"] for c in choices], [c["text"] for c in choices]
         except (KeyError, TypeError) as e:
             raise ValueError(f"{url} answered without the Completions API's choices: {str(answer)[:300]}") from e
+        if indices != list(range(len(prompts))):
+            raise ValueError(f"{url} answered {len(indices)} choices (indices {indices[:8]}) for {len(prompts)} "
+                             f"prompts: one answer per prompt is needed (leave n and best_of at 1)")
+        return texts
 
 
 def encode_prompts(model, prompts: list[str]) -> list[torch.Tensor]:
@@ -213,73 +211,33 @@ def completion_request(embeds: list[torch.Tensor], model: str, **params) -> dict
     return {"model": model, "prompt_embeds": [tensor_to_base64(t) for t in embeds], **params}
 
 
-def post_json(url: str, body: dict, *, api_key: str | None = None, timeout: float = 600) -> dict:
+#: the most bytes of a server's answer the client reads (a completion is text: far less)
+MAX_RESPONSE_BYTES = 64 << 20
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        raise ValueError(f"{req.full_url} redirected (HTTP {code}) to {newurl}: ktm does not follow redirects, "
+                         f"which would carry the API key elsewhere; give the server's own address")
+
+
+def post_json(url: str, body: dict, *, api_key: str | None = None, timeout: float = 600,
+              max_bytes: int = MAX_RESPONSE_BYTES) -> dict:
     """POST ``body`` as JSON and return the JSON answer; an HTTP error raises ValueError with
-    the status and the start of the server's message."""
+    the status and the start of the server's message. Redirects are refused (the
+    ``Authorization`` header would follow them), and an answer over ``max_bytes`` is not read."""
     headers = {"Content-Type": "application/json"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
     request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return json.loads(response.read())
+        with urllib.request.build_opener(_NoRedirects()).open(request, timeout=timeout) as response:
+            data = response.read(max_bytes + 1)
     except urllib.error.HTTPError as e:
-        raise ValueError(f"{url} answered HTTP {e.code}: {e.read()[:500].decode(errors='replace')}") from e
-
-
-# ---------------------------------------------------------------- what a server accepts
-def payload_limit(hidden_size: int, max_length: int, dtype: torch.dtype = torch.float32) -> int:
-    """Characters of the largest base64 ``prompt_embeds`` of a (max_length, hidden_size) tensor."""
-    raw = max_length * hidden_size * dtype.itemsize + SAVE_OVERHEAD
-    return 4 * -(-raw // 3)
-
-
-def check_prompt_embeds(tensor, hidden_size: int, max_length: int, *, dtypes=FLOAT_DTYPES) -> torch.Tensor:
-    """Return ``tensor`` if it is a dense 2-D (length, hidden_size) tensor of one of
-    ``dtypes`` with 1 <= length <= ``max_length`` and finite values; raise ValueError saying
-    what is wrong otherwise. (vLLM itself also accepts a 3-D tensor with a leading 1.)"""
-    if not isinstance(tensor, torch.Tensor):
-        raise ValueError(f"prompt_embeds is a {type(tensor).__name__}, not a tensor")
-    if tensor.layout != torch.strided:
-        raise ValueError(f"prompt_embeds must be a dense tensor, got layout {tensor.layout}")
-    if tensor.dtype not in dtypes:
-        raise ValueError(f"prompt_embeds has dtype {tensor.dtype}; accepted: {', '.join(map(str, dtypes))}")
-    if tensor.dim() != 2:
-        raise ValueError(f"prompt_embeds must be 2-D (length, hidden_size), got shape {tuple(tensor.shape)}")
-    length, width = tensor.shape
-    if width != hidden_size:
-        raise ValueError(f"prompt_embeds has hidden size {width}, the model {hidden_size}")
-    if not 1 <= length <= max_length:
-        raise ValueError(f"prompt_embeds has {length} positions; accepted: 1 to {max_length}")
-    if not bool(torch.isfinite(tensor).all()):
-        raise ValueError("prompt_embeds holds NaN or infinite values")
-    return tensor
-
-
-def load_prompt_embeds(payload: str | bytes, hidden_size: int, max_length: int, *,
-                       max_chars: int | None = None, dtypes=FLOAT_DTYPES) -> torch.Tensor:
-    """Decode one base64 ``prompt_embeds`` as vLLM does, bounded and checked.
-
-    The payload is refused unread when longer than ``max_chars`` (default:
-    :func:`payload_limit` for float32 at ``max_length``); it is then base64-decoded strictly
-    and read with ``torch.load(weights_only=True)`` (sparse-tensor invariants checked), and
-    the tensor must pass :func:`check_prompt_embeds`. Raises ValueError.
-    """
-    limit = payload_limit(hidden_size, max_length) if max_chars is None else max_chars
-    if not isinstance(payload, (str, bytes)):
-        raise ValueError(f"prompt_embeds must be a base64 string, got a {type(payload).__name__}")
-    if len(payload) > limit:
-        raise ValueError(f"prompt_embeds is {len(payload)} characters long; accepted: at most {limit}")
-    try:
-        data = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise ValueError(f"prompt_embeds is not valid base64 ({e})") from e
-    try:
-        with torch.sparse.check_sparse_tensor_invariants():
-            tensor = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
-    except Exception as e:  # torch raises many types for bytes that are not a tensor file
-        raise ValueError(f"prompt_embeds could not be read as a torch tensor ({str(e)[:200]})") from e
-    return check_prompt_embeds(tensor, hidden_size, max_length, dtypes=dtypes)
+        raise ValueError(f"{url} answered HTTP {e.code}: {e.read(500).decode(errors='replace')}") from e
+    if len(data) > max_bytes:
+        raise ValueError(f"{url} answered with more than {max_bytes:,} bytes: not read")
+    return json.loads(data)
 
 
 # ---------------------------------------------------------------- files of prompt embeddings
@@ -335,6 +293,29 @@ RESERVED = {"--max-model-len": "use ktm serve --max-model-len", "--served-model-
             "--lora-modules": "the export has its LoRA merged into the weights"}
 
 
+def vllm_flag(arg: str) -> str:
+    """The flag an argument of ``vllm serve`` names, spelled with dashes as vLLM matches it
+    (``--max_model_len=9`` names ``--max-model-len``); other arguments as they are."""
+    if not arg.startswith("--"):
+        return arg
+    return "--" + arg[2:].split("=", 1)[0].replace("_", "-")
+
+
+def exposure_warning(host: str, extra: list[str], env=os.environ) -> str | None:
+    """A warning when the server would listen beyond this machine without an API key (vLLM's
+    ``--api-key`` or ``VLLM_API_KEY``): prompt embeddings are for trusted clients."""
+    import ipaddress
+
+    try:
+        local = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        local = host == "localhost"
+    if local or "--api-key" in {vllm_flag(str(a)) for a in extra} or env.get("VLLM_API_KEY"):
+        return None
+    return (f"ktm: warning: serving on {host} without an API key: anyone who can reach it can send prompt "
+            f"embeddings; pass -- --api-key KEY (or set VLLM_API_KEY), or listen on 127.0.0.1")
+
+
 def serve_command(export: str | os.PathLike, *, vllm: str = "vllm", max_model_len: int | None = None,
                   name: str | None = None, host: str = "127.0.0.1", port: int = 8000,
                   extra: list[str] = ()) -> list[str]:
@@ -348,14 +329,15 @@ def serve_command(export: str | os.PathLike, *, vllm: str = "vllm", max_model_le
     if max_model_len is not None and longest and max_model_len > longest:
         raise ValueError(f"--max-model-len {max_model_len} is more than the model's {longest} positions")
     extra = [str(a) for a in extra]
+    given = {vllm_flag(a) for a in extra}  # vLLM reads --max_model_len as --max-model-len
     for flag, why in RESERVED.items():
-        if any(a == flag or a.startswith(flag + "=") for a in extra):
+        if flag in given:
             raise ValueError(f"{flag} is not passed through to vllm serve: {why}")
     cmd = [vllm, "serve", str(path), "--enable-prompt-embeds", "--served-model-name", name or path.name,
            "--host", host, "--port", str(port)]
     length = max_model_len or longest
     if length:
         cmd += ["--max-model-len", str(length)]
-    if not any(a == "--dtype" or a.startswith("--dtype=") for a in extra):
+    if "--dtype" not in given:
         cmd += ["--dtype", meta.get("dtype", "auto")]
     return cmd + extra

@@ -194,6 +194,10 @@ def iter_json_objects(path: str | Path):
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from e
+            except ValueError as e:  # e.g. an integer of more than 4,300 digits
+                raise ValueError(f"{where}: not usable JSON ({e})") from e
+            except RecursionError:
+                raise ValueError(f"{where}: the JSON is nested too deeply to read") from None
             if not isinstance(row, dict):
                 raise ValueError(f"{where}: expected a JSON object, got a JSON {type(row).__name__}")
             yield where, row

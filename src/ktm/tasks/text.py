@@ -18,9 +18,13 @@ Sources (one or several, read in order):
 * a ``.jsonl`` file: one text per line, the first of ``text_fields`` that the line's object
   has (``text`` by default; ``--text-field text new_contents`` reads both
   ``shared/data/amazon`` reviews and ``shared/data/commits`` code);
-* a ``.txt`` file: the whole file is one text;
+* a ``.txt`` file: one text, of which only what its windows use is read (a prefix long
+  enough for ``windows_per_text`` windows); with ``windows_per_text`` 0 it is read in pieces
+  of about :data:`PIECE_CHARS` characters (cut at a line break), each a text named
+  ``FILE:LINE``, so memory stays bounded whatever the file's size;
 * a folder: its ``.jsonl`` and ``.txt`` files (sorted, not recursive), leaving out held-out
-  splits (files named ``dev``, ``test``, ``valid`` or ``validation``);
+  splits (files named ``dev``, ``test``, ``valid`` or ``validation``) and symbolic links
+  (which may lead out of the folder);
 * a Hugging Face dataset id (``owner/name``): its ``train`` split, streamed with the
   ``datasets`` library (``pip install 'ktm[datasets]'``), the first ``max_texts`` texts
   (:data:`HUB_TEXTS` when ``max_texts`` is 0).
@@ -38,6 +42,7 @@ Example::
 
 from __future__ import annotations
 
+import codecs
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +54,8 @@ from .hub import is_hub_id
 HELD_OUT_STEMS = ("dev", "test", "valid", "validation")
 #: texts streamed from a Hugging Face dataset when ``max_texts`` is 0
 HUB_TEXTS = 10_000
+#: a ``.txt`` file read whole (windows_per_text = 0) is read in pieces of about this many characters
+PIECE_CHARS = 1 << 20
 
 
 def _opt(text: str, default, **kw):
@@ -117,13 +124,13 @@ def cut_windows(offsets: list[tuple[int, int]], opts: TextOptions) -> list[tuple
 
 def source_files(source: Path) -> list[Path]:
     """The files a local text source names: itself, or a folder's .jsonl and .txt files (sorted, not
-    recursive) but its held-out splits."""
+    recursive) but its held-out splits and symbolic links (which may lead out of the folder)."""
     if source.is_file():
         return [source]
     if not source.is_dir():
         raise FileNotFoundError(f"no such text file or folder: {source}")
     files = sorted(p for p in source.iterdir() if p.suffix in (".jsonl", ".txt") and p.is_file()
-                   and p.stem.lower() not in HELD_OUT_STEMS)
+                   and not p.is_symlink() and p.stem.lower() not in HELD_OUT_STEMS)
     if not files:
         raise FileNotFoundError(f"{source} holds no .jsonl or .txt files (held-out splits "
                                 f"{', '.join(HELD_OUT_STEMS)} are left out)")
@@ -144,7 +151,9 @@ def _hub_texts(repo_id: str, fields: tuple[str, ...], limit: int):
     except ImportError:
         raise ValueError(f"{repo_id} reads as a Hugging Face dataset id, which needs the datasets "
                          f"library: pip install 'ktm[datasets]' (or give a local file or folder)") from None
-    rows = datasets.load_dataset(repo_id, split="train", streaming=True)
+    # never run a dataset's loading script (datasets >= 4 dropped them, and the flag with them)
+    no_scripts = {} if int(getattr(datasets, "__version__", "4").split(".")[0]) >= 4 else {"trust_remote_code": False}
+    rows = datasets.load_dataset(repo_id, split="train", streaming=True, **no_scripts)
     for n, row in enumerate(itertools.islice(rows, limit)):
         name = next((f for f in fields if isinstance(row.get(f), str)), None)
         if name is None:
@@ -152,14 +161,47 @@ def _hub_texts(repo_id: str, fields: tuple[str, ...], limit: int):
         yield f"{repo_id}:{n}", row[name]
 
 
-def read_texts(source: str | Path, opts: TextOptions):
-    """``(where, text)`` for every text of one source (see the module docstring)."""
+def txt_pieces(path: Path, enough=None, piece: int = PIECE_CHARS):
+    """``(where, text)`` pieces of a ``.txt`` file, read lazily and decoded as UTF-8 (a
+    ``ValueError`` names the file and byte otherwise). ``enough(text)`` says whether a prefix
+    holds all that is used: then that prefix (read in doubling chunks) is the one text, named
+    ``path``. Without it the file comes in pieces of about ``piece`` characters, cut after a
+    line break where there is one, named ``path:LINE`` from the second on."""
+    decoder, offset, line, text = codecs.getincrementaldecoder("utf-8")(), 0, 1, ""
+    size = 4096 if enough else piece
+    with open(path, "rb") as f:
+        while True:
+            raw = f.read(size)
+            try:
+                text += decoder.decode(raw, final=not raw)
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}: not UTF-8 text (byte {offset + max(e.start - len(decoder.getstate()[0]), 0)}: "
+                                 f"{e.object[e.start:e.start + 1]!r})") from e
+            offset += len(raw)
+            if enough:
+                if not raw or enough(text):
+                    yield str(path), text
+                    return
+                size *= 2
+                continue
+            while len(text) >= piece or (not raw and text):
+                cut = len(text) if len(text) < piece else text.rfind("\n", piece // 2, piece) + 1 or piece
+                if text[:cut].strip():
+                    yield (str(path) if line == 1 else f"{path}:{line}"), text[:cut]
+                line += text.count("\n", 0, cut)
+                text = text[cut:]
+            if not raw:
+                return
+
+
+def read_texts(source: str | Path, opts: TextOptions, enough=None):
+    """``(where, text)`` for every text of one source (see the module docstring); ``enough``:
+    as in :func:`txt_pieces`, for ``.txt`` files."""
     if is_hub_id(source):
         yield from _hub_texts(str(source), opts.text_field, opts.max_texts or HUB_TEXTS)
         return
     for path in source_files(Path(source)):
-        texts = _jsonl_texts(path, opts.text_field) if path.suffix == ".jsonl" else \
-            iter([(str(path), path.read_text(encoding="utf-8"))])
+        texts = _jsonl_texts(path, opts.text_field) if path.suffix == ".jsonl" else txt_pieces(path, enough)
         yield from itertools.islice(texts, opts.max_texts or None)
 
 
@@ -201,8 +243,16 @@ class TextTask(LoadedTask):
                 for w, (a, b, c) in enumerate(cut_windows(offsets, self.options))
                 if text[a:b].strip() and text[b:c]]
 
+    def enough(self, text: str) -> bool:
+        """Whether a prefix ``text`` of a longer text holds all the windows taken from it: more
+        tokens than ``windows_per_text`` full windows (the last may be cut mid-token)."""
+        opts = self.options
+        need = opts.windows_per_text * (opts.prompt_tokens + opts.continuation_tokens) + 1
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) > need
+
     def _load(self) -> dict[str, list[Example]]:
-        examples = [e for source in self.sources for where, text in read_texts(source, self.options)
+        enough = self.enough if self.options.windows_per_text else None
+        examples = [e for source in self.sources for where, text in read_texts(source, self.options, enough)
                     for e in self.windows(where, text)]
         if len(examples) < 2:
             raise ValueError(f"{', '.join(map(str, self.sources))}: {len(examples)} windows of "

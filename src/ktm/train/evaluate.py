@@ -89,6 +89,15 @@ def generate_answers(model, examples: Sequence[Example], batch_size: int = 32, p
     return [preds[i] for i in range(len(examples))]
 
 
+def answer_budget(model, task: Task, examples: Sequence[Example]) -> int:
+    """The new tokens :func:`evaluate` generates per prompt on an accuracy task: enough for
+    the longest reference answer of ``examples`` and its end token, at least
+    ``task.max_new_tokens``. The trainer's pre-flight check uses it too, with every test
+    example, so that a prompt the evaluator cannot run is refused before training."""
+    answer_tokens = max((len(a) for a in model.tokenize([e.answer for e in examples], what="answer")), default=0)
+    return max(task.max_new_tokens, answer_tokens + 1)
+
+
 def _perplexity(model, examples: Sequence[Example], order: list[int], batch_size: int, bar,
                 end_token: bool = True) -> dict:
     nll, count = 0.0, 0
@@ -136,9 +145,7 @@ def evaluate(model, task: Task, examples: Sequence[Example] | None = None, *, sp
     try:
         if task.metric == "accuracy":
             preds: dict[int, str] = {}
-            # enough new tokens for the longest reference answer and its end token
-            answer_tokens = max(len(a) for a in model.tokenize([e.answer for e in examples], what="answer"))
-            new_tokens = max(task.max_new_tokens, answer_tokens + 1)
+            new_tokens = answer_budget(model, task, examples)
             for idx in _batches(order, batch_size):
                 outs = model.generate([examples[i].prompt for i in idx], max_new_tokens=new_tokens)
                 preds.update(zip(idx, outs))

@@ -12,9 +12,7 @@ Layout of a run folder ``OUT``: ``run_config.json``, ``history.json``, ``checkpo
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -27,52 +25,11 @@ from ..config import ModelConfig, Runtime, TrainConfig, save_json, to_dict
 from ..model import KTokenMerging, load_teacher
 from ..model.segments import task_keep_pattern
 from ..tasks.base import Task
+from .runlock import LOCK_NAME, main_first, process_rank, run_lock  # noqa: F401 - public here too
 from .trainer import CHECKPOINT_DIR, FINAL_DIR, Trainer
 
 TEACHER_DIR = "teacher"
 GROW_PREFIX = "grow-k"  # OUT/grow-k2: the smaller model that grow_from="auto" trains
-
-
-LOCK_NAME = ".lock"
-
-
-@contextlib.contextmanager
-def run_lock(out: Path):
-    """Hold ``OUT/.lock`` (with this process's id) while a run writes ``out``: a second run
-    on the same folder fails at once instead of colliding. A lock left by a process that no
-    longer exists is taken over."""
-    lock = out / LOCK_NAME
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            break
-        except FileExistsError:
-            try:
-                pid = int(lock.read_text().strip() or 0)
-            except (OSError, ValueError):
-                pid = 0
-            if pid and pid != os.getpid() and _alive(pid):
-                raise ValueError(f"{out} is in use by another ktm run (process {pid}); wait for it to "
-                                 f"finish, or choose another output folder") from None
-            lock.unlink(missing_ok=True)  # left by a run that no longer exists
-    else:
-        raise ValueError(f"could not lock {out} ({lock})")
-    try:
-        os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
-        yield
-    finally:
-        lock.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass
@@ -83,12 +40,6 @@ class RunResult:
     model: KTokenMerging
     trainer: Trainer
     path: Path | None
-
-
-def process_rank() -> int:
-    """This process's rank under ``accelerate launch`` / ``torchrun`` (``RANK``; 0 alone),
-    known before the accelerator starts: only rank 0 locks, cleans and records the run folder."""
-    return int(os.environ.get("RANK", "0") or 0)
 
 
 def check_init_options(init_from, given: dict) -> None:
@@ -157,18 +108,18 @@ def train_run(model_cfg: ModelConfig, train_cfg: TrainConfig, tasks: Task | list
     model_cfg = dataclasses.replace(model_cfg, keep=task_keep_pattern(model_cfg.keep, tasks[-1]))  # "cue"
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    main = process_rank() == 0  # under accelerate launch the first process keeps the folder
-    with run_lock(out) if main else contextlib.nullcontext():
-        if main:
-            recover_dir(out / CHECKPOINT_DIR)
+
+    def setup() -> None:  # the first process alone, while the others wait (main_first)
+        recover_dir(out / CHECKPOINT_DIR)
         if not resume and (out / CHECKPOINT_DIR).exists():
             if not overwrite:
                 raise ValueError(f"{out} already holds a checkpoint: pass --resume (resume=True) to continue it, "
                                  f"or --overwrite (overwrite=True) to start over")
-            if main:
-                clear_output(out)
-        for name in (CHECKPOINT_DIR, FINAL_DIR) if main else ():
+            clear_output(out)
+        for name in (CHECKPOINT_DIR, FINAL_DIR):
             clean_stale(out, name)
+
+    with main_first(out, setup):
         return _train_in(out, model_cfg, train_cfg, tasks, runtime, resume=resume, init_from=init_from,
                          init_adapter_from=init_adapter_from, thresholds=thresholds, max_rounds=max_rounds,
                          record=record, log=log, start=start)

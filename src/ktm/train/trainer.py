@@ -23,9 +23,10 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..config import TrainConfig, save_json, to_dict
-from .evaluate import evaluate
+from .evaluate import answer_budget, evaluate
 from ..checkpoint import CheckpointError, recover_dir, write_dir
 from ..model import KTokenMerging, load_teacher
+from ..model.io import write_into
 from .batches import batch_indices, lr_factor, process_share
 from .objectives import add_auxiliary
 from ..model.blocks import num_blocks
@@ -59,10 +60,12 @@ def mixed_precision(setting: str, model) -> str:
 MAX_CHARS_PER_POSITION = 64
 
 
-def check_examples(model, examples: list[Example], what: str) -> None:
+def check_examples(model, examples: list[Example], what: str, generate: int = 0) -> None:
     """Raise ``ValueError`` for the first example that cannot be trained on or scored: an
     empty prompt, one with no tokens, or a prompt + answer too long for the model once
-    merged. The message names the example's ``file:line`` (or its index in ``what``)."""
+    merged, or (``generate`` > 0: the new tokens the evaluator generates per prompt) a
+    prompt that leaves fewer positions than that. The message names the example's
+    ``file:line`` (or its index in ``what``)."""
     if not examples:
         raise ValueError(f"{what}: no examples")
     where = [e.source or f"{what} example {i}" for i, e in enumerate(examples)]
@@ -88,6 +91,10 @@ def check_examples(model, examples: list[Example], what: str) -> None:
                 raise ValueError(f"{w}: the prompt's {len(p)} tokens merge to {read} "
                                  f"embeddings, + {len(a)} answer tokens = {need} > {limit} positions the "
                                  f"model reads")
+            if limit and read + generate > limit:
+                raise ValueError(f"{w}: the prompt's {len(p)} tokens merge to {read} embeddings, + {generate} "
+                                 f"tokens the evaluator generates = {read + generate} > {limit} positions "
+                                 f"the model reads")
 
 
 @dataclass
@@ -170,7 +177,10 @@ class Trainer:
         checked = self.checked
         for t, split in ((task, "train"), (eval_task or task, "test")):
             if (id(t), split) not in checked:
-                check_examples(self.model, t.examples(split), f"{t.label} {split}")
+                examples = t.examples(split)
+                # the test split is scored by generating: the evaluator's budget must fit too
+                new = answer_budget(self.model, t, examples) if split == "test" and t.metric == "accuracy" else 0
+                check_examples(self.model, examples, f"{t.label} {split}", generate=new)
                 checked.add((id(t), split))
         labels = task.labels(train) if task.metric == "accuracy" else None
         world, rank = acc.num_processes, acc.process_index
@@ -279,13 +289,13 @@ class Trainer:
         if self.output_dir is None:
             return None
         self.accelerator.wait_for_everyone()
+        rng = rng_states(self.accelerator)  # every process's, gathered (a collective: all call it)
         if not self.is_main:
             return None
         def write(tmp: Path) -> None:
-            self.model.save_pretrained(tmp)
+            write_into(self.model, tmp)  # straight into the checkpoint's temporary folder
             tensors, _ = _optimizer_tensors(self.optimizer)
-            tensors["rng.cpu"] = torch.get_rng_state()
-            save_file(tensors, str(tmp / OPTIM_NAME))
+            save_file({**tensors, **rng}, str(tmp / OPTIM_NAME))
             self._save_state(tmp)
 
         # the whole folder appears at once: never half a checkpoint
@@ -317,12 +327,16 @@ class Trainer:
             return False
         try:
             state = json.loads((ckpt / STATE_NAME).read_text())
+            missing = [k for k in ("step", "history", "param_groups") if k not in state]
+            if missing or not isinstance(state["step"], int):
+                raise ValueError(f"{STATE_NAME} has no integer 'step', 'history' and 'param_groups' "
+                                 f"(missing: {missing})")
             tensors = load_file(str(ckpt / OPTIM_NAME))
         except Exception as e:  # noqa: BLE001 - any unreadable file is a corrupt checkpoint
             raise CheckpointError(f"checkpoint {ckpt} is unreadable ({e}); move it away to start over") from e
         self.model.load_trained(ckpt)
         _load_optimizer(self.optimizer, tensors, state["param_groups"])
-        torch.set_rng_state(tensors["rng.cpu"])
+        restore_rng(tensors, self.accelerator.process_index)
         self.step, self.history = state["step"], state["history"]
         self.elapsed_saved = float(state.get("elapsed_s") or 0.0)  # wall time up to the checkpoint
         self.extra_state = state.get("extra", {})
@@ -345,13 +359,14 @@ class Trainer:
 
     def _apply_changed_settings(self, saved: dict) -> None:
         """Settings given anew on resume win over the checkpoint's: the learning rates are
-        applied to the restored optimiser, and every change is logged and recorded in the
+        applied to the restored optimiser (and the weight decay), and every change is logged and recorded in the
         checkpoint's ``extra.resumed`` (what really ran). The model's settings cannot change:
         :meth:`KTokenMerging.load_trained` refuses those."""
         now = to_dict(self.cfg)
         changed = {k: [saved[k], now[k]] for k in now if k in saved and saved[k] != now[k]}
-        for g in self.optimizer.param_groups:
+        for g in self.optimizer.param_groups:  # the restored groups hold the checkpoint's values
             g["base_lr"] = self._base_lrs()[g["name"]]
+            g["weight_decay"] = self.cfg.weight_decay
         if changed:
             self.extra_state.setdefault("resumed", []).append({"step": self.step, "changed": changed})
             if self.is_main:
@@ -368,6 +383,30 @@ class Trainer:
             path = self.model.save_pretrained(path)
         self.accelerator.wait_for_everyone()
         return path
+
+
+def rng_states(accelerator) -> dict[str, torch.Tensor]:
+    """The CPU and CUDA random states of every process, as tensors ``rng.cpu.R`` and
+    ``rng.cuda.R.D`` (rank R, device D); ``rng.cpu`` is rank 0's (older checkpoints have only it)."""
+    from accelerate.utils import gather_object
+
+    mine = {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    every = gather_object([mine]) if accelerator.num_processes > 1 else [mine]
+    out = {"rng.cpu": every[0]["cpu"].clone()}  # its own storage: safetensors refuses shared ones
+    for rank, state in enumerate(every):
+        out[f"rng.cpu.{rank}"] = state["cpu"]
+        out.update({f"rng.cuda.{rank}.{d}": t for d, t in enumerate(state["cuda"])})
+    return out
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], rank: int) -> None:
+    """Put back this process's random states saved by :func:`rng_states`."""
+    torch.set_rng_state(tensors.get(f"rng.cpu.{rank}", tensors["rng.cpu"]))
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith(f"rng.cuda.{rank}.")),
+                                       key=lambda k: int(k.rsplit(".", 1)[1]))]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def _optimizer_tensors(opt, with_state: bool = True) -> tuple[dict[str, torch.Tensor], list[dict]]:
