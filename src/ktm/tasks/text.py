@@ -22,7 +22,7 @@ Sources (one or several, read in order):
 * a folder: its ``.jsonl`` and ``.txt`` files (sorted, not recursive), leaving out held-out
   splits (files named ``dev``, ``test``, ``valid`` or ``validation``);
 * a Hugging Face dataset id (``owner/name``): its ``train`` split, streamed with the
-  ``datasets`` library (``pip install 'ktm[datasets]'``), the first ``max_texts`` texts
+  ``datasets`` library (``pip install 'k-token-merging[datasets]'``), the first ``max_texts`` texts
   (:data:`HUB_TEXTS` when ``max_texts`` is 0).
 
 Held out: ``test_fraction`` of the texts, chosen by a fixed hash of where each was read
@@ -141,7 +141,7 @@ def _hub_texts(repo_id: str, fields: tuple[str, ...], limit: int):
         import datasets
     except ImportError:
         raise ValueError(f"{repo_id} reads as a Hugging Face dataset id, which needs the datasets "
-                         f"library: pip install 'ktm[datasets]' (or give a local file or folder)") from None
+                         f"library: pip install 'k-token-merging[datasets]' (or give a local file or folder)") from None
     rows = datasets.load_dataset(repo_id, split="train", streaming=True)
     for n, row in enumerate(itertools.islice(rows, limit)):
         name = next((f for f in fields if isinstance(row.get(f), str)), None)
