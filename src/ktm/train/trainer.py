@@ -330,7 +330,9 @@ class Trainer:
             return None
         path = self.output_dir / FINAL_DIR
         if self.is_main:
-            path = self.model.save_pretrained(path)
+            last = self.history[-1] if self.history else {}
+            shown = ("task", "metric", "value", "majority_rate", "step")
+            path = self.model.save_pretrained(path, card={"evaluation": {k: last[k] for k in shown if k in last}})
         self.accelerator.wait_for_everyone()
         return path
 
