@@ -3,7 +3,6 @@ no absolute machine path in any file that ships or that ``save_pretrained`` writ
 
 import importlib.util
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -34,6 +33,7 @@ def test_absolute_paths_finds_one(tmp_path):
 
 
 def test_the_distribution_name_is_free_of_the_other_ktm():
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert meta["name"] == "k-token-merging"
     # the embedded model's package pulls llama.cpp (compiled): installed apart, --no-deps
