@@ -9,6 +9,7 @@ import errno
 import sys
 
 from . import data, evaluate, experiments, generate, llamacpp, pretrain, push, serving, train, zoo
+from .config_file import expand_config
 
 
 #: the command groups, in the order ``ktm --help`` lists them (then ``bench``)
@@ -74,14 +75,16 @@ def main(argv: list[str] | None = None) -> int:
     line ``ktm: error: ...`` on stderr and status 2 (argparse's own errors also return 2);
     any other exception is a bug and propagates with its traceback.
     """
+    given = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
-        args.argv = list(sys.argv[1:] if argv is None else argv)  # what run_config.json records
-    except SystemExit as e:  # argparse: --help / --version exit 0, bad arguments exit 2
-        if e.code in (0, None):
-            raise
-        return e.code if isinstance(e.code, int) else 2
-    try:
+        try:
+            args = parser.parse_args(expand_config(parser, given))  # --config FILE: its options first
+            args.argv = given  # what run_config.json records
+        except SystemExit as e:  # argparse: --help / --version exit 0, bad arguments exit 2
+            if e.code in (0, None):
+                raise
+            return e.code if isinstance(e.code, int) else 2
         return args.func(args) or 0
     except Exception as e:
         message = user_error(e)

@@ -130,7 +130,8 @@ def train_run(model_cfg: ModelConfig, train_cfg: TrainConfig, tasks: Task | list
               trust_remote_code: bool | None = None, resume: bool = False, overwrite: bool = False,
               init_from=None, init_adapter_from=None, thresholds: list[float | None] | None = None,
               threshold: float | None = None, final_threshold: float | None = None, max_rounds: int = 3,
-              record: dict | None = None, log=tqdm.write, given: dict | None = None) -> RunResult:
+              record: dict | None = None, log=tqdm.write, given: dict | None = None,
+              report_to: str = "none") -> RunResult:
     """Train one run in folder ``out``; returns the model, the trainer and the final model's folder.
 
     ``tasks``: one task, or several for a curriculum (``train_cfg.steps`` steps per round;
@@ -144,6 +145,7 @@ def train_run(model_cfg: ModelConfig, train_cfg: TrainConfig, tasks: Task | list
     by one) is how every model of the run loads, teacher and smaller models included.
     ``given``: the model options the caller set explicitly (the CLI's flags), refused when they
     differ from the settings of the model ``init_from`` loads (:func:`check_init_options`).
+    ``report_to``: the experiment tracker of the main run (:mod:`ktm.train.reporting`).
     """
     runtime = runtime or Runtime(base, device, dtype, trust_remote_code)
     tasks = [tasks] if isinstance(tasks, Task) else list(tasks)
@@ -168,18 +170,19 @@ def train_run(model_cfg: ModelConfig, train_cfg: TrainConfig, tasks: Task | list
             clean_stale(out, name)
         return _train_in(out, model_cfg, train_cfg, tasks, runtime, resume=resume, init_from=init_from,
                          init_adapter_from=init_adapter_from, thresholds=thresholds, max_rounds=max_rounds,
-                         record=record, log=log)
+                         record=record, log=log, report_to=report_to)
 
 
 def _train_in(out: Path, model_cfg, train_cfg, tasks, runtime: Runtime, *, resume, init_from,
-              init_adapter_from, thresholds, max_rounds, record, log) -> RunResult:
+              init_adapter_from, thresholds, max_rounds, record, log, report_to) -> RunResult:
     model_cfg, train_cfg = prepare_phases(tasks, out, model_cfg, train_cfg, runtime, log=log)
     if process_rank() == 0:
         save_json(out / "run_config.json", {"model": to_dict(model_cfg), "train": to_dict(train_cfg),
                                             "argv": sys.argv[1:], **(record or {})})
     model = build_model(model_cfg, runtime, seed=train_cfg.seed, init_from=init_from,
                         init_adapter_from=init_adapter_from, grow_from=train_cfg.grow_from)
-    trainer = Trainer(model, train_cfg, output_dir=out, log=log, teacher=load_run_teacher(train_cfg, model, runtime))
+    trainer = Trainer(model, train_cfg, output_dir=out, log=log, teacher=load_run_teacher(train_cfg, model, runtime),
+                      report_to=report_to)
     if resume and not trainer.resume():
         log(f"no checkpoint in {out}; starting from scratch")
     if len(tasks) > 1:

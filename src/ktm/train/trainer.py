@@ -28,6 +28,7 @@ from ..checkpoint import CheckpointError, recover_dir, write_dir
 from ..model import KTokenMerging, load_teacher
 from .batches import batch_indices, lr_factor, process_share
 from .objectives import add_auxiliary
+from .reporting import finish_trackers, numbers_of, tracker_options
 from ..model.blocks import num_blocks
 from ..tasks.base import Example, Task
 
@@ -96,12 +97,14 @@ class Trainer:
     teacher: object = None  # K = 1 KTokenMerging for distillation/alignment (default: cfg.teacher)
     schedule_cycle: tuple = (0, None)  # (start, span) of the cosine cycle: the whole run by default
     on_evaluate: object = None  # called with each evaluation's history row (e.g. to probe or stop early)
+    report_to: str = "none"  # accelerate tracker: none, tensorboard (OUT/logs) or wandb (ktm.train.reporting)
     # runtime state, set up in __post_init__ and by fit
     accelerator: object = field(init=False, default=None, repr=False)
     optimizer: object = field(init=False, default=None, repr=False)
     wrapped: object = field(init=False, default=None, repr=False)  # the model as accelerate prepared it
     checked: set = field(init=False, default_factory=set, repr=False)  # (task id, split) already checked
     fit_start: float | None = field(init=False, default=None)  # perf_counter at step 0 of this run's time
+    tracking: bool = field(init=False, default=False)  # trackers started (report_to)
 
     # ------------------------------------------------------------------ setup
     def __post_init__(self):
@@ -118,7 +121,8 @@ class Trainer:
                              "train with keep without them")
         cuda = torch.cuda.is_available() and self.model.device.type == "cuda"
         mp = "bf16" if cuda and self.model.dtype == torch.float32 else "no"
-        self.accelerator = Accelerator(mixed_precision=mp, gradient_accumulation_steps=self.cfg.grad_accum)
+        self.accelerator = Accelerator(mixed_precision=mp, gradient_accumulation_steps=self.cfg.grad_accum,
+                                       **tracker_options(self.report_to, self.output_dir))
         groups = self.model.trainable_parameters()
         lrs = self._base_lrs()
         self.optimizer = torch.optim.AdamW(
@@ -156,6 +160,10 @@ class Trainer:
                 checked.add((id(t), split))
         labels = task.labels(train) if task.metric == "accuracy" else None
         world, rank = acc.num_processes, acc.process_index
+        if self.report_to != "none" and not self.tracking:
+            acc.init_trackers("ktm", config={k: v for k, v in to_dict(cfg).items()
+                                             if isinstance(v, (int, float, str, bool))})
+            self.tracking = True
         micro = cfg.batch_size // cfg.grad_accum
         self.model.train()
         bar = tqdm(total=end - self.step, desc=f"train {task.name} K={self.model.k}",
@@ -177,6 +185,9 @@ class Trainer:
             # "loss" is the task loss alone, comparable across runs with and without aux terms
             for name, value in step_parts.items():
                 ema[name] = value if name not in ema else 0.9 * ema[name] + 0.1 * value
+            if self.tracking:
+                acc.log({**numbers_of({f"{n}_loss": v for n, v in step_parts.items()}, "train/"),
+                         "train/lr": self.optimizer.param_groups[0]["lr"]}, step=self.step)
             bar.update(1)
             bar.set_postfix(loss=f"{ema['task']:.4f}",
                             **{n: f"{v:.3f}" for n, v in ema.items() if n != "task"},
@@ -240,6 +251,8 @@ class Trainer:
                "elapsed_s": round(now - (now if self.fit_start is None else self.fit_start), 1),
                **res}
         self.history.append(row)
+        if self.tracking:
+            self.accelerator.log(numbers_of({k: v for k, v in row.items() if k != "step"}, "eval/"), step=self.step)
         if self.is_main and self.output_dir is not None:
             # written at every evaluation, so a run stopped between checkpoints keeps its curve
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -264,7 +277,7 @@ class Trainer:
         def write(tmp: Path) -> None:
             self.model.save_pretrained(tmp)
             tensors, _ = _optimizer_tensors(self.optimizer)
-            tensors["rng.cpu"] = torch.get_rng_state()
+            tensors.update(rng_states())
             save_file(tensors, str(tmp / OPTIM_NAME))
             self._save_state(tmp)
 
@@ -300,7 +313,7 @@ class Trainer:
             raise CheckpointError(f"checkpoint {ckpt} is unreadable ({e}); move it away to start over") from e
         self.model.load_trained(ckpt)
         _load_optimizer(self.optimizer, tensors, state["param_groups"])
-        torch.set_rng_state(tensors["rng.cpu"])
+        restore_rng(tensors)
         self.step, self.history = state["step"], state["history"]
         self.extra_state = state.get("extra", {})
         self._apply_changed_settings(state.get("train_config", {}))
@@ -329,12 +342,27 @@ class Trainer:
         if self.output_dir is None:
             return None
         path = self.output_dir / FINAL_DIR
+        finish_trackers(self.accelerator)
         if self.is_main:
             last = self.history[-1] if self.history else {}
             shown = ("task", "metric", "value", "majority_rate", "step")
             path = self.model.save_pretrained(path, card={"evaluation": {k: last[k] for k in shown if k in last}})
         self.accelerator.wait_for_everyone()
         return path
+
+
+def rng_states(cuda: bool | None = None) -> dict[str, torch.Tensor]:
+    """The random states a resumed run restores: the CPU generator's (``rng.cpu``) and, with
+    CUDA, the current GPU's (``rng.cuda``), so dropout continues as in the uninterrupted run."""
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized() if cuda is None else cuda
+    return {"rng.cpu": torch.get_rng_state(), **({"rng.cuda": torch.cuda.get_rng_state()} if cuda else {})}
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], cuda: bool | None = None) -> None:
+    """Set the states :func:`rng_states` saved (``rng.cuda`` only where CUDA is available)."""
+    torch.set_rng_state(tensors["rng.cpu"])
+    if "rng.cuda" in tensors and (torch.cuda.is_available() if cuda is None else cuda):
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
 
 
 def _optimizer_tensors(opt, with_state: bool = True) -> tuple[dict[str, torch.Tensor], list[dict]]:
