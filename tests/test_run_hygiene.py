@@ -102,3 +102,33 @@ def test_curves_png_from_a_curriculum_history(tmp_path):
                for s, t, v in ((1, "small", 0.4), (2, "small", 0.6), (3, "medium", 0.5))]
     assert reporting.plot_curves(history, tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
     assert reporting.plot_curves([], tmp_path / "none.png") is None
+
+
+class Recorded(Exception):
+    pass
+
+
+@pytest.mark.parametrize("metric", ["accuracy", "perplexity"])
+def test_evaluation_split_across_processes_equals_one_process(tmp_path, make_model, metric):
+    """Two processes played in turn: the second's share is recorded, then the first gathers
+    both, as accelerate's gather_object would; the result is the one-process result."""
+    from ktm.tasks.jsonl import JsonlTask
+    from ktm.train.evaluate import evaluate
+
+    rows = [{"prompt": f"item {i}: " + "ab" * (i % 7 + 1), "answer": "yes" if i % 3 else "no"} for i in range(11)]
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task, model = JsonlTask(tmp_path, metric=metric), make_model(k=2)
+    whole = evaluate(model, task, batch_size=4, progress=False)
+    second = []
+
+    def record(part):  # the second process's share; it would wait here for the first
+        second.extend(part)
+        raise Recorded
+
+    with pytest.raises(Recorded):
+        evaluate(model, task, batch_size=4, progress=False, shard=(1, 2), gather=record)
+    scored = []
+    sharded = evaluate(model, task, batch_size=4, progress=False, shard=(0, 2),
+                       gather=lambda part: scored.append(len(part)) or part + second)
+    assert sharded == pytest.approx(whole) if metric == "perplexity" else sharded == whole
+    assert scored == ([6] if metric == "accuracy" else [1])  # its own share: 6 of 11 answers, or one sum

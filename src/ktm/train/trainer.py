@@ -239,8 +239,11 @@ class Trainer:
         return parts
 
     def _evaluate(self, task: Task, losses: dict | None = None) -> dict:
-        res = evaluate(self.model, task, max_examples=self.cfg.eval_examples, seed=self.cfg.seed,
-                       progress=False)
+        from accelerate.utils import gather_object
+
+        acc = self.accelerator  # each process scores its share of the examples
+        res = evaluate(self.model, task, max_examples=self.cfg.eval_examples, seed=self.cfg.seed, progress=False,
+                       shard=(acc.process_index, acc.num_processes), gather=gather_object)
         res.pop("predictions", None)
         losses = losses or {}
         train_loss = losses.get("task")
