@@ -162,3 +162,13 @@ def test_push_asks_for_the_hub_id_of_a_local_base(tmp_path, monkeypatch, make_mo
     assert json.loads(files["ktm_config.json"])["base"]["reference"] == "org/tiny-base"
     assert 'base_model: "org/tiny-base"' in files["README.md"].decode()
     assert files["encoder.safetensors"] == (folder / "encoder.safetensors").read_bytes()
+
+
+def test_an_export_has_a_card_and_no_machine_path(hub_model, tmp_path):
+    from ktm.serve.export import export_model
+
+    _, folder = hub_model
+    out = export_model(folder, tmp_path / "export")
+    assert absolute_paths(out) == []
+    card = (out / "README.md").read_text()
+    assert 'base_model: "org/tiny-base"' in card and "ktm serve --export" in card
