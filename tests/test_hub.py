@@ -78,6 +78,8 @@ def test_round_trip_through_the_hub_cache(hub_model, hub_cache):
     # a revision names another snapshot; the CLI takes a hub id wherever a folder goes
     put_in_cache(hub_cache, "org/tiny-ktm", folder, revision="f" * 40, ref="v1")
     assert KTokenMerging.from_pretrained("org/tiny-ktm", revision="v1").k == 2
+    assert main(["generate", "--checkpoint", "org/tiny-ktm", "--k", "2", "--max-new-tokens", "2",
+                 "--device", "cpu", "hello"]) == 0
 
 
 def test_a_hub_checkpoint_gets_the_same_hash_checks(hub_model, hub_cache):

@@ -96,8 +96,9 @@ def check_init_options(init_from, given: dict) -> None:
     saved model ``init_from`` starts from: that model's own settings are what it loads with,
     so such an option would be silently ignored."""
     from ..checkpoint import read_config
+    from ..hub import resolve
 
-    saved = read_config(init_from)["model"]
+    saved = read_config(resolve(init_from))["model"]  # a folder, zoo:NAME or hub id
     norm = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731 (JSON lists = tuples)
     clash = {k: (saved.get(k), v) for k, v in given.items() if k in saved and norm(saved[k]) != norm(v)}
     if clash:
