@@ -58,7 +58,7 @@ def _rows(values: dict, prefix: str = "") -> list[tuple[str, str]]:
 
 
 def _metadata(meta: dict, base: str | None, model: dict) -> str:
-    lines = ["---", "library_name: ktm", "license: mit"]
+    lines = ["---", "library_name: ktm"]  # no license: the weights follow the base model's
     if base:
         lines.append(f"base_model: {_yaml_scalar(base)}")
     lines += ["pipeline_tag: text-generation", "tags:", *[f"- {t}" for t in TAGS],
