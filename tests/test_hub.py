@@ -174,3 +174,15 @@ def test_an_export_has_a_card_and_no_machine_path(hub_model, tmp_path):
     assert absolute_paths(out) == []
     card = (out / "README.md").read_text()
     assert 'base_model: "org/tiny-base"' in card and "ktm serve --export" in card
+
+
+def test_a_local_base_path_is_only_in_ktm_config(tmp_path):
+    from conftest import trained_checkpoint
+
+    base = save_tiny_base(tmp_path / "base")
+    trained_checkpoint(tmp_path / "m", base, k=2)
+    found = absolute_paths(tmp_path / "m")
+    assert found and all(f.startswith("ktm_config.json: ") for f in found), found  # the base's reference
+    assert not (tmp_path / "m" / "adapter" / "README.md").exists()  # peft's card, which repeated it
+    adapter = json.loads((tmp_path / "m" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == "base"

@@ -52,7 +52,7 @@ def save_pretrained(model, path: str | os.PathLike, card: dict | None = None) ->
 
     def write(tmp: Path) -> None:
         model.lm.save_pretrained(tmp / ADAPTER_DIR, safe_serialization=True, save_embedding_layers=False)
-        portable_adapter_config(tmp / ADAPTER_DIR / "adapter_config.json", model.base_reference)
+        portable_adapter(tmp / ADAPTER_DIR, model.base_reference)
         save_file({k: v.detach().cpu().contiguous() for k, v in model.encoder.state_dict().items()},
                   str(tmp / ENCODER_NAME))
         model.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
@@ -63,11 +63,14 @@ def save_pretrained(model, path: str | os.PathLike, card: dict | None = None) ->
     return write_dir(path, write)
 
 
-def portable_adapter_config(file: Path, reference: str) -> None:
+def portable_adapter(folder: Path, reference: str) -> None:
     """Name the base in peft's ``adapter_config.json`` as another machine would: peft records
     the path the base was read from (for the embedded default, a folder of this machine's
     site-packages); ktm writes its hub id instead (:func:`ktm.card.portable_base`), or the
-    folder's name for a local base. ktm never reads the field (the base is ktm_config's)."""
+    folder's name for a local base. ktm never reads the field (the base is ktm_config's).
+    peft's template card ``README.md``, which repeats that path, gives way to the folder's own."""
+    (folder / CARD_NAME).unlink(missing_ok=True)
+    file = folder / "adapter_config.json"
     cfg = json.loads(file.read_text())
     cfg["base_model_name_or_path"] = portable_base(reference) or Path(str(reference)).name or None
     file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
