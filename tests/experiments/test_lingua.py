@@ -43,7 +43,7 @@ def review(n_words, seed=0):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    pytest.importorskip("llmlingua", reason="the llmlingua2 baseline needs: pip install 'ktm[llmlingua]'")
+    pytest.importorskip("llmlingua", reason="the llmlingua2 baseline needs: pip install 'k-token-merging[llmlingua]'")
     return tiny_classifier(tmp_path_factory.mktemp("lingua") / "tiny-classifier")
 
 
@@ -88,7 +88,7 @@ def test_bad_rate(rate):
 def test_missing_package_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "llmlingua", None)
     assert not lingua.available()
-    with pytest.raises(ImportError, match=r"pip install 'ktm\[llmlingua\]'"):
+    with pytest.raises(ImportError, match=r"pip install 'k-token-merging\[llmlingua\]'"):
         lingua.LinguaCompressor("any")
 
 

@@ -382,7 +382,7 @@ def test_ktm_serve_without_vllm_says_how_to_install_it(exported, capsys, monkeyp
     capsys.readouterr()
     assert main(["serve", "--export", str(out)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "vLLM is not installed" in err and "pip install 'ktm[serve]'" in err
+    assert err.count("\n") == 1 and "vLLM is not installed" in err and "pip install 'k-token-merging[serve]'" in err
     assert main(["serve", "--export", str(ck), "--dry-run"]) == 2
     assert "export it first with ktm export" in capsys.readouterr().err
 

@@ -97,7 +97,7 @@ def test_a_hub_dataset_id_is_streamed_with_datasets(tokenizer, monkeypatch):
     assert calls == [("someone/texts", "train", True)]
     assert {e.meta["text"] for e in every} <= {f"someone/texts:{i}" for i in range(30)}
     monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
-    with pytest.raises(ValueError, match=r"pip install 'ktm\[datasets\]'"):
+    with pytest.raises(ValueError, match=r"pip install 'k-token-merging\[datasets\]'"):
         TextTask("someone/texts", tokenizer).examples("train")
 
 

@@ -140,7 +140,7 @@ def test_checkpoint_is_whole_or_absent(make_model, tmp_path):
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["checkpoint", "history.json"]  # no temporary folders left behind
     ck = sorted(p.name for p in (tmp_path / "checkpoint").iterdir())
-    assert ck == ["adapter", "encoder.safetensors", "ktm_config.json", "optimizer.safetensors",
+    assert ck == ["README.md", "adapter", "encoder.safetensors", "ktm_config.json", "optimizer.safetensors",
                   "tokenizer", "trainer_state.json"]
 
 

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 from ..arguments import overrides
+from .config_file import add_config_arg
 from .options import HelpFormatter, TRUST_HELP, add_base_args, add_task_args, nonnegative_int, positive_int
 
 
@@ -96,6 +97,7 @@ def add_pareto_parser(sub) -> None:
                          "microsoft/llmlingua-2-xlm-roberta-large-meetingbank)")
     pa.add_argument("--recipe", default=DEFAULT_RECIPE, choices=sorted(RECIPES), help="training settings of every cell")
     pa.add_argument("--seed", type=int, default=0)
+    add_config_arg(pa)
     pa.add_argument("--out", required=True, help="grid folder")
     pa.add_argument("--overwrite", action="store_true", help="discard the grid already in OUT and start over")
     add_task_args(pa)

@@ -57,11 +57,12 @@ def cmd_generate(args) -> int:
     import torch
 
     from ..checkpoint import read_config
+    from ..hub import resolve
     from ..model import KTokenMerging, PromptError, check_sampling
 
     check_sampling(args.sample, args.temperature, args.top_k, args.top_p)
     if args.checkpoint:
-        saved_k = read_config(args.checkpoint)["model"].get("k")
+        saved_k = read_config(resolve(args.checkpoint))["model"].get("k")  # a folder, zoo:NAME or hub id
         if args.k is not None and args.k != saved_k:
             raise ValueError(f"--k {args.k} does not match --checkpoint {args.checkpoint}, which was trained "
                              f"for K = {saved_k} (the checkpoint fixes K): leave --k out")

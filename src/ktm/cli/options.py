@@ -103,3 +103,14 @@ def runtime_from(args) -> Runtime:
     """The :class:`~ktm.config.Runtime` of the base-model options (``--model``, ``--device``,
     ``--dtype``, ``--trust-remote-code``)."""
     return Runtime(args.model, args.device, args.dtype, args.trust_remote_code)
+
+
+#: the experiment trackers ``--report-to`` offers (accelerate's, by its names)
+REPORT_TO = ("none", "tensorboard", "wandb")
+
+
+def add_report_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--report-to", choices=REPORT_TO, default="none",
+                   help="log losses and evaluations through accelerate's tracker: tensorboard (OUT/logs; "
+                        "pip install 'k-token-merging[tensorboard]') or wandb (pip install "
+                        "'k-token-merging[wandb]'; wandb login)")

@@ -2,7 +2,8 @@
 
 from ..config import ModelConfig, TrainConfig
 from ..arguments import add_arguments, overrides
-from .options import HelpFormatter, add_base_args
+from .config_file import add_config_arg, recorded_args
+from .options import HelpFormatter, add_base_args, add_report_arg
 
 
 def cmd_pretrain(args) -> int:
@@ -20,8 +21,8 @@ def cmd_pretrain(args) -> int:
           f"{text.continuation_tokens} tokens")
     run, references = pretrain_run(model_cfg, train_cfg, text, args.out, base=args.model, device=args.device,
                                    dtype=args.dtype, resume=args.resume, overwrite=args.overwrite, log=tqdm.write,
-                                   record={"argv": args.argv},
-                                   trust_remote_code=args.trust_remote_code)
+                                   record={"argv": args.argv, "args": recorded_args(args)},
+                                   trust_remote_code=args.trust_remote_code, report_to=args.report_to)
     last = run.trainer.history[-1]
     print(f"held-out continuation perplexity {last['value']:.4f} reading merged prompts (K = {model_cfg.k}); "
           f"{references['plain_perplexity']:.4f} for the base model reading them plain, "
@@ -45,11 +46,13 @@ def add_parser(sub) -> None:
                     "ktm train --init-from OUT/model. See ktm.train.pretrain and ktm.tasks.text.")
     pt.add_argument("--recipe", default=DEFAULT_RECIPE, choices=sorted(RECIPES),
                     help="model and optimiser settings, before pretraining's own (docs/RECIPES.md)")
+    add_config_arg(pt)
     pt.add_argument("--out", required=True, help="run folder: checkpoint/, model/, history.json, pretrain.json")
     pt.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     pt.add_argument("--overwrite", action="store_true", help="discard a checkpoint already in OUT")
     add_arguments(pt, TextOptions, title="text")
     add_base_args(pt)
+    add_report_arg(pt)
     model_cfg, train_cfg = pretrain_configs()
     for cls, shown in [(ModelConfig, model_cfg), (TrainConfig, train_cfg)]:
         add_arguments(pt, cls, shown=shown,

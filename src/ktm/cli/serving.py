@@ -102,7 +102,7 @@ def add_parser(sub) -> None:
     en.set_defaults(func=cmd_encode)
 
     sv = sub.add_parser(
-        "serve", help="start vLLM's OpenAI-compatible server on an export folder (needs vLLM: ktm[serve])",
+        "serve", help="start vLLM's OpenAI-compatible server on an export folder (needs vLLM: k-token-merging[serve])",
         usage="ktm serve --export DIR [options] [-- VLLM_SERVE_OPTIONS ...]",
         description="Runs `vllm serve DIR --enable-prompt-embeds ...`; options after -- go to vllm serve. "
                     "Prompt embeddings are for trusted clients: the server listens on 127.0.0.1 unless --host "

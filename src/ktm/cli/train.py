@@ -4,13 +4,15 @@ from pathlib import Path
 
 from ..config import ModelConfig, TrainConfig
 from ..arguments import add_arguments, overrides
-from .options import HelpFormatter, add_base_args, add_task_args, positive_int, runtime_from, tasks_from
+from .config_file import add_config_arg, recorded_args
+from .options import HelpFormatter, add_base_args, add_report_arg, add_task_args, positive_int, runtime_from, tasks_from
 
 
 def cmd_train(args) -> int:
     from tqdm.auto import tqdm
 
     from ..train.phases import train_run
+    from ..train.reporting import plot_curves
     from ..train.recipes import get_recipe
 
     recipe = get_recipe(args.recipe)
@@ -23,11 +25,14 @@ def cmd_train(args) -> int:
     run = train_run(model_cfg, train_cfg, tasks, args.out, runtime=runtime_from(args), resume=args.resume,
                     overwrite=args.overwrite, init_from=args.init_from, init_adapter_from=args.init_adapter_from,
                     given=given, threshold=args.threshold, final_threshold=args.final_threshold,
-                    max_rounds=args.max_rounds, record={"recipe": recipe.name, "argv": args.argv}, log=tqdm.write)
+                    max_rounds=args.max_rounds, record={"recipe": recipe.name, "argv": args.argv,
+                                                        "args": recorded_args(args)},
+                    log=tqdm.write, report_to=args.report_to)
     last = run.trainer.history[-1]
     print(f"final {last['metric']} {last['value']:.4f}" +
           (f" (majority {last['majority_rate']:.4f})" if "majority_rate" in last else ""))
-    print(f"saved {run.path}; history in {Path(args.out) / 'history.json'}")
+    curves = plot_curves(run.trainer.history, Path(args.out) / "curves.png") if run.trainer.is_main else None
+    print(f"saved {run.path}; history in {Path(args.out) / 'history.json'}" + (f", plot in {curves}" if curves else ""))
     return 0
 
 
@@ -38,7 +43,9 @@ def add_parser(sub) -> None:
                         formatter_class=HelpFormatter)
     tr.add_argument("--recipe", default=DEFAULT_RECIPE, choices=sorted(RECIPES),
                     help="named settings; explicit options override them (docs/RECIPES.md)")
-    tr.add_argument("--out", required=True, help="run folder: checkpoint/, model/, history.json")
+    add_config_arg(tr)
+    tr.add_argument("--out", required=True, help="run folder: checkpoint/, model/, history.json, run_config.json, "
+                                                 "curves.png")
     tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     tr.add_argument("--overwrite", action="store_true", help="discard a checkpoint already in OUT")
     tr.add_argument("--init-from", help="start from a saved ktm model folder, or a shipped merger "
@@ -51,6 +58,7 @@ def add_parser(sub) -> None:
     tr.add_argument("--max-rounds", type=positive_int, default=3, help="curriculum: most rounds per stage")
     add_task_args(tr)
     add_base_args(tr)
+    add_report_arg(tr)
     default = RECIPES[DEFAULT_RECIPE]
     for cls, shown in [(ModelConfig, default.model_config()), (TrainConfig, default.train_config())]:
         add_arguments(tr, cls, shown=shown,

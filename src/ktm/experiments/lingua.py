@@ -55,7 +55,7 @@ DEFAULT_LINGUA_MODEL = "microsoft/llmlingua-2-xlm-roberta-large-meetingbank"
 #: inside ``llmlingua``, so a model is named after its family whatever its folder is called
 FAMILIES = {"xlm-roberta": "xlm-roberta-large", "bert": "bert-base-multilingual-cased"}
 
-INSTALL_HINT = "pip install 'ktm[llmlingua]'"
+INSTALL_HINT = "pip install 'k-token-merging[llmlingua]'"
 
 #: the cache is rewritten after every this many new prompts (an interrupted run keeps them)
 CACHE_EVERY = 64

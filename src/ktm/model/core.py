@@ -355,6 +355,7 @@ class KTokenMerging(nn.Module):
     from_pretrained = classmethod(io.from_pretrained)
     load_trained = io.load_trained
     grow_from = io.grow_from
+    push_to_hub = io.push_to_hub
 
 
 def _tied(model) -> bool:

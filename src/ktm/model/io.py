@@ -8,8 +8,10 @@ its destination and renamed into place (:func:`ktm.checkpoint.write_dir`).
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -27,33 +29,65 @@ from ..checkpoint import (
     check_compatible,
     load_weights,
     read_config,
-    resolve_folder,
     weight_hashes,
     write_dir,
 )
+from ..card import CARD_NAME, model_card, portable_base
 from ..config import ModelConfig, from_dict, save_json, to_dict
+from ..hub import push_folder, resolve
 from ..loading import describe_base, embedding_fingerprint, load_base, load_tokenizer
 from .encoder import encoder_stages
 
 
-def save_pretrained(model, path: str | os.PathLike) -> Path:
-    """Write adapter (peft, safetensors), encoder, tokenizer and ``ktm_config.json``.
+def save_pretrained(model, path: str | os.PathLike, card: dict | None = None) -> Path:
+    """Write adapter (peft, safetensors), encoder, tokenizer, ``ktm_config.json`` and the model
+    card ``README.md`` (:func:`ktm.card.model_card`; ``card``: the numbers it shows, e.g.
+    ``{"evaluation": {...}, "fidelity": {...}}``).
 
     The folder is written beside its destination and renamed into place, so an
-    interrupted save never leaves a half-written checkpoint.
+    interrupted save never leaves a half-written checkpoint. No file in it holds a path of
+    this machine, except ``ktm_config.json``'s base reference when the base is a local folder
+    or file (the only way to find that base again).
     """
-    return write_dir(path, lambda tmp: write_into(model, tmp))
+    return write_dir(path, lambda tmp: write_into(model, tmp, card))
 
 
-def write_into(model, folder: Path) -> None:
+def write_into(model, folder: Path, card: dict | None = None) -> None:
     """Write the files of a saved model into the existing ``folder`` (the temporary folder of
     a :func:`~ktm.checkpoint.write_dir`, e.g. the trainer's checkpoint, which adds its own
-    files: one temporary folder, not one inside another)."""
+    files: one temporary folder, not one inside another), its model card included."""
     model.lm.save_pretrained(folder / ADAPTER_DIR, safe_serialization=True, save_embedding_layers=False)
+    portable_adapter(folder / ADAPTER_DIR, model.base_reference)
     save_file({k: v.detach().cpu().contiguous() for k, v in model.encoder.state_dict().items()},
               str(folder / ENCODER_NAME))
     model.tokenizer.save_pretrained(str(folder / TOKENIZER_DIR))
-    save_json(folder / CONFIG_NAME, {**model.describe(), "files": weight_hashes(folder)})
+    meta = {**model.describe(), "files": weight_hashes(folder)}
+    save_json(folder / CONFIG_NAME, meta)
+    (folder / CARD_NAME).write_text(model_card(meta, card))
+
+
+def portable_adapter(folder: Path, reference: str) -> None:
+    """Name the base in peft's ``adapter_config.json`` as another machine would: peft records
+    the path the base was read from (for the embedded default, a folder of this machine's
+    site-packages); ktm writes its hub id instead (:func:`ktm.card.portable_base`), or the
+    folder's name for a local base. ktm never reads the field (the base is ktm_config's).
+    peft's template card ``README.md``, which repeats that path, gives way to the folder's own."""
+    (folder / CARD_NAME).unlink(missing_ok=True)
+    file = folder / "adapter_config.json"
+    cfg = json.loads(file.read_text())
+    cfg["base_model_name_or_path"] = portable_base(reference) or Path(str(reference)).name or None
+    file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def push_to_hub(model, repo_id: str, *, card: dict | None = None, base_reference: str | None = None,
+                private: bool | None = None, token: str | None = None, commit_message: str | None = None) -> str:
+    """Save the model and upload exactly that folder to the hub repository ``repo_id``
+    (created if missing; :func:`ktm.hub.push_folder`); returns the commit's URL.
+    ``base_reference``: the base's hub id, needed when the base was loaded from a local path."""
+    with tempfile.TemporaryDirectory(prefix="ktm-push-") as tmp:
+        folder = save_pretrained(model, Path(tmp) / repo_id.split("/")[-1], card=card)
+        return push_folder(folder, repo_id, base_reference=base_reference, private=private, token=token,
+                           commit_message=commit_message)
 
 
 def describe(model) -> dict:
@@ -71,8 +105,11 @@ def describe(model) -> dict:
 
 
 def from_pretrained(cls, path: str | os.PathLike, base=None, tokenizer=None, *, dtype=None,
-                    device=None, k: int | None = None, trust_remote_code: bool | None = None):
-    """Load a folder written by :meth:`save_pretrained`.
+                    device=None, k: int | None = None, trust_remote_code: bool | None = None,
+                    revision: str | None = None):
+    """Load a folder written by :meth:`save_pretrained`: a path, ``zoo:NAME`` or a hub id
+    ``org/name`` (:func:`ktm.hub.resolve`: downloaded at ``revision``, or read from the hub
+    cache, then checked like a local folder).
 
     Args:
         base: base model reference or object; default: the reference saved in the folder.
@@ -85,7 +122,7 @@ def from_pretrained(cls, path: str | os.PathLike, base=None, tokenizer=None, *, 
     hub id). Raises :class:`CheckpointError` for a missing or corrupt folder, another K, or a
     base model whose embedding table differs from the one the checkpoint was trained on.
     """
-    path = resolve_folder(path)
+    path = resolve(path, revision)
     meta = read_config(path)
     try:
         config = from_dict(ModelConfig, meta["model"])
@@ -122,7 +159,7 @@ def load_trained(model, path: str | os.PathLike, adapter_only: bool = False) -> 
     """
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-    path = resolve_folder(path)
+    path = resolve(path)
     meta = read_config(path)
     check_compatible(meta, path, fingerprint=model.base_fingerprint, config=model.config,
                      fields=ADAPTER_FIELDS if adapter_only else FUNCTION_FIELDS,
@@ -158,7 +195,7 @@ def grow_from(model, path: str | os.PathLike) -> None:
     :class:`CheckpointError` when the saved stages are not a proper prefix of this
     model's, or the encoders differ in norm matching or residual.
     """
-    path = resolve_folder(path)
+    path = resolve(path)
     meta = read_config(path)
     saved = from_dict(ModelConfig, meta["model"])
     src = tuple(saved.encoder_stages or (saved.k,))
@@ -195,6 +232,7 @@ def load_teacher(path, student, base=None, trust_remote_code: bool | None = None
     ``trust_remote_code``: as in :meth:`KTokenMerging.from_pretrained` (default base: the
     reference saved with the teacher).
     """
+    path = resolve(path)
     meta = read_config(path)
     if meta["model"].get("k") != 1:
         raise CheckpointError(f"{path}: a teacher must read plain prompts (K = 1), this model has "

@@ -10,6 +10,7 @@ An export folder holds::
     ktm_serving.json         how a prompt becomes what the LLM reads: K, method, encoder shape,
                              hidden size, longest sequence, the embedding table's tensor name and
                              fingerprint, SHA-256 of the encoder file
+    README.md                the model card (:func:`ktm.card.model_card`), for the hub
 
 The LLM reads a prompt of n tokens (tokenized without special tokens, no chat template) as
 the ``ceil(n / K)`` merged embeddings of :meth:`ktm.model.KTokenMerging.merge_prompts`, and
@@ -34,7 +35,9 @@ import torch
 from safetensors.torch import save_file
 
 from .. import __version__
-from ..checkpoint import CheckpointError, file_sha256, load_tensors, read_config, resolve_folder, write_dir
+from ..card import CARD_NAME, model_card
+from ..checkpoint import CheckpointError, file_sha256, load_tensors, read_config, write_dir
+from ..hub import resolve
 from ..config import ModelConfig, from_dict, save_json, to_dict
 from ..loading import EXPORT_MARKER
 
@@ -164,7 +167,7 @@ def export_model(checkpoint: str | os.PathLike, out: str | os.PathLike, *, overw
     from ..loading import resolve_dtype
     from ..model import KTokenMerging
 
-    checkpoint, out = resolve_folder(checkpoint), Path(out)
+    checkpoint, out = resolve(checkpoint), Path(out)
     check_destination(checkpoint, out, overwrite, base)
     save_dtype = resolve_dtype(dtype, "cpu")
     model = KTokenMerging.from_pretrained(checkpoint, base=base, device="cpu", dtype="float32",
@@ -184,6 +187,7 @@ def export_model(checkpoint: str | os.PathLike, out: str | os.PathLike, *, overw
             raise ExportError(f"the saved model has no tensor {key!r} (its input embeddings)")
         save_file(encoder_state, str(tmp / ENCODER_FILE), metadata={"format": "pt"})
         save_json(tmp / SERVING_CONFIG, {**meta, "files": {ENCODER_FILE: file_sha256(tmp / ENCODER_FILE)}})
+        (tmp / CARD_NAME).write_text(model_card(read_config(checkpoint), export=True))
 
     return write_dir(out, write)
 

@@ -34,7 +34,8 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..checkpoint import file_sha256, resolve_folder, write_dir
+from ..checkpoint import file_sha256, write_dir
+from ..hub import resolve
 from ..config import save_json
 from .export import ENCODER_FILE, SERVING_CONFIG, ExportError, check_destination, check_servable, serving_config
 
@@ -209,7 +210,7 @@ def export_gguf(checkpoint: str | os.PathLike, out: str | os.PathLike, *, gguf_t
 
     if gguf_type not in GGUF_TYPES:
         raise ExportError(f"--gguf-type must be one of {', '.join(GGUF_TYPES)}, got {gguf_type!r}")
-    checkpoint, out = resolve_folder(checkpoint), Path(out)
+    checkpoint, out = resolve(checkpoint), Path(out)  # a folder, zoo:NAME or hub id
     check_destination(checkpoint, out, overwrite, base)
     model = KTokenMerging.from_pretrained(checkpoint, base=base, device="cpu", dtype="float32",
                                           trust_remote_code=trust_remote_code).eval()

@@ -275,7 +275,7 @@ def vllm_executable() -> str:
     """The ``vllm`` command of this environment (beside the Python running ktm, else on PATH)."""
     if not vllm_installed():
         raise VLLMNotInstalled(
-            "vLLM is not installed: pip install 'ktm[serve]' (or pip install vllm; vLLM runs on Linux, "
+            "vLLM is not installed: pip install 'k-token-merging[serve]' (or pip install vllm; vLLM runs on Linux, "
             "most models on a CUDA GPU), or serve the export folder with any server that takes prompt "
             "embeddings (docs/SERVING.md)")
     beside = Path(sys.executable).with_name("vllm")

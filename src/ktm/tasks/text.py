@@ -26,7 +26,7 @@ Sources (one or several, read in order):
   splits (files named ``dev``, ``test``, ``valid`` or ``validation``) and symbolic links
   (which may lead out of the folder);
 * a Hugging Face dataset id (``owner/name``): its ``train`` split, streamed with the
-  ``datasets`` library (``pip install 'ktm[datasets]'``), the first ``max_texts`` texts
+  ``datasets`` library (``pip install 'k-token-merging[datasets]'``), the first ``max_texts`` texts
   (:data:`HUB_TEXTS` when ``max_texts`` is 0).
 
 Held out: ``test_fraction`` of the texts, chosen by a fixed hash of where each was read
@@ -150,7 +150,7 @@ def _hub_texts(repo_id: str, fields: tuple[str, ...], limit: int):
         import datasets
     except ImportError:
         raise ValueError(f"{repo_id} reads as a Hugging Face dataset id, which needs the datasets "
-                         f"library: pip install 'ktm[datasets]' (or give a local file or folder)") from None
+                         f"library: pip install 'k-token-merging[datasets]' (or give a local file or folder)") from None
     # never run a dataset's loading script (datasets >= 4 dropped them, and the flag with them)
     no_scripts = {} if int(getattr(datasets, "__version__", "4").split(".")[0]) >= 4 else {"trust_remote_code": False}
     rows = datasets.load_dataset(repo_id, split="train", streaming=True, **no_scripts)

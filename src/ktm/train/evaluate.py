@@ -99,14 +99,30 @@ def answer_budget(model, task: Task, examples: Sequence[Example]) -> int:
 
 
 def _perplexity(model, examples: Sequence[Example], order: list[int], batch_size: int, bar,
-                end_token: bool = True) -> dict:
+                end_token: bool = True, gather=None) -> dict:
     nll, count = 0.0, 0
     for idx in _batches(order, batch_size):
         out = model([examples[i].prompt for i in idx], [examples[i].answer for i in idx], end_token=end_token)
         nll += out.loss.item() * out.targets.numel()
         count += out.targets.numel()
         bar.update(len(idx))
+    if gather is not None:  # every process's sums
+        parts = gather([(nll, count)])
+        nll, count = sum(p[0] for p in parts), sum(p[1] for p in parts)
     return {"value": math.exp(nll / count), "nll_per_token": nll / count, "answer_tokens": count}
+
+
+def _answers(model, task: Task, examples: Sequence[Example], order: list[int], batch_size: int, bar,
+             gather=None) -> dict[int, str]:
+    """Greedy answers of ``examples[i]`` for ``i`` in ``order`` (and, with ``gather``, those
+    of every process's share), with enough new tokens for the longest reference + end."""
+    preds: dict[int, str] = {}
+    new_tokens = answer_budget(model, task, examples)
+    for idx in _batches(order, batch_size):
+        outs = model.generate([examples[i].prompt for i in idx], max_new_tokens=new_tokens)
+        preds.update(zip(idx, outs))
+        bar.update(len(idx))
+    return dict(gather(list(preds.items()))) if gather is not None else preds
 
 
 def _batches(items: list, size: int):
@@ -117,7 +133,8 @@ def _batches(items: list, size: int):
 @torch.no_grad()
 def evaluate(model, task: Task, examples: Sequence[Example] | None = None, *, split: str = "test",
              max_examples: int = 0, batch_size: int = 32, seed: int = 0,
-             progress: bool = True, keep_predictions: int = 8, generate_examples: int = 0) -> dict:
+             progress: bool = True, keep_predictions: int = 8, generate_examples: int = 0,
+             shard: tuple[int, int] = (0, 1), gather=None) -> dict:
     """Score ``model`` (a :class:`ktm.KTokenMerging`) on a task.
 
     Returns a dict with ``metric``, ``value`` (accuracy in [0, 1] or perplexity),
@@ -127,6 +144,11 @@ def evaluate(model, task: Task, examples: Sequence[Example] | None = None, *, sp
     (greedy, :func:`generate_answers`) the answers of a fixed random subset of that many
     evaluated examples and adds ``exact_match``, ``chrf`` and ``generated``
     (:func:`generation_scores`).
+
+    Under several processes each scores a share of the examples: ``shard`` is ``(this
+    process's index, number of processes)`` and ``gather`` a collective that returns every
+    process's list concatenated (``accelerate.utils.gather_object``); every process then
+    returns the same result as one process scoring them all.
     """
     examples = subsample(examples if examples is not None else task.examples(split), max_examples, seed)
     if not examples:
@@ -138,18 +160,16 @@ def evaluate(model, task: Task, examples: Sequence[Example] | None = None, *, sp
     # longest first: batches hold prompts of similar length (results do not depend on it)
     lengths = [len(x) for x in model.tokenize([e.prompt for e in examples])]
     order = sorted(range(len(examples)), key=lambda i: -lengths[i])
-    bar = tqdm(total=len(examples), desc=f"eval {task.name}", disable=not progress, leave=False)
+    rank, world = shard
+    mine = order[rank::world]  # by length: every share gets long and short prompts alike
+    gather = gather if world > 1 else None
+    bar = tqdm(total=len(mine), desc=f"eval {task.name}", disable=not progress, leave=False)
     result = {"metric": task.metric, "n": len(examples), "k": model.k,
               "prompt_tokens": sum(lengths) / len(lengths),
               "merged_length": sum(model.merged_lengths([e.prompt for e in examples])) / len(lengths)}
     try:
         if task.metric == "accuracy":
-            preds: dict[int, str] = {}
-            new_tokens = answer_budget(model, task, examples)
-            for idx in _batches(order, batch_size):
-                outs = model.generate([examples[i].prompt for i in idx], max_new_tokens=new_tokens)
-                preds.update(zip(idx, outs))
-                bar.update(len(idx))
+            preds = _answers(model, task, examples, mine, batch_size, bar, gather)
             refs = [task.normalise(e.answer) for e in examples]
             got = [task.normalise(preds[i]) for i in range(len(examples))]
             label, rate = majority_rate(examples, task.normalise)
@@ -158,7 +178,7 @@ def evaluate(model, task: Task, examples: Sequence[Example] | None = None, *, sp
                           predictions=[{"prompt": e.prompt, "answer": e.answer, "prediction": preds[i]}
                                        for i, e in enumerate(examples[:keep_predictions])])
         elif task.metric == "perplexity":
-            result.update(_perplexity(model, examples, order, batch_size, bar, task.answer_end))
+            result.update(_perplexity(model, examples, mine, batch_size, bar, task.answer_end, gather))
             if generate_examples:
                 chosen = subsample(examples, generate_examples, seed)
                 got = generate_answers(model, chosen, batch_size, progress)

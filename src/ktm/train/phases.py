@@ -47,8 +47,9 @@ def check_init_options(init_from, given: dict) -> None:
     saved model ``init_from`` starts from: that model's own settings are what it loads with,
     so such an option would be silently ignored."""
     from ..checkpoint import read_config
+    from ..hub import resolve
 
-    saved = read_config(init_from)["model"]
+    saved = read_config(resolve(init_from))["model"]  # a folder, zoo:NAME or hub id
     norm = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731 (JSON lists = tuples)
     clash = {k: (saved.get(k), v) for k, v in given.items() if k in saved and norm(saved[k]) != norm(v)}
     if clash:
@@ -82,7 +83,7 @@ def train_run(model_cfg: ModelConfig, train_cfg: TrainConfig, tasks: Task | list
               init_from=None, init_adapter_from=None, thresholds: list[float | None] | None = None,
               threshold: float | None = None, final_threshold: float | None = None, max_rounds: int = 3,
               record: dict | None = None, log=tqdm.write, given: dict | None = None,
-              start: tuple[int, list] | None = None) -> RunResult:
+              start: tuple[int, list] | None = None, report_to: str = "none") -> RunResult:
     """Train one run in folder ``out``; returns the model, the trainer and the final model's folder.
 
     ``tasks``: one task, or several for a curriculum (``train_cfg.steps`` steps per round;
@@ -98,6 +99,7 @@ def train_run(model_cfg: ModelConfig, train_cfg: TrainConfig, tasks: Task | list
     differ from the settings of the model ``init_from`` loads (:func:`check_init_options`).
     ``start``: ``(step, history)`` where a run without a checkpoint continues from the weights of
     ``init_from`` alone (:meth:`Trainer.continue_from`; a checkpoint in ``out`` wins with ``resume``).
+    ``report_to``: the experiment tracker of the main run (:mod:`ktm.train.reporting`).
     """
     runtime = runtime or Runtime(base, device, dtype, trust_remote_code)
     tasks = [tasks] if isinstance(tasks, Task) else list(tasks)
@@ -122,18 +124,19 @@ def train_run(model_cfg: ModelConfig, train_cfg: TrainConfig, tasks: Task | list
     with main_first(out, setup):
         return _train_in(out, model_cfg, train_cfg, tasks, runtime, resume=resume, init_from=init_from,
                          init_adapter_from=init_adapter_from, thresholds=thresholds, max_rounds=max_rounds,
-                         record=record, log=log, start=start)
+                         record=record, log=log, start=start, report_to=report_to)
 
 
 def _train_in(out: Path, model_cfg, train_cfg, tasks, runtime: Runtime, *, resume, init_from,
-              init_adapter_from, thresholds, max_rounds, record, log, start=None) -> RunResult:
+              init_adapter_from, thresholds, max_rounds, record, log, start=None, report_to="none") -> RunResult:
     model_cfg, train_cfg = prepare_phases(tasks, out, model_cfg, train_cfg, runtime, log=log)
     if process_rank() == 0:
         save_json(out / "run_config.json", {"model": to_dict(model_cfg), "train": to_dict(train_cfg),
                                             "argv": sys.argv[1:], **(record or {})})
     model = build_model(model_cfg, runtime, seed=train_cfg.seed, init_from=init_from,
                         init_adapter_from=init_adapter_from, grow_from=train_cfg.grow_from)
-    trainer = Trainer(model, train_cfg, output_dir=out, log=log, teacher=load_run_teacher(train_cfg, model, runtime))
+    trainer = Trainer(model, train_cfg, output_dir=out, log=log, teacher=load_run_teacher(train_cfg, model, runtime),
+                      report_to=report_to)
     resumed = resume and trainer.resume()
     if start and not resumed:
         trainer.continue_from(*start)

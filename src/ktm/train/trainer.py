@@ -29,6 +29,9 @@ from ..model import KTokenMerging, load_teacher
 from ..model.io import write_into
 from .batches import batch_indices, lr_factor, process_share
 from .objectives import add_auxiliary
+from .preflight import check_examples
+from .reporting import finish_trackers, numbers_of, tracker_options
+from .state import load_optimizer, optimizer_tensors, restore_rng, rng_states
 from ..model.blocks import num_blocks
 from ..tasks.base import Example, Task
 
@@ -55,46 +58,6 @@ def mixed_precision(setting: str, model) -> str:
     return "bf16" if cuda and model.dtype == torch.float32 else "no"
 
 
-#: a prompt with more characters than this many per position the model reads cannot fit
-#: (no token is that long), so it is refused before the tokenizer sees it
-MAX_CHARS_PER_POSITION = 64
-
-
-def check_examples(model, examples: list[Example], what: str, generate: int = 0) -> None:
-    """Raise ``ValueError`` for the first example that cannot be trained on or scored: an
-    empty prompt, one with no tokens, or a prompt + answer too long for the model once
-    merged, or (``generate`` > 0: the new tokens the evaluator generates per prompt) a
-    prompt that leaves fewer positions than that. The message names the example's
-    ``file:line`` (or its index in ``what``)."""
-    if not examples:
-        raise ValueError(f"{what}: no examples")
-    where = [e.source or f"{what} example {i}" for i, e in enumerate(examples)]
-    limit = model.max_length
-    for w, e in zip(where, examples):
-        if not e.prompt.strip():
-            raise ValueError(f"{w}: the prompt is empty")
-        if limit and len(e.prompt) + len(e.answer) > limit * MAX_CHARS_PER_POSITION:
-            raise ValueError(f"{w}: the example has {len(e.prompt) + len(e.answer):,} characters, far more "
-                             f"than the {limit} positions the model reads can hold")
-    for start in range(0, len(examples), 512):
-        chunk = examples[start:start + 512]
-        prompts = model.tokenizer([e.prompt for e in chunk], add_special_tokens=False)["input_ids"]
-        answers = model.tokenizer([e.answer for e in chunk], add_special_tokens=False)["input_ids"]
-        # positions read: ceil(n / K), or with kept spans (ModelConfig.keep) what they leave
-        reads = model.merged_lengths([e.prompt for e in chunk]) if model.config.keep and all(prompts) else None
-        for i, (w, p, a) in enumerate(zip(where[start:], prompts, answers)):
-            if not p:
-                raise ValueError(f"{w}: the prompt has no tokens")
-            read = reads[i] if reads else num_blocks(len(p), model.k)
-            need = read + len(a)  # merged prompt + answer (+ end, - last input)
-            if limit and need > limit:
-                raise ValueError(f"{w}: the prompt's {len(p)} tokens merge to {read} "
-                                 f"embeddings, + {len(a)} answer tokens = {need} > {limit} positions the "
-                                 f"model reads")
-            if limit and read + generate > limit:
-                raise ValueError(f"{w}: the prompt's {len(p)} tokens merge to {read} embeddings, + {generate} "
-                                 f"tokens the evaluator generates = {read + generate} > {limit} positions "
-                                 f"the model reads")
 
 
 @dataclass
@@ -121,6 +84,7 @@ class Trainer:
     schedule_cycle: tuple = (0, None)  # (start, span) of the cosine cycle: the whole run by default
     on_evaluate: object = None  # called with each evaluation's history row (e.g. to probe or stop early)
     restart: int | None = None  # the step a run continued from without its optimiser state (continue_from)
+    report_to: str = "none"  # accelerate tracker: none, tensorboard (OUT/logs) or wandb (ktm.train.reporting)
     # runtime state, set up in __post_init__ and by fit
     accelerator: object = field(init=False, default=None, repr=False)
     optimizer: object = field(init=False, default=None, repr=False)
@@ -128,6 +92,7 @@ class Trainer:
     checked: set = field(init=False, default_factory=set, repr=False)  # (task id, split) already checked
     fit_start: float | None = field(init=False, default=None)  # perf_counter at step 0 of this run's time
     elapsed_saved: float = field(init=False, default=0.0)  # training seconds the checkpoint resumed from had
+    tracking: bool = field(init=False, default=False)  # trackers started (report_to)
 
     # ------------------------------------------------------------------ setup
     def __post_init__(self):
@@ -143,7 +108,8 @@ class Trainer:
             raise ValueError("distill and align match the teacher at block ends, which kept spans (keep) move: "
                              "train with keep without them")
         self.accelerator = Accelerator(mixed_precision=mixed_precision(self.cfg.mixed_precision, self.model),
-                                       gradient_accumulation_steps=self.cfg.grad_accum)
+                                       gradient_accumulation_steps=self.cfg.grad_accum,
+                                       **tracker_options(self.report_to, self.output_dir))
         groups = self.model.trainable_parameters()
         lrs = self._base_lrs()
         self.optimizer = torch.optim.AdamW(
@@ -184,6 +150,10 @@ class Trainer:
                 checked.add((id(t), split))
         labels = task.labels(train) if task.metric == "accuracy" else None
         world, rank = acc.num_processes, acc.process_index
+        if self.report_to != "none" and not self.tracking:
+            acc.init_trackers("ktm", config={k: v for k, v in to_dict(cfg).items()
+                                             if isinstance(v, (int, float, str, bool))})
+            self.tracking = True
         micro = cfg.batch_size // cfg.grad_accum
         self.model.train()
         bar = tqdm(total=end - self.step, desc=f"train {task.name} K={self.model.k}",
@@ -209,6 +179,9 @@ class Trainer:
             # "loss" is the task loss alone, comparable across runs with and without aux terms
             for name, value in step_parts.items():
                 ema[name] = value if name not in ema else 0.9 * ema[name] + 0.1 * value
+            if self.tracking:
+                acc.log({**numbers_of({f"{n}_loss": v for n, v in step_parts.items()}, "train/"),
+                         "train/lr": self.optimizer.param_groups[0]["lr"]}, step=self.step)
             bar.update(1)
             bar.set_postfix(loss=f"{ema['task']:.4f}",
                             **{n: f"{v:.3f}" for n, v in ema.items() if n != "task"},
@@ -258,8 +231,11 @@ class Trainer:
         return parts
 
     def _evaluate(self, task: Task, losses: dict | None = None) -> dict:
-        res = evaluate(self.model, task, max_examples=self.cfg.eval_examples, seed=self.cfg.seed,
-                       progress=False)
+        from accelerate.utils import gather_object
+
+        acc = self.accelerator  # each process scores its share of the examples
+        res = evaluate(self.model, task, max_examples=self.cfg.eval_examples, seed=self.cfg.seed, progress=False,
+                       shard=(acc.process_index, acc.num_processes), gather=gather_object)
         res.pop("predictions", None)
         losses = losses or {}
         train_loss = losses.get("task")
@@ -270,6 +246,8 @@ class Trainer:
                "elapsed_s": round(now - (now if self.fit_start is None else self.fit_start), 1),
                **res}
         self.history.append(row)
+        if self.tracking:
+            self.accelerator.log(numbers_of({k: v for k, v in row.items() if k != "step"}, "eval/"), step=self.step)
         if self.is_main and self.output_dir is not None:
             # written at every evaluation, so a run stopped between checkpoints keeps its curve
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -294,7 +272,7 @@ class Trainer:
             return None
         def write(tmp: Path) -> None:
             write_into(self.model, tmp)  # straight into the checkpoint's temporary folder
-            tensors, _ = _optimizer_tensors(self.optimizer)
+            tensors, _ = optimizer_tensors(self.optimizer)
             save_file({**tensors, **rng}, str(tmp / OPTIM_NAME))
             self._save_state(tmp)
 
@@ -309,7 +287,7 @@ class Trainer:
         if self.output_dir is None or not self.is_main:
             return
         folder = folder or self.output_dir / CHECKPOINT_DIR
-        _, groups = _optimizer_tensors(self.optimizer, with_state=False)
+        _, groups = optimizer_tensors(self.optimizer, with_state=False)
         elapsed = 0.0 if self.fit_start is None else round(time.perf_counter() - self.fit_start, 1)
         save_json(folder / STATE_NAME, {"step": self.step, "history": self.history, "param_groups": groups,
                                         "train_config": to_dict(self.cfg), "extra": self.extra_state,
@@ -335,7 +313,7 @@ class Trainer:
         except Exception as e:  # noqa: BLE001 - any unreadable file is a corrupt checkpoint
             raise CheckpointError(f"checkpoint {ckpt} is unreadable ({e}); move it away to start over") from e
         self.model.load_trained(ckpt)
-        _load_optimizer(self.optimizer, tensors, state["param_groups"])
+        load_optimizer(self.optimizer, tensors, state["param_groups"])
         restore_rng(tensors, self.accelerator.process_index)
         self.step, self.history = state["step"], state["history"]
         self.elapsed_saved = float(state.get("elapsed_s") or 0.0)  # wall time up to the checkpoint
@@ -379,53 +357,10 @@ class Trainer:
         if self.output_dir is None:
             return None
         path = self.output_dir / FINAL_DIR
+        finish_trackers(self.accelerator)
         if self.is_main:
-            path = self.model.save_pretrained(path)
+            last = self.history[-1] if self.history else {}
+            shown = ("task", "metric", "value", "majority_rate", "step")
+            path = self.model.save_pretrained(path, card={"evaluation": {k: last[k] for k in shown if k in last}})
         self.accelerator.wait_for_everyone()
         return path
-
-
-def rng_states(accelerator) -> dict[str, torch.Tensor]:
-    """The CPU and CUDA random states of every process, as tensors ``rng.cpu.R`` and
-    ``rng.cuda.R.D`` (rank R, device D); ``rng.cpu`` is rank 0's (older checkpoints have only it)."""
-    from accelerate.utils import gather_object
-
-    mine = {"cpu": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    every = gather_object([mine]) if accelerator.num_processes > 1 else [mine]
-    out = {"rng.cpu": every[0]["cpu"].clone()}  # its own storage: safetensors refuses shared ones
-    for rank, state in enumerate(every):
-        out[f"rng.cpu.{rank}"] = state["cpu"]
-        out.update({f"rng.cuda.{rank}.{d}": t for d, t in enumerate(state["cuda"])})
-    return out
-
-
-def restore_rng(tensors: dict[str, torch.Tensor], rank: int) -> None:
-    """Put back this process's random states saved by :func:`rng_states`."""
-    torch.set_rng_state(tensors.get(f"rng.cpu.{rank}", tensors["rng.cpu"]))
-    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith(f"rng.cuda.{rank}.")),
-                                       key=lambda k: int(k.rsplit(".", 1)[1]))]
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
-
-
-def _optimizer_tensors(opt, with_state: bool = True) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    sd = opt.state_dict()
-    tensors = {}
-    for pid, st in (sd["state"].items() if with_state else ()):
-        for name, value in st.items():
-            t = value if torch.is_tensor(value) else torch.tensor(value)
-            tensors[f"state.{pid}.{name}"] = t.detach().cpu().contiguous()
-    return tensors, sd["param_groups"]
-
-
-def _load_optimizer(opt, tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
-    state: dict[int, dict] = defaultdict(dict)
-    for key, value in tensors.items():
-        if key.startswith("state."):
-            _, pid, name = key.split(".", 2)
-            state[int(pid)][name] = value
-    current = opt.state_dict()["param_groups"]
-    if [len(g["params"]) for g in groups] != [len(g["params"]) for g in current]:
-        raise CheckpointError("the checkpoint's optimiser state does not fit this model's parameters")
-    opt.load_state_dict({"state": dict(state), "param_groups": groups})

@@ -45,7 +45,9 @@ from ..checkpoint import (
     weight_hashes,
     write_dir,
 )
+from ..card import CARD_NAME as README_NAME, model_card
 from ..config import save_json
+from ..model.io import portable_adapter
 from .trainer import CHECKPOINT_DIR, STATE_NAME
 
 #: the card each shipped merger carries: how it was built, what it measured
@@ -137,10 +139,9 @@ def write_slim(src, dst, dtype: str = "bfloat16", tokenizer: bool = False) -> Pa
         save_file(encoder, str(tmp / ENCODER_NAME))
         save_file(adapter, str(tmp / ADAPTER_DIR / ADAPTER_FILE), metadata={"format": "pt"})
         # peft records where the base model was loaded from, a folder of the machine that built the
-        # merger: the copy names the base by its reference instead (ktm loads the base itself)
-        peft_config = json.loads(adapter_config.read_text())
-        peft_config["base_model_name_or_path"] = meta["base"]["reference"]
-        save_json(tmp / ADAPTER_DIR / adapter_config.name, peft_config)
+        # merger: the copy names the base as another machine would (ktm loads the base itself)
+        shutil.copy2(adapter_config, tmp / ADAPTER_DIR / adapter_config.name)
+        portable_adapter(tmp / ADAPTER_DIR, meta["base"]["reference"])
         if tokenizer and (src / TOKENIZER_DIR).is_dir():
             shutil.copytree(src / TOKENIZER_DIR, tmp / TOKENIZER_DIR)
         kept = {k: v for k, v in meta.items() if k != "files"}
@@ -194,6 +195,9 @@ def build(entry: ZooEntry | str, out, *, into=None, text=None, base=None, tokeni
     def publish(tmp: Path) -> None:  # the measured slim copy itself, with its card
         shutil.copytree(slim, tmp, dirs_exist_ok=True)
         save_json(tmp / CARD_NAME, card)
+        (tmp / README_NAME).write_text(model_card(read_config(tmp), {"fidelity": card.get("fidelity") or {},
+                                                                    "held_out": card.get("held_out") or {}},
+                                                  repo_id=f"zoo:{entry.name}"))
 
     shipped = write_dir(Path(into or checkpoint.MERGERS_DIR) / entry.name, publish)
     shutil.rmtree(slim, ignore_errors=True)
