@@ -11,7 +11,8 @@ from ..config import TrainConfig
 from ..tasks.base import Example, Task
 
 
-def lr_factor(step: int, cfg: TrainConfig, start: int = 0, span: int | None = None) -> float:
+def lr_factor(step: int, cfg: TrainConfig, start: int = 0, span: int | None = None,
+              restart: int | None = None) -> float:
     """Multiplier of the base learning rate at 0-based global ``step``: linear warm-up over
     the first ``cfg.warmup_steps`` steps of the run, then constant, or a cosine decay to 10%
     over the cycle of ``span`` steps that begins at ``start`` (default: the whole run,
@@ -21,6 +22,9 @@ def lr_factor(step: int, cfg: TrainConfig, start: int = 0, span: int | None = No
     >>> [round(lr_factor(s, cfg, start=10, span=10), 2) for s in (10, 15, 20)]
     [1.0, 0.55, 0.1]
     """
+    if restart is not None and cfg.warmup_steps and step - restart < cfg.warmup_steps:
+        # a run continued from weights alone (fresh AdamW moments) warms up again from ``restart``
+        return min(1.0, (step - restart + 1) / cfg.warmup_steps) * lr_factor(step, cfg, start, span)
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     if cfg.decay == "cosine":

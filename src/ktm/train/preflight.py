@@ -46,3 +46,17 @@ def check_examples(model, examples: list[Example], what: str, generate: int = 0)
                 raise ValueError(f"{w}: the prompt's {len(p)} tokens merge to {read} embeddings, + {generate} "
                                  f"tokens the evaluator generates = {read + generate} > {limit} positions "
                                  f"the model reads")
+
+
+def check_splits(model, splits, checked: set) -> None:
+    """:func:`check_examples` on each ``(task, split)`` not in ``checked`` (then added to it); the
+    test split of an accuracy task with the new tokens the evaluator will generate."""
+    from .evaluate import answer_budget
+
+    for task, split in splits:
+        if (id(task), split) in checked:
+            continue
+        examples = task.examples(split)
+        new = answer_budget(model, task, examples) if split == "test" and task.metric == "accuracy" else 0
+        check_examples(model, examples, f"{task.label} {split}", generate=new)
+        checked.add((id(task), split))

@@ -3,7 +3,11 @@ states, so that ``--resume`` continues as the uninterrupted run would."""
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import torch
+
+from ..checkpoint import CheckpointError
 
 
 def rng_states(accelerator) -> dict[str, torch.Tensor]:
@@ -31,6 +35,7 @@ def restore_rng(tensors: dict[str, torch.Tensor], rank: int) -> None:
 
 
 def optimizer_tensors(opt, with_state: bool = True) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """The optimiser's state as flat tensors ``state.<param>.<name>`` and its parameter groups."""
     sd = opt.state_dict()
     tensors = {}
     for pid, st in (sd["state"].items() if with_state else ()):
@@ -41,6 +46,7 @@ def optimizer_tensors(opt, with_state: bool = True) -> tuple[dict[str, torch.Ten
 
 
 def load_optimizer(opt, tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
+    """Put back what :func:`optimizer_tensors` saved; a checkpoint for other parameters is refused."""
     state: dict[int, dict] = defaultdict(dict)
     for key, value in tensors.items():
         if key.startswith("state."):

@@ -23,13 +23,13 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..config import TrainConfig, save_json, to_dict
-from .evaluate import answer_budget, evaluate
+from .evaluate import evaluate
 from ..checkpoint import CheckpointError, recover_dir, write_dir
 from ..model import KTokenMerging, load_teacher
 from ..model.io import write_into
 from .batches import batch_indices, lr_factor, process_share
 from .objectives import add_auxiliary
-from .preflight import check_examples
+from .preflight import check_examples, check_splits  # noqa: F401 (check_examples: public here too)
 from .reporting import finish_trackers, numbers_of, tracker_options
 from .state import load_optimizer, optimizer_tensors, restore_rng, rng_states
 from ..model.blocks import num_blocks
@@ -140,14 +140,7 @@ class Trainer:
         end = self.step + steps if steps is not None else cfg.steps
         train = task.examples("train")
         # every example is checked before the first step: a bad one must not end a run later
-        checked = self.checked
-        for t, split in ((task, "train"), (eval_task or task, "test")):
-            if (id(t), split) not in checked:
-                examples = t.examples(split)
-                # the test split is scored by generating: the evaluator's budget must fit too
-                new = answer_budget(self.model, t, examples) if split == "test" and t.metric == "accuracy" else 0
-                check_examples(self.model, examples, f"{t.label} {split}", generate=new)
-                checked.add((id(t), split))
+        check_splits(self.model, [(task, "train"), (eval_task or task, "test")], self.checked)
         labels = task.labels(train) if task.metric == "accuracy" else None
         world, rank = acc.num_processes, acc.process_index
         if self.report_to != "none" and not self.tracking:
@@ -163,9 +156,7 @@ class Trainer:
         before = self.history[-1].get("elapsed_s") or 0.0 if self.history else 0.0
         self.fit_start = t0 - max(before, self.elapsed_saved)
         while self.step < end:
-            factor = lr_factor(self.step, cfg, *self.schedule_cycle)
-            if self.restart is not None and cfg.warmup_steps:  # fresh AdamW moments: warm up again
-                factor *= min(1.0, (self.step - self.restart + 1) / cfg.warmup_steps)
+            factor = lr_factor(self.step, cfg, *self.schedule_cycle, restart=self.restart)
             for g in self.optimizer.param_groups:
                 g["lr"] = g["base_lr"] * factor
             # every process draws the same global batch and takes its own share
