@@ -8,7 +8,7 @@ ktm's logits (teacher-forced on the common prefix) and in llama.cpp's: a near-ti
 difference a rounding matter rather than a wrong model.
 
     python benchmarks/llamacpp_agreement.py --checkpoint zoo:default-k2 \\
-        --exports /tmp/k2-f32 /tmp/k2-q8_0 --prompts 100 --max-new-tokens 16 --out agreement.json
+        --exports exports/k2-f32 exports/k2-q8_0 --prompts 100 --max-new-tokens 16 --out agreement.json
 """
 
 import argparse
@@ -97,10 +97,10 @@ def main() -> None:
     result = {}
     for folder in args.exports:
         engine = LlamaCppEngine(folder, threads=args.threads)
-        result[folder] = {"type": engine.meta["gguf"]["type"],
+        result[Path(folder).name] = {"type": engine.meta["gguf"]["type"],
                           **compare(model, engine, prompts[args.skip:], reference[args.skip:], args.max_new_tokens)}
         engine.close()
-        r = result[folder]
+        r = result[Path(folder).name]
         print(f"{folder} ({r['type']}): {r['same']}/{r['total']} prompts with the same greedy tokens", flush=True)
         for d in r["differences"]:
             print(f"  step {d['step']}: ktm {d['ktm']} llama.cpp {d['llama.cpp']}; top-2 gap ktm "

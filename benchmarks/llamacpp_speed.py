@@ -16,7 +16,7 @@
   engine called directly, and a bounded load test (--load-requests over --load-clients
   connections) with latency percentiles.
 
-    OMP_NUM_THREADS=2 python benchmarks/llamacpp_speed.py --export /tmp/k2-f32 --threads 2
+    OMP_NUM_THREADS=2 python benchmarks/llamacpp_speed.py --export exports/k2-f32 --threads 2
 """
 
 import argparse
@@ -25,6 +25,7 @@ import json
 import statistics
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -263,9 +264,9 @@ def main() -> None:
     HIDDEN = args.hidden
     engine = LlamaCppEngine(args.export, threads=args.threads, n_ctx=args.n_ctx)
     emit = lambda row: print(json.dumps(row), flush=True)  # noqa: E731
-    emit({"what": "setup", "llama_cpp": llama_cpp.__version__, "lib": llama_cpp.__file__,
+    emit({"what": "setup", "llama_cpp": llama_cpp.__version__, "lib": "/".join(Path(llama_cpp.__file__).parts[-2:]),
           "system_info": llama_cpp.llama_print_system_info().decode().strip(), "threads": engine.threads,
-          "export": args.export, "gguf_type": engine.meta["gguf"]["type"], "hidden_other_k": args.hidden})
+          "export": Path(args.export).name, "gguf_type": engine.meta["gguf"]["type"], "hidden_other_k": args.hidden})
     ids = long_ids(engine, args.text, max(args.lengths + [args.pytorch_length, args.load_length]))
     if "prefill" in args.parts:
         for length in args.lengths:
