@@ -215,8 +215,10 @@ def continue_shipped(entry: ZooEntry, into=None, log=print) -> dict:
     evaluation history; :meth:`ktm.train.trainer.Trainer.continue_from`). ``{}`` otherwise."""
     folder = Path(into or checkpoint.MERGERS_DIR) / entry.name
     try:
-        card = json.loads((folder / CARD_NAME).read_text())
-    except (OSError, ValueError):
+        card = card_at(folder)
+    except CheckpointError:  # a corrupt card: nothing to continue from
+        return {}
+    if not card:
         return {}
     wanted = json.loads(json.dumps({"recipe": entry.recipe, "model": entry.model, "train": entry.train}))
     settings = card.get("settings", {})
@@ -335,8 +337,12 @@ def held_out_perplexities(model, slim, text_opts, train_cfg, save_dtype: str) ->
 # ---------------------------------------------------------------- what ships
 def read_card(name: str) -> dict:
     """The card (``zoo.json``) of shipped merger ``name``; ``{}`` when it has none."""
-    folder = resolve_folder(f"zoo:{name}")
-    card = folder / CARD_NAME
+    return card_at(resolve_folder(f"zoo:{name}"))
+
+
+def card_at(folder) -> dict:
+    """The card (``zoo.json``) in ``folder``; ``{}`` when it has none, ``CheckpointError`` when corrupt."""
+    card = Path(folder) / CARD_NAME
     if not card.is_file():
         return {}
     try:
