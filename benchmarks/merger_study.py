@@ -25,7 +25,17 @@ one or more study folders (and, given ``--pretrain-runs``, the pretraining runs'
 ``NAME.json``, ``NAME.md`` (final numbers with mean, standard deviation and range over seeds;
 the mean curve; wall time) and ``NAME.png`` (mean curves with the range over seeds shaded);
 ``report --k 2`` keeps the cells of K = 2 and the K = 1 reference only, ``report --seeds 0 1 2``
-the cells of those seeds only.
+the cells of those seeds only. The report also pairs each merged variant with its references
+seed by seed (the same seed draws the same batches and evaluation subset): the difference
+against keep-first at the same K and against K = 1, per seed and as mean ± SD.
+
+``loco`` writes a leave-one-category-out split of a reviews folder (reviews that carry a
+``category``, like ``../shared/data/amazon``): training on the other categories' training
+reviews, testing on every review of the held-out category (its training and dev reviews;
+none of them is trained on)::
+
+    python benchmarks/merger_study.py loco --reviews ../shared/data/amazon \
+        --hold-out Kitchen_and_Housewares --out runs/loco-kitchen
 """
 
 from __future__ import annotations
@@ -214,6 +224,63 @@ def pretrain_rows(runs: list[str]) -> list[dict]:
     return rows
 
 
+def references(group: str) -> list[str]:
+    """The groups a merged variant is paired with: keep-first at its K, then K = 1.
+
+    >>> references("pre-k4"), references("keep-first-k2"), references("k1")
+    (['keep-first-k4', 'k1'], ['k1'], [])
+    """
+    name, k = split_group(group)
+    if k == 1:
+        return []
+    return ["k1"] if name == "keep-first" else [f"keep-first-k{k}", "k1"]
+
+
+def paired(groups: dict[str, list[dict]]) -> list[dict]:
+    """Per-seed differences of each group's final value against its references (seeds both have)."""
+    finals = {g: {c["seed"]: c["history"][-1]["value"] for c in cells} for g, cells in groups.items()}
+    rows = []
+    for group in sorted(groups, key=order):
+        for ref in references(group):
+            seeds = sorted(set(finals[group]) & set(finals.get(ref, {})))
+            if not seeds:
+                continue
+            diffs = [finals[group][s] - finals[ref][s] for s in seeds]
+            rows.append({"variant": group, "against": ref, "seeds": seeds, "diffs": diffs, **spread(diffs),
+                         "wins": sum(d > 0 for d in diffs)})
+    return rows
+
+
+def paired_markdown(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    lines = ["| variant | against | per seed (points) | mean ± sd | ahead on |", "| --- | --- | --- | --- | --- |"]
+    for r in rows:
+        each = ", ".join(f"s{s}: {100 * d:+.1f}" for s, d in zip(r["seeds"], r["diffs"]))
+        lines.append(f"| {r['variant']} | {r['against']} | {each} | {100 * r['mean']:+.1f} ± {100 * r['sd']:.1f} "
+                     f"| {r['wins']} of {len(r['seeds'])} seeds |")
+    return ("\n\nPaired differences in held-out accuracy (variant minus reference, same seed: same batches and "
+            "evaluation subset):\n\n" + "\n".join(lines))
+
+
+def loco(args) -> None:
+    """Write OUT/train.jsonl (the other categories' training reviews) and OUT/test.jsonl (every
+    review of the held-out category)."""
+    src, out = Path(args.reviews), Path(args.out)
+    rows = {split: [json.loads(line) for line in (src / f"{split}.jsonl").read_text().splitlines() if line.strip()]
+            for split in ("train", "dev")}
+    categories = sorted({r.get("category") for split in rows.values() for r in split} - {None})
+    if args.hold_out not in categories:
+        raise SystemExit(f"--hold-out {args.hold_out!r}: the reviews' categories are {', '.join(categories) or 'none'}")
+    train = [r for r in rows["train"] if r.get("category") != args.hold_out]
+    test = [r for split in ("train", "dev") for r in rows[split] if r.get("category") == args.hold_out]
+    out.mkdir(parents=True, exist_ok=True)
+    for name, part in (("train", train), ("test", test)):
+        (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    print(f"{out}: train {len(train)} reviews of {', '.join(c for c in categories if c != args.hold_out)}; "
+          f"test {len(test)} reviews of {args.hold_out}")
+
+
 def pct(s: dict) -> str:
     return f"{100 * s['mean']:.1f} ± {100 * s['sd']:.1f} ({100 * s['min']:.1f}-{100 * s['max']:.1f})"
 
@@ -276,7 +343,7 @@ def plot(summary: dict[str, dict], path: Path, title: str) -> None:
 
 
 def report(args) -> None:
-    summary = {}
+    summary, pairs = {}, []
     for spec in args.folders:
         folder, _, label = spec.partition("=")
         groups = read_cells(Path(folder))
@@ -289,16 +356,18 @@ def report(args) -> None:
             raise SystemExit(f"{folder}: no finished cells" + (f" at K = {', '.join(map(str, args.k))}" if args.k else "")
                              + (f" of seeds {', '.join(map(str, args.seeds))}" if args.seeds is not None else ""))
         summary.update({f"{group} ({label})" if label else group: g for group, g in part.items()})
+        pairs += [{**r, "variant": f"{r['variant']} ({label})" if label else r["variant"]}
+                  for r in paired(groups)]  # pairs within one folder: the same setting
     pre = pretrain_rows(args.pretrain_runs)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    md = markdown(summary, pre)
+    md = markdown(summary, pre) + paired_markdown(pairs)
     commands = "\n".join(f"- {group}: `{g['commands'][0]}`" + (" (and the other seeds)" if len(g["commands"]) > 1
                                                                 else "") for group, g in summary.items())
     commands += "".join(f"\n- pretraining {r['label']}: `{r['command']}`" for r in pre)
     out.with_suffix(".md").write_text(md + "\n\nCommands (one per cell; `--seed` and `--out` change per cell):\n\n"
                                       + commands + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"cells": summary, "pretraining": pre}, indent=1))
+    out.with_suffix(".json").write_text(json.dumps({"cells": summary, "paired": pairs, "pretraining": pre}, indent=1))
     plot(summary, out.with_suffix(".png"), args.title)
     print(md)
 
@@ -327,8 +396,14 @@ def main(argv=None) -> None:
                    help="report only the cells of these K (and the K = 1 reference)")
     p.add_argument("--seeds", nargs="+", type=int, default=None,
                    help="report only the cells of these seeds (default: every finished cell)")
+    lo = sub.add_parser("loco", help="a leave-one-category-out split of a reviews folder")
+    lo.add_argument("--reviews", required=True, help="folder with train.jsonl and dev.jsonl whose rows have 'category'")
+    lo.add_argument("--hold-out", required=True, help="the category to test on")
+    lo.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-    if args.command == "run":
+    if args.command == "loco":
+        loco(args)
+    elif args.command == "run":
         if any(a in common for a in ("--k", "--seed", "--out", "--init-from", "--context-layers", "--method")):
             raise SystemExit("--k, --seed, --out, --init-from, --context-layers and --method are set per cell")
         run(args, common)

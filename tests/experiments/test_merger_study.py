@@ -106,3 +106,48 @@ def test_a_failed_cell_stops_the_study(tmp_path, monkeypatch):
     monkeypatch.setattr(mod.subprocess, "call", lambda cmd, stdout=None, stderr=None: 2)
     with pytest.raises(SystemExit, match="k1-s0 failed"):
         mod.main(["run", "--out", str(tmp_path / "s"), "--variants", "k1", "--seeds", "0", "--", "--steps", "1"])
+
+
+def _cell(folder, name, value, seed_step=3):
+    cell = folder / name
+    (cell / "model").mkdir(parents=True)
+    (cell / "history.json").write_text(json.dumps({"history": [{"step": seed_step, "value": value, "macro_f1": value}]}))
+    (cell / "run_config.json").write_text(json.dumps({"argv": ["train", "--out", str(cell)]}))
+
+
+def test_report_pairs_each_merged_variant_with_keep_first_and_k1_seed_by_seed(tmp_path):
+    mod = _module()
+    study = tmp_path / "study"
+    values = {"k1": [0.80, 0.84, 0.82], "keep-first-k2": [0.70, 0.75, 0.73], "pre-k2": [0.78, 0.74, 0.80]}
+    for group, per_seed in values.items():
+        for seed, v in enumerate(per_seed):
+            _cell(study, f"{group}-s{seed}", v)
+    _cell(study, "pre-k4-s1", 0.6)  # no keep-first at K = 4: paired with K = 1 only
+    mod.main(["report", f"{study}=demo", "--out", str(tmp_path / "doc" / "p")])
+    pairs = {(r["variant"], r["against"]): r for r in json.loads((tmp_path / "doc" / "p.json").read_text())["paired"]}
+    vs_keep = pairs[("pre-k2 (demo)", "keep-first-k2")]
+    assert vs_keep["diffs"] == pytest.approx([0.08, -0.01, 0.07]) and vs_keep["wins"] == 2
+    assert vs_keep["mean"] == pytest.approx(statistics.fmean([0.08, -0.01, 0.07]))
+    assert vs_keep["sd"] == pytest.approx(statistics.stdev([0.08, -0.01, 0.07]))
+    assert pairs[("pre-k2 (demo)", "k1")]["diffs"] == pytest.approx([-0.02, -0.10, -0.02])
+    assert pairs[("keep-first-k2 (demo)", "k1")]["wins"] == 0
+    assert pairs[("pre-k4 (demo)", "k1")]["seeds"] == [1] and ("pre-k4 (demo)", "keep-first-k4") not in pairs
+    md = (tmp_path / "doc" / "p.md").read_text()
+    assert "| pre-k2 (demo) | keep-first-k2 | s0: +8.0, s1: -1.0, s2: +7.0 |" in md and "2 of 3 seeds" in md
+
+
+def test_loco_holds_out_every_review_of_one_category(tmp_path, capsys):
+    mod = _module()
+    src = tmp_path / "reviews"
+    src.mkdir()
+    rows = {"train": [("Books", 5.0), ("DVD", 1.0), ("Books", 2.0), ("DVD", 4.0)], "dev": [("DVD", 5.0), ("Books", 1.0)]}
+    for split, part in rows.items():
+        (src / f"{split}.jsonl").write_text("".join(json.dumps({"rating": r, "text": f"{c} {i}", "category": c}) + "\n"
+                                                    for i, (c, r) in enumerate(part)))
+    mod.main(["loco", "--reviews", str(src), "--hold-out", "DVD", "--out", str(tmp_path / "loco")])
+    read = lambda name: [json.loads(x) for x in (tmp_path / "loco" / f"{name}.jsonl").read_text().splitlines()]
+    assert {r["category"] for r in read("train")} == {"Books"} and len(read("train")) == 2
+    assert sorted(r["text"] for r in read("test")) == ["DVD 0", "DVD 1", "DVD 3"]  # training and dev reviews of DVD
+    assert "test 3 reviews of DVD" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="categories are Books, DVD"):
+        mod.main(["loco", "--reviews", str(src), "--hold-out", "Toys", "--out", str(tmp_path / "x")])

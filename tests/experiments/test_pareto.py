@@ -294,3 +294,57 @@ def test_a_rerun_on_changed_data_is_refused_and_a_broken_cell_file_named(tmp_pat
     with pytest.raises(ValueError, match=r"holds a grid made with other settings \(data_sha256: '[0-9a-f]{64}' -> "
                                          r"'[0-9a-f]{64}'\); use another --out, the same settings, or --overwrite"):
         run_grid(grid, ["merge"], [2], out, device="cpu", timing_prompts=1, progress=False, log=lambda s: None)
+
+
+def test_a_merge_cell_starts_from_the_saved_model_init_from_names(tmp_path, base_dir):
+    """--init-from K=MODEL: the merge cell at K loads that model (its encoder, not the block mean);
+    the other cells start as the recipe does, and every cell trains at the grid's rate."""
+    import torch
+    from ktm import KTokenMerging
+
+    saved = KTokenMerging.from_base(base_dir, k=2, device="cpu", dtype="float32")
+    with torch.no_grad():
+        for p in saved.encoder.parameters():
+            p.add_(0.5)
+    saved.save_pretrained(tmp_path / "start")
+    data, out = _data(tmp_path / "data"), tmp_path / "grid"
+    grid = _grid(data, base_dir, steps=1, lr=1e-12, init_from={"2": str(tmp_path / "start")})
+    rows = run_grid(grid, ["merge", "keep-first"], [2], out, device="cpu", progress=False, log=lambda s: None,
+                    timing_prompts=2)
+    assert [r["init_from"] for r in rows] == [None, str(tmp_path / "start"), None]
+    trained = KTokenMerging.from_pretrained(out / "cells" / "merge-k2" / "run" / "model")
+    for a, b in zip(trained.encoder.state_dict().values(), saved.encoder.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)  # a rate of 1e-12 leaves the start as it was
+    config = json.loads((out / "cells" / "plain" / "run" / "run_config.json").read_text())
+    assert config["train"]["lr"] == config["train"]["encoder_lr"] == 1e-12
+
+
+def test_an_older_grid_without_the_new_settings_is_still_continued(tmp_path, base_dir):
+    data, out = _data(tmp_path / "data"), tmp_path / "grid"
+    out.mkdir()
+    pareto.check_grid(out, _grid(data, base_dir), overwrite=False)
+    record = json.loads((out / "grid.json").read_text())
+    del record["init_from"], record["lr"]  # as written before the grid had them
+    (out / "grid.json").write_text(json.dumps(record))
+    pareto.check_grid(out, _grid(data, base_dir), overwrite=False)  # defaults then: the same grid
+    with pytest.raises(ValueError, match=r"init_from: \{\} -> \{'4': 'zoo:default-k4'\}"):
+        pareto.check_grid(out, _grid(data, base_dir, init_from={"4": "zoo:default-k4"}), overwrite=False)
+
+
+def test_cli_pareto_init_from_takes_k_equals_model(tmp_path, base_dir, capsys):
+    assert main(["pareto", "--task", "jsonl", "--data", "x", "--init-from", "zoo:default-k4", "--out",
+                 str(tmp_path)]) == 2
+    assert "expected K=MODEL with K >= 2" in capsys.readouterr().err
+    from ktm.cli.experiments import k_reference
+
+    assert k_reference("4=zoo:default-k4") == ("4", "zoo:default-k4")
+
+
+def test_the_amazon_demo_starts_its_merged_model_from_the_shipped_merger(monkeypatch, tmp_path):
+    from ktm import checkpoint
+    from ktm.experiments.demo import shipped_start
+
+    assert shipped_start(4) == "zoo:default-k4" and shipped_start(2) == "zoo:default-k2"
+    assert shipped_start(3) is None and shipped_start(4, model="some/other-model") is None
+    monkeypatch.setattr(checkpoint, "MERGERS_DIR", tmp_path)
+    assert shipped_start(4) is None

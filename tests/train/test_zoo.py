@@ -205,7 +205,7 @@ def test_the_amazon_demo_points_to_the_shipped_merger(monkeypatch, tmp_path):
     from ktm.experiments.demo import AMAZON_DEMO, shipped_merger_hint
 
     hint = shipped_merger_hint("../shared/data/amazon", AMAZON_DEMO)
-    assert "--init-from zoo:default-k2 --lr 3e-4" in hint and f"--steps {AMAZON_DEMO['steps']}" in hint
+    assert "--k 2 --init-from zoo:default-k2 --lr 0.0003" in hint and f"--steps {AMAZON_DEMO['steps']}" in hint
     assert shipped_merger_hint("x", AMAZON_DEMO, model="some/other-model") is None
     monkeypatch.setattr(checkpoint, "MERGERS_DIR", tmp_path)
     assert shipped_merger_hint("x", AMAZON_DEMO) is None

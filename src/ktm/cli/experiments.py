@@ -1,10 +1,12 @@
 """``ktm demo`` and ``ktm pareto``: the comparisons ktm runs on itself (``ktm.experiments``)."""
 
+import argparse
 from pathlib import Path
 
 from ..arguments import overrides
 from .config_file import add_config_arg
-from .options import HelpFormatter, TRUST_HELP, add_base_args, add_task_args, nonnegative_int, positive_int
+from .options import (HelpFormatter, TRUST_HELP, add_base_args, add_task_args, nonnegative_int,
+                      positive_float, positive_int)
 
 
 def cmd_demo(args) -> int:
@@ -17,7 +19,7 @@ def cmd_demo(args) -> int:
     else:
         run_amazon_demo(args.reviews, out=args.out or "runs/demo-amazon", k=args.k, steps=args.steps,
                         eval_examples=args.eval_examples, recipe=args.recipe, model=args.model, device=args.device,
-                        trust_remote_code=args.trust_remote_code)
+                        trust_remote_code=args.trust_remote_code, from_zoo=not args.from_block_mean)
     return 0
 
 
@@ -30,7 +32,7 @@ def cmd_pareto(args) -> int:
                       steps=args.steps, batch_size=args.batch_size, eval_every=args.eval_every,
                       eval_examples=args.eval_examples, train_examples=args.train_examples, seed=args.seed,
                       model=args.model, dtype=args.dtype, generate_examples=args.generate_examples,
-                      lingua_model=args.lingua_model)
+                      lingua_model=args.lingua_model, init_from=dict(args.init_from), lr=args.lr)
     rows = run_grid(grid, args.methods, args.k, args.out, device=args.device, overwrite=args.overwrite,
                     timing_prompts=args.timing_prompts, trust_remote_code=args.trust_remote_code)
     from ..experiments.pareto_report import markdown_table, score_rows
@@ -38,6 +40,14 @@ def cmd_pareto(args) -> int:
     print(markdown_table(score_rows(rows)))
     print(f"report: {Path(args.out) / 'pareto.md'} (and pareto.json, pareto.csv, pareto.png)")
     return 0
+
+
+def k_reference(text: str) -> tuple[str, str]:
+    """``K=MODEL`` -> ("K", "MODEL"), for ``--init-from``."""
+    k, sep, ref = text.partition("=")
+    if not sep or not k.isdigit() or int(k) < 2 or not ref:
+        raise argparse.ArgumentTypeError(f"expected K=MODEL with K >= 2 (e.g. 4=zoo:default-k4), got {text!r}")
+    return str(int(k)), ref
 
 
 def add_demo_parser(sub) -> None:
@@ -60,6 +70,9 @@ def add_demo_parser(sub) -> None:
     dm.add_argument("--eval-examples", type=positive_int, default=None,
                     help="held-out examples scored (default: 200)")
     dm.add_argument("--recipe", default=DEFAULT_RECIPE, choices=sorted(RECIPES))
+    dm.add_argument("--from-block-mean", action="store_true",
+                    help="amazon: start the merged model from the block mean, not from the pretrained merger that "
+                         "ships for K (zoo:default-kK, the default on the embedded model)")
     dm.add_argument("--out", default=None, help="run folder (default: runs/demo-amazon or runs/demo)")
     dm.add_argument("--model", default=None, help="base model (default: embedded SmolLM2-135M-Instruct)")
     dm.add_argument("--device", default="auto")
@@ -96,6 +109,11 @@ def add_pareto_parser(sub) -> None:
                     help="llmlingua2: the LLMLingua-2 token classifier (hub id or folder; default: "
                          "microsoft/llmlingua-2-xlm-roberta-large-meetingbank)")
     pa.add_argument("--recipe", default=DEFAULT_RECIPE, choices=sorted(RECIPES), help="training settings of every cell")
+    pa.add_argument("--lr", type=positive_float, default=None,
+                    help="learning rate of every cell, LoRA and encoder (default: the recipe's)")
+    pa.add_argument("--init-from", nargs="+", type=k_reference, default=[], metavar="K=MODEL",
+                    help="the merge cell at K starts from this saved model (a folder, zoo:NAME or hub id), "
+                         "e.g. 4=zoo:default-k4; other cells start as the recipe does")
     pa.add_argument("--seed", type=int, default=0)
     add_config_arg(pa)
     pa.add_argument("--out", required=True, help="grid folder")

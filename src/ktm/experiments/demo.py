@@ -102,8 +102,9 @@ def prefill_comparison(model, prompts: list[str], repeats: int = 5) -> dict:
             "batch": len(prompts)}
 
 
-#: the amazon demo's budget: 60 steps of 8 reviews cut to 200 characters, 200 test reviews
-AMAZON_DEMO = dict(steps=60, batch_size=8, review_chars=200, eval_examples=200)
+#: the amazon demo's budget: 60 steps of 8 reviews cut to 200 characters, 200 test reviews, every
+#: run at the fine-tuning rate measured for a pretrained merger (docs/RECIPES.md), plain included
+AMAZON_DEMO = dict(steps=60, batch_size=8, review_chars=200, eval_examples=200, lr=3e-4)
 #: where the project's offline reviews are looked for (relative to the working directory
 #: and to the repository that holds this package)
 _SHARED_REVIEWS = Path("shared") / "data" / "amazon"
@@ -123,10 +124,12 @@ def default_reviews() -> Path:
 def run_amazon_demo(reviews=None, out: str = "runs/demo-amazon", k: int = 4, steps: int | None = None,
                     eval_examples: int | None = None, recipe: str | None = None, model=None, device="auto",
                     log=print, progress: bool = True, trust_remote_code: bool | None = None,
-                    llamacpp: bool = True) -> dict:
+                    llamacpp: bool = True, from_zoo: bool = True) -> dict:
     """Train and score plain, merge at K and keep-first at K on real reviews; print the
     comparison and a verdict; then (``llamacpp``, with llama-cpp-python installed) answer a few
     reviews with the merged model through llama.cpp. Returns ``{"rows": ..., "verdict": ...}``.
+    The merged model starts from the pretrained merger that ships for K (``zoo:default-kK``) when
+    ``from_zoo``, the base is the embedded model and one ships; else from the block mean.
     A rerun with the same settings reuses the finished runs in ``out`` (a ``ktm pareto`` grid)."""
     from .pareto import GridConfig, run_grid
     from .pareto_report import score_rows
@@ -135,12 +138,15 @@ def run_amazon_demo(reviews=None, out: str = "runs/demo-amazon", k: int = 4, ste
     t0 = time.perf_counter()
     reviews = Path(reviews) if reviews else default_reviews()
     cfg = {**AMAZON_DEMO, **{n: v for n, v in dict(steps=steps, eval_examples=eval_examples).items() if v}}
+    start = shipped_start(k, model) if from_zoo else None
     grid = GridConfig(task="amazon", task_options={"reviews": str(reviews), "review_chars": cfg["review_chars"]},
                       recipe=get_recipe(recipe).name, steps=cfg["steps"], batch_size=cfg["batch_size"],
-                      eval_examples=cfg["eval_examples"], model=model, dtype="float32")
+                      eval_examples=cfg["eval_examples"], model=model, dtype="float32", lr=cfg["lr"],
+                      init_from={str(k): start} if start else {})
     log(f"ktm demo: real Amazon reviews from {reviews} (each cut to {cfg['review_chars']} characters); "
-        f"plain K = 1, K-Token Merging K = {k} and keep-first K = {k}, {cfg['steps']} steps of "
-        f"{cfg['batch_size']} each, scored on {cfg['eval_examples']} held-out reviews")
+        f"plain K = 1, K-Token Merging K = {k} (from {start or 'the block mean'}) and keep-first K = {k}, "
+        f"{cfg['steps']} steps of {cfg['batch_size']} each at lr {cfg['lr']:g}, scored on {cfg['eval_examples']} "
+        f"held-out reviews")
     rows = score_rows(run_grid(grid, ["merge", "keep-first"], [k], out, device=device, progress=progress, log=log,
                                trust_remote_code=trust_remote_code))
     verdict = amazon_verdict(rows)
@@ -150,10 +156,11 @@ def run_amazon_demo(reviews=None, out: str = "runs/demo-amazon", k: int = 4, ste
     log(f"majority class (always {rows[0]['majority_label']!r}): {rows[0]['majority_rate']:.1%} of the "
         f"{rows[0]['n']} test reviews")
     log("verdict: " + verdict)
-    hint = shipped_merger_hint(reviews, cfg, model)
-    if hint:
+    if model is None:
         for line in shipped_fidelity_lines():
             log(line)
+    hint = shipped_merger_hint(reviews, cfg, model, k)
+    if hint:
         log(hint)
     on_llamacpp = llamacpp_step(rows, grid, out, log) if llamacpp else None
     log(f"total {(time.perf_counter() - t0) / 60:.1f} min; the runs, pareto.md and pareto.png are in {out}")
@@ -177,6 +184,15 @@ def llamacpp_step(rows: list[dict], grid, out, log, n: int = 4) -> dict | None:
     return llamacpp_showcase(model_dir, examples, Path(out) / "llamacpp", threads=torch.get_num_threads(), log=log)
 
 
+def shipped_start(k: int, model=None) -> str | None:
+    """``zoo:default-kK`` where that merger ships and the base is the embedded model (``model``
+    None), else None."""
+    from ..checkpoint import shipped_mergers
+
+    name = f"default-k{k}"
+    return f"zoo:{name}" if model is None and name in shipped_mergers() else None
+
+
 def shipped_fidelity_lines() -> list[str]:
     """One line per shipped merger with the fidelity its card records (held-out prose, no task
     training), to read beside the task numbers."""
@@ -187,18 +203,18 @@ def shipped_fidelity_lines() -> list[str]:
             for r in describe_shipped() if r.get("fidelity")]
 
 
-def shipped_merger_hint(reviews, cfg: dict, model=None) -> str | None:
-    """The next command to try on the embedded model (``model`` None): K = 2 started from the
-    pretrained merger that ships with ktm (``zoo:default-k2``), at the fine-tuning rate
-    measured in docs/RECIPES.md; None when it does not ship or another base model is used."""
-    from ..checkpoint import shipped_mergers
-
-    if model is not None or "default-k2" not in shipped_mergers():
+def shipped_merger_hint(reviews, cfg: dict, model=None, k: int = 4) -> str | None:
+    """The next command to try on the embedded model (``model`` None): the other shipped K (2
+    after a demo at K != 2, else 4) started from its pretrained merger (``zoo:default-kK``), at
+    the demo's fine-tuning rate; None when it does not ship or another base model is used."""
+    other = 2 if k != 2 else 4
+    start = shipped_start(other, model)
+    if start is None:
         return None
-    return (f"next: K = 2 started from the pretrained merger that ships with ktm (zoo:default-k2; measured in "
+    return (f"next: K = {other} started from the pretrained merger that ships with ktm ({start}; measured in "
             f"docs/RECIPES.md): ktm train --task amazon --reviews {reviews} --review-chars {cfg['review_chars']} "
-            f"--k 2 --init-from zoo:default-k2 --lr 3e-4 --encoder-lr 3e-4 --steps {cfg['steps']} "
-            f"--batch-size {cfg['batch_size']} --eval-examples {cfg['eval_examples']} --out runs/demo-k2-zoo")
+            f"--k {other} --init-from {start} --lr {cfg['lr']:g} --encoder-lr {cfg['lr']:g} --steps {cfg['steps']} "
+            f"--batch-size {cfg['batch_size']} --eval-examples {cfg['eval_examples']} --out runs/demo-k{other}-zoo")
 
 
 def comparison_table(rows: list[dict]) -> str:

@@ -107,9 +107,17 @@ class GridConfig:
     dtype: str = "auto"
     generate_examples: int = 0
     lingua_model: str | None = None
+    #: {"K": saved model} the merge cell at K starts from (a folder, ``zoo:NAME`` or hub id)
+    init_from: dict = field(default_factory=dict)
+    #: learning rate of every cell (LoRA and encoder); None: the recipe's
+    lr: float | None = None
 
     def key(self) -> dict:
         return dataclasses.asdict(self)
+
+    def start_of(self, cell: "Cell") -> str | None:
+        """The saved model ``cell`` starts from: ``init_from`` at its K, for merge cells only."""
+        return self.init_from.get(str(cell.k)) if cell.method == "merge" else None
 
 
 def build_task(grid: GridConfig) -> Task:
@@ -143,8 +151,10 @@ def check_grid(out: Path, grid: GridConfig, overwrite: bool) -> None:
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"{path} is unreadable ({e}); pass --overwrite to start the grid over") from None
         new = json.loads(json.dumps(grid_record(grid)))
-        # a grid recorded before data hashes were has no DATA_KEY: its data cannot be compared
-        changed = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v and (k != DATA_KEY or k in old)}
+        # a setting a grid was recorded without had its default then; a grid recorded before data
+        # hashes were has no DATA_KEY: its data cannot be compared
+        then = {**json.loads(json.dumps(GridConfig().key())), **old}
+        changed = {k: (then.get(k), v) for k, v in new.items() if then.get(k) != v and (k != DATA_KEY or k in old)}
         if changed:
             diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))
             raise ValueError(f"{out} holds a grid made with other settings ({diff}); use another --out, the same "
@@ -230,15 +240,17 @@ def run_cell(cell: Cell, grid: GridConfig, task: Task, folder: Path, *, device="
     from ..train.recipes import get_recipe
 
     rec = get_recipe(grid.recipe)
+    rate = {} if grid.lr is None else {"lr": grid.lr, "encoder_lr": grid.lr}
     tcfg = rec.train_config(steps=grid.steps, batch_size=grid.batch_size, eval_every=grid.eval_every,
-                            eval_examples=grid.eval_examples, seed=grid.seed)
+                            eval_examples=grid.eval_examples, seed=grid.seed, **rate)
     data = cell_task(cell, task, grid, folder, log, trust_remote_code)
     t0 = time.perf_counter()
     run = train_run(cell_model_config(cell, rec.model), tcfg, data, folder / "run", base=grid.model, device=device,
                     dtype=grid.dtype, resume=True, record={"recipe": rec.name, "pareto_cell": cell.name}, log=log,
-                    trust_remote_code=trust_remote_code)
+                    trust_remote_code=trust_remote_code, init_from=grid.start_of(cell))
     last = {k: v for k, v in run.trainer.history[-1].items() if not isinstance(v, (list, dict))}
     row = {"cell": cell.name, "method": cell.method, "k": cell.k, "kept_fraction": 1 / cell.k,
+           "init_from": grid.start_of(cell),
            "steps": run.trainer.step, "train_seconds": last.get("elapsed_s"),
            "session_seconds": round(time.perf_counter() - t0, 1), **_scores(last)}
     originals = subsample(task.examples("test"), grid.eval_examples, grid.seed)

@@ -224,9 +224,10 @@ class Trainer:
     def _evaluate(self, task: Task, losses: dict | None = None) -> dict:
         from accelerate.utils import gather_object
 
-        acc = self.accelerator  # each process scores its share of the examples
-        res = evaluate(self.model, task, max_examples=self.cfg.eval_examples, seed=self.cfg.seed, progress=False,
-                       shard=(acc.process_index, acc.num_processes), gather=gather_object)
+        acc = self.accelerator  # each process scores its share of the examples, in the run's precision
+        with acc.autocast():  # as training's forward passes, and as transformers' Trainer evaluates
+            res = evaluate(self.model, task, max_examples=self.cfg.eval_examples, seed=self.cfg.seed,
+                           progress=False, shard=(acc.process_index, acc.num_processes), gather=gather_object)
         res.pop("predictions", None)
         losses = losses or {}
         train_loss = losses.get("task")
