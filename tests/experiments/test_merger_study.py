@@ -151,3 +151,21 @@ def test_loco_holds_out_every_review_of_one_category(tmp_path, capsys):
     assert "test 3 reviews of DVD" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="categories are Books, DVD"):
         mod.main(["loco", "--reviews", str(src), "--hold-out", "Toys", "--out", str(tmp_path / "x")])
+
+
+def test_eval_precision_benchmark_compares_the_two_precisions(base_dir, tmp_path):
+    from conftest import load_benchmark
+    from ktm import KTokenMerging
+
+    KTokenMerging.from_base(base_dir, k=2, device="cpu", dtype="float32").save_pretrained(tmp_path / "m")
+    reviews = tmp_path / "reviews"
+    reviews.mkdir()
+    for split in ("train", "test"):
+        (reviews / f"{split}.jsonl").write_text("".join(
+            json.dumps({"rating": 5.0 if i % 2 else 1.0, "text": f"item {i} " * 3}) + "\n" for i in range(6)))
+    out = tmp_path / "eval.json"
+    summary = load_benchmark("eval_precision").main(["--model", str(tmp_path / "m"), "--reviews", str(reviews),
+                                                     "--examples", "4", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(summary))
+    assert summary["examples"] == 4 and 0 <= summary["answers_differ"] <= 4
+    assert summary["float32"]["seconds"] > 0 and 0.0 <= summary["bf16"]["accuracy"] <= 1.0
