@@ -28,11 +28,12 @@ def add_parser(sub) -> None:
     ex, gen, sv = (sub.choices[name] for name in ("export", "generate", "serve"))
     ex.add_argument("--format", choices=["hf", "gguf"], default="hf",
                     help="hf: a Hugging Face folder for vLLM (default); gguf: a folder llama.cpp runs "
-                         "(model.gguf with the LoRA merged; llama bases that come as GGUF, e.g. the default)")
+                         "(model.gguf with the LoRA merged; llama bases: a GGUF file, e.g. the default, or a "
+                         "Hugging Face folder or hub id, converted)")
     ex.add_argument("--gguf-type", choices=["f32", "f16", "q8_0", "source"], default="f32",
-                    help="--format gguf: the weights' type; f32 reproduces ktm's float32 model; source: each "
-                         "tensor re-quantised to its type in the base's GGUF (the default model: Q4_1, as "
-                         "small as the original, but most answers then differ from ktm's); default: f32")
+                    help="--format gguf: the weights' type; f32 reproduces ktm's float32 model; source (a GGUF "
+                         "base only): each tensor re-quantised to its type in the base's GGUF (the default model: "
+                         "Q4_1, as small as the original, but most answers then differ from ktm's); default: f32")
     _route(ex, lambda a: a.format == "gguf", cmd_export_gguf)
     gen.add_argument("--export", default=None,
                      help="answer through llama.cpp from a folder written by ktm export --format gguf "
