@@ -260,12 +260,16 @@ def export_gguf(checkpoint: str | os.PathLike, out: str | os.PathLike, *, gguf_t
         write_converted(path, lm.config, model.tokenizer, tensors, gguf_type, name=f"ktm K={model.k}")
         return {"source": f"converted from the Hugging Face model {reference}", "copied_tensors": []}
 
-    return write_dir(out, lambda tmp: _write_folder(tmp, model, lm, checkpoint, gguf_type, write_model))
+    card = read_config(checkpoint)
+    if base is not None:  # the card names the base the weights come from
+        card["base"] = {**card.get("base", {}), "reference": str(base)}
+    return write_dir(out, lambda tmp: _write_folder(tmp, model, lm, card, gguf_type, write_model))
 
 
-def _write_folder(tmp: Path, model, lm, checkpoint: Path, gguf_type: str, write_model) -> None:
+def _write_folder(tmp: Path, model, lm, card: dict, gguf_type: str, write_model) -> None:
     """Fill the export folder ``tmp``: ``model.gguf`` (``write_model(path)`` -> what it came
-    from), the tokenizer, the encoder, ``ktm_serving.json`` and the model card."""
+    from), the tokenizer, the encoder, ``ktm_serving.json`` and the model card (of the
+    checkpoint's ``ktm_config.json``, ``card``)."""
     from safetensors.torch import save_file
 
     from ..loading import table_fingerprint
@@ -283,4 +287,4 @@ def _write_folder(tmp: Path, model, lm, checkpoint: Path, gguf_type: str, write_
                  "ktm_version": __version__},
         "files": {ENCODER_FILE: file_sha256(tmp / ENCODER_FILE), MODEL_FILE: file_sha256(tmp / MODEL_FILE)},
     })
-    (tmp / CARD_NAME).write_text(model_card(read_config(checkpoint), export=True, gguf_type=gguf_type))
+    (tmp / CARD_NAME).write_text(model_card(card, export=True, gguf_type=gguf_type))
