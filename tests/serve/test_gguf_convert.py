@@ -156,6 +156,7 @@ def test_llama_cpp_tokenizes_as_the_hugging_face_tokenizer(tmp_path, pre):
     fields = gguf.GGUFReader(str(path)).fields
     assert fields["tokenizer.ggml.model"].contents() == ("llama" if spm else "gpt2")
     assert fields["tokenizer.ggml.pre"].contents() == ("default" if spm else pre)
+    assert fields["general.quantization_version"].contents() == gguf.GGML_QUANT_VERSION
     llm = llama(path)
     # a Metaspace pre-tokenizer puts no second "▁" before a text that starts with a space, where
     # SentencePiece (and llama.cpp) do: such texts differ by that one token

@@ -212,6 +212,7 @@ def write_converted(path: Path, config, tokenizer, tensors: dict[str, np.ndarray
     add_llama_hparams(writer, config)
     add_vocabulary(writer, vocab)
     writer.add_file_type(GGUF_TYPES[gguf_type][1])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for key, array in tensors.items():
         data, raw = encode_tensor(array, gguf_type)
         writer.add_tensor(key, data, raw_dtype=raw)
