@@ -87,7 +87,8 @@ def hf_base(folder, tok, extra_rows=0):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """A K = 3 checkpoint with a random LoRA on a gpt-2-BPE tiny llama folder; (folder, model)."""
+    """A K = 3 checkpoint with a random LoRA (lm_head too) on a tiny llama folder (untied head, 5 padding
+    rows, a byte-level BPE tokenizer with the smollm pre-tokenizer); (folder, model)."""
     root = tmp_path_factory.mktemp("convert")
     base = hf_base(root / "base", bpe_tokenizer("smollm"), extra_rows=5)
     return root / "ckpt", trained_checkpoint(root / "ckpt", base, k=3, lora_lm_head=True)
