@@ -9,6 +9,10 @@ difference a rounding matter rather than a wrong model.
 
     python benchmarks/llamacpp_agreement.py --checkpoint zoo:default-k2 \\
         --exports exports/k2-f32 exports/k2-q8_0 --prompts 100 --max-new-tokens 16 --out agreement.json
+
+``--model`` loads the checkpoint on another base (e.g. a Hugging Face folder of the same weights,
+whose export was converted). Each export's result also counts the prompts that llama.cpp's own
+tokenizer (the GGUF's vocabulary) splits into ktm's tokens (``tokenize_same``).
 """
 
 import argparse
@@ -67,7 +71,9 @@ def compare(model, engine, prompts, reference, max_new_tokens: int) -> dict:
         rows.append({"prompt": p[:80], "step": j, "ktm": want[j:j + 3], "llama.cpp": got[j:j + 3],
                      "ktm_top2_gap": top2_gap(ours), "llama_top2_gap": top2_gap(theirs),
                      "max_logit_diff": float(np.abs(ours - theirs).max())})
-    return {"same": same, "total": len(prompts), "differences": rows}
+    tokenized = sum(engine.llm.tokenize(p.encode(), add_bos=False, special=False) == engine.prompts.merger.tokenize([p])[0]
+                    for p in prompts)
+    return {"same": same, "total": len(prompts), "tokenize_same": tokenized, "differences": rows}
 
 
 def main() -> None:
@@ -76,6 +82,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", default="zoo:default-k2")
+    ap.add_argument("--model", default=None, help="the base to load the checkpoint on (default: its own)")
     ap.add_argument("--exports", nargs="+", required=True)
     ap.add_argument("--data", default="../shared/data/amazon/dev.jsonl")
     ap.add_argument("--prompts", type=int, default=100)
@@ -86,7 +93,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     prompts = reviews(args.data, args.prompts)
-    model = KTokenMerging.from_pretrained(args.checkpoint, device="cpu", dtype="float32").eval()
+    model = KTokenMerging.from_pretrained(args.checkpoint, base=args.model, device="cpu", dtype="float32").eval()
     cache = Path(args.reference) if args.reference else None
     if cache and cache.is_file():
         reference = json.loads(cache.read_text())
@@ -101,7 +108,8 @@ def main() -> None:
                           **compare(model, engine, prompts[args.skip:], reference[args.skip:], args.max_new_tokens)}
         engine.close()
         r = result[Path(folder).name]
-        print(f"{folder} ({r['type']}): {r['same']}/{r['total']} prompts with the same greedy tokens", flush=True)
+        print(f"{folder} ({r['type']}): {r['same']}/{r['total']} prompts with the same greedy tokens; llama.cpp "
+              f"tokenizes {r['tokenize_same']}/{r['total']} as ktm", flush=True)
         for d in r["differences"]:
             print(f"  step {d['step']}: ktm {d['ktm']} llama.cpp {d['llama.cpp']}; top-2 gap ktm "
                   f"{d['ktm_top2_gap']:.4f}, llama.cpp {d['llama_top2_gap']:.4f}; max |logit diff| "

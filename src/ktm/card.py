@@ -57,18 +57,18 @@ def _rows(values: dict, prefix: str = "") -> list[tuple[str, str]]:
     return rows
 
 
-def _metadata(meta: dict, base: str | None, model: dict) -> str:
+def _metadata(meta: dict, base: str | None, model: dict, tags: tuple = TAGS) -> str:
     lines = ["---", "library_name: ktm"]  # no license: the weights follow the base model's
     if base:
         lines.append(f"base_model: {_yaml_scalar(base)}")
-    lines += ["pipeline_tag: text-generation", "tags:", *[f"- {t}" for t in TAGS],
+    lines += ["pipeline_tag: text-generation", "tags:", *[f"- {t}" for t in tags],
               "ktm:", f"  k: {int(model.get('k', 1))}", f"  method: {_yaml_scalar(model.get('method', 'merge'))}",
               f"  ktm_version: {_yaml_scalar(meta.get('ktm_version', __version__))}", "---", ""]
     return "\n".join(lines)
 
 
 def model_card(meta: dict, extra: dict | None = None, *, repo_id: str | None = None,
-               export: bool = False) -> str:
+               export: bool = False, gguf_type: str | None = None) -> str:
     """The card of a folder whose ``ktm_config.json`` holds ``meta``.
 
     Args:
@@ -78,6 +78,8 @@ def model_card(meta: dict, extra: dict | None = None, *, repo_id: str | None = N
             ``metric``, ``value``, ...), ``"held_out"``; other keys are ignored.
         repo_id: the hub id the usage lines load (default: a placeholder ``ORG/NAME``).
         export: the card of a ``ktm export`` folder (LoRA merged, for ``ktm serve``).
+        gguf_type: with ``export``, the card of a ``ktm export --format gguf`` folder (llama.cpp)
+            whose weights are of this type (tagged ``gguf``, ``llama.cpp``).
     Returns: the text of ``README.md``: YAML metadata (``library_name``, ``base_model``,
     ``tags``, ``ktm: {k, method}``), then a short description, the numbers and usage.
     """
@@ -88,7 +90,8 @@ def model_card(meta: dict, extra: dict | None = None, *, repo_id: str | None = N
     shown_base = "the embedded SmolLM2-135M-Instruct (4-bit Q4_1 GGUF, dequantised on load)" \
         if reference == "default" else (f"`{base}`" if base else "a local model (not on the hub)")
     repo = repo_id or "ORG/NAME"
-    text = [_metadata(meta, base, model),
+    tags = TAGS + (("gguf", "llama.cpp") if export and gguf_type else ())
+    text = [_metadata(meta, base, model, tags),
             f"# K-Token Merging, K = {k} ({method})", "",
             f"A [ktm](https://pypi.org/project/k-token-merging/) model: a merge encoder reads each block "
             f"of {k} prompt-token embeddings as one, and a LoRA-adapted base model reads that {k}x "
@@ -101,7 +104,8 @@ def model_card(meta: dict, extra: dict | None = None, *, repo_id: str | None = N
         rows = _rows((extra or {}).get(key) or {})
         if rows:
             text += [f"## {heading}", "", "| | |", "|---|---|", *[f"| {n} | {v} |" for n, v in rows], ""]
-    return "\n".join(text + (_export_usage(repo) if export else _usage(repo)))
+    usage = (_gguf_usage(repo, gguf_type) if gguf_type else _export_usage(repo)) if export else _usage(repo)
+    return "\n".join(text + usage)
 
 
 def _usage(repo: str) -> list[str]:
@@ -109,6 +113,16 @@ def _usage(repo: str) -> list[str]:
             "```", "", "```python", "from ktm import KTokenMerging", "",
             f"model = KTokenMerging.from_pretrained(\"{repo}\")  # checks every weight file's SHA-256",
             "print(model.generate([\"a prompt\"], max_new_tokens=32))", "```", ""]
+
+
+def _gguf_usage(repo: str, gguf_type: str) -> list[str]:
+    return ["## Use", "", f"An export for llama.cpp: `model.gguf` is the base model with the LoRA merged into its "
+            f"weights ({gguf_type}, llama.cpp's layout), with the merge encoder beside it (`ktm_serving.json`, "
+            f"`ktm_encoder.safetensors`) and the tokenizer; ktm merges each prompt on the host and llama.cpp "
+            f"reads the merged embeddings, then decodes.", "",
+            "```sh", "pip install 'k-token-merging[llamacpp]'",
+            f"huggingface-cli download {repo} --local-dir ktm-gguf",
+            "ktm generate --export ktm-gguf \"a prompt\"      # or: ktm serve --export ktm-gguf", "```", ""]
 
 
 def _export_usage(repo: str) -> list[str]:

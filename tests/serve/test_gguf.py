@@ -120,9 +120,8 @@ def test_writer_refuses_tensors_the_base_lacks_and_other_architectures(tmp_path,
         write_gguf(tmp_path / "b.gguf", tmp_path / "gpt2.gguf", tensors, "f32")
 
 
-def test_a_base_that_is_not_a_gguf_file_is_refused_with_the_way_out(base_dir):
-    with pytest.raises(ExportError, match="convert_hf_to_gguf"):
-        source_gguf(base_dir)
+def test_a_hugging_face_base_has_no_source_gguf_and_is_converted(base_dir):
+    assert source_gguf(base_dir) is None  # export_gguf converts it (tests/serve/test_gguf_convert.py)
 
 
 def test_export_refuses_an_unknown_type_and_an_existing_folder(tmp_path):

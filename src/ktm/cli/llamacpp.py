@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from .generate import escape_line, prompt_inputs
+from .generate import batches, escape_line, prompt_inputs
 from .options import positive_int
 
 
@@ -28,11 +28,12 @@ def add_parser(sub) -> None:
     ex, gen, sv = (sub.choices[name] for name in ("export", "generate", "serve"))
     ex.add_argument("--format", choices=["hf", "gguf"], default="hf",
                     help="hf: a Hugging Face folder for vLLM (default); gguf: a folder llama.cpp runs "
-                         "(model.gguf with the LoRA merged; llama bases that come as GGUF, e.g. the default)")
+                         "(model.gguf with the LoRA merged; llama bases: a GGUF file, e.g. the default, or a "
+                         "Hugging Face folder or hub id, converted)")
     ex.add_argument("--gguf-type", choices=["f32", "f16", "q8_0", "source"], default="f32",
-                    help="--format gguf: the weights' type; f32 reproduces ktm's float32 model; source: each "
-                         "tensor re-quantised to its type in the base's GGUF (the default model: Q4_1, as "
-                         "small as the original, but most answers then differ from ktm's); default: f32")
+                    help="--format gguf: the weights' type; f32 reproduces ktm's float32 model; source (a GGUF "
+                         "base only): each tensor re-quantised to its type in the base's GGUF (the default model: "
+                         "Q4_1, as small as the original, but most answers then differ from ktm's); default: f32")
     _route(ex, lambda a: a.format == "gguf", cmd_export_gguf)
     gen.add_argument("--export", default=None,
                      help="answer through llama.cpp from a folder written by ktm export --format gguf "
@@ -82,23 +83,31 @@ def cmd_generate_llamacpp(args) -> int:
         raise ValueError(f"--export runs an exported model: leave out {', '.join(given)}")
     sampling = Sampling(args.sample, args.temperature, args.top_k, args.top_p, args.seed)
     engine = LlamaCppEngine(args.export, threads=args.threads, n_ctx=args.n_ctx)
-    for i, (where, prompt) in enumerate(prompt_inputs(args)):
-        if not prompt.strip():
-            done = None
-        else:
-            try:
-                done = engine.complete(prompt, args.max_new_tokens, Sampling(**{**vars(sampling), "seed": args.seed + i}))
-            except PromptError as e:
-                raise ValueError(f"{where}: the prompt {e.detail} (the answers before it were written)") from e
-        text = done.text if done else ""
-        if args.json:
-            print(json.dumps({"prompt": prompt, "output": text, "merged_length": done.merged_length if done else 0,
-                              "finish_reason": done.finish_reason if done else None,
-                              "seconds": done.timings if done else None}))
-        else:
-            print(escape_line(text))
+    seen = 0
+    for batch in batches(prompt_inputs(args), args.batch_size):  # decoded together in llama.cpp
+        todo = [(i, item) for i, item in enumerate(batch) if item[1].strip()]  # a blank prompt gets an empty answer
+        seeds = [Sampling(**{**vars(sampling), "seed": args.seed + seen + i}) for i, _ in todo]
+        try:
+            done = engine.generate([p for _, (_, p) in todo], args.max_new_tokens, seeds, batch_size=args.batch_size)
+        except PromptError as e:
+            raise ValueError(f"{todo[e.index][1][0]}: the prompt {e.detail} (the answers of the batches before "
+                             f"it were written)") from e
+        answers = dict(zip([i for i, _ in todo], done))
+        for i, (_, prompt) in enumerate(batch):
+            _print_answer(args, prompt, answers.get(i))
+        seen += len(batch)
         sys.stdout.flush()
     return 0
+
+
+def _print_answer(args, prompt: str, done) -> None:
+    text = done.text if done else ""
+    if args.json:
+        print(json.dumps({"prompt": prompt, "output": text, "merged_length": done.merged_length if done else 0,
+                          "finish_reason": done.finish_reason if done else None,
+                          "seconds": done.timings if done else None}))
+    else:
+        print(escape_line(text))
 
 
 def cmd_serve_llamacpp(args) -> int:

@@ -5,12 +5,15 @@ The folder holds::
     model.gguf               the base LLM with the LoRA merged into its weights, in llama.cpp's
                              layout (q/k rows permuted, see :func:`permute_rows`), as f32, f16,
                              q8_0 or the base file's own types (norms stay f32); metadata and
-                             vocabulary copied from the base's own GGUF file
+                             vocabulary copied from the base's own GGUF file, or, for a Hugging
+                             Face base, written from its config and tokenizer
+                             (:mod:`ktm.serve.gguf_meta`)
     tokenizer files          the checkpoint's tokenizer (prompts are tokenised by ktm, not llama.cpp)
     ktm_encoder.safetensors  the merge encoder
     ktm_serving.json         as for ``ktm export`` (K, method, encoder, hashes), plus
                              ``"engine": "llama.cpp"``, the GGUF file's type and SHA-256, and the
                              end-of-sequence ids; ``embedding.key`` is ``token_embd.weight``
+    README.md                the model card (:func:`ktm.card.model_card`)
 
 The client merges a prompt from the GGUF's own embedding table (:func:`gguf_table`), so the
 merged embeddings and the token embeddings llama.cpp reads while decoding come from one table;
@@ -18,7 +21,10 @@ in f32 that table is exactly the model's.
 
 Supported bases: llama-architecture models that come as a GGUF file (the embedded default
 SmolLM2, or ``--model X.gguf``): their metadata and vocabulary are copied, their weights
-replaced. Other bases are refused with the reason (:class:`~ktm.serve.export.ExportError`).
+replaced; and llama models given as a Hugging Face folder or hub id, converted (f32, f16 or
+q8_0; no rope scaling or biases; a byte-level BPE tokenizer with a pre-tokenizer llama.cpp names,
+or a SentencePiece-style one). Other bases are refused with the reason
+(:class:`~ktm.serve.export.ExportError`).
 
 Example::
 
@@ -34,10 +40,12 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..checkpoint import file_sha256, write_dir
+from ..card import CARD_NAME, model_card
+from ..checkpoint import file_sha256, read_config, write_dir
 from ..hub import resolve
 from ..config import save_json
 from .export import ENCODER_FILE, SERVING_CONFIG, ExportError, check_destination, check_servable, serving_config
+from .gguf_meta import add_llama_hparams, add_vocabulary, check_convertible, vocabulary
 
 MODEL_FILE = "model.gguf"
 ENGINE = "llama.cpp"
@@ -65,20 +73,15 @@ def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def source_gguf(reference) -> Path:
+def source_gguf(reference) -> Path | None:
     """The GGUF file of a base model reference (the embedded default, or a ``.gguf`` path);
-    :class:`ExportError` for a base that comes as a folder or hub id."""
+    None for a base that comes as a Hugging Face folder or hub id (which the export converts)."""
     from ..loading import default_model_path, locate_base
 
     kind, where = locate_base(reference)
     if kind == "default":
         return default_model_path() if where == "embedded" else source_gguf(where)
-    if kind == "gguf":
-        return Path(where)
-    raise ExportError(
-        f"--format gguf copies the base's metadata and vocabulary from its GGUF file, and the base "
-        f"{reference!r} is a {kind} model: convert it with llama.cpp's convert_hf_to_gguf.py, train "
-        f"(or load the checkpoint) with --model that .gguf, or export with --format hf for vLLM")
+    return Path(where) if kind == "gguf" else None
 
 
 def _gguf():
@@ -140,7 +143,7 @@ def gguf_tensors(state: dict[str, torch.Tensor], config, n_layers: int) -> dict[
     return out
 
 
-def _encode_tensor(array: np.ndarray, gguf_type: str, source_kind=None):
+def encode_tensor(array: np.ndarray, gguf_type: str, source_kind=None):
     """(data, raw dtype) for the writer: 1-D tensors (norms) stay float32, rows that do not
     fill whole quantisation blocks float16; ``source_kind``: the tensor's type in the base
     GGUF, used for ``gguf_type="source"``."""
@@ -180,33 +183,62 @@ def write_gguf(path: Path, source: Path, tensors: dict[str, np.ndarray], gguf_ty
     copied = []
     for t in reader.tensors:  # the source's order, then an untied output
         if t.name in tensors:
-            data, raw = _encode_tensor(tensors[t.name], gguf_type, t.tensor_type)
+            data, raw = encode_tensor(tensors[t.name], gguf_type, t.tensor_type)
             writer.add_tensor(t.name, data, raw_dtype=raw)
         else:
             writer.add_tensor(t.name, t.data, raw_shape=list(reversed(t.shape.tolist())), raw_dtype=t.tensor_type)
             copied.append(t.name)
     if "output.weight" in tensors and "output.weight" not in have:
-        data, raw = _encode_tensor(tensors["output.weight"], gguf_type)
+        data, raw = encode_tensor(tensors["output.weight"], gguf_type)
         writer.add_tensor("output.weight", data, raw_dtype=raw)
+    _finish(writer)
+    return copied
+
+
+def write_converted(path: Path, config, tokenizer, tensors: dict[str, np.ndarray], gguf_type: str,
+                    name: str | None = None) -> None:
+    """Write ``path``: a llama GGUF of ``tensors`` (from :func:`gguf_tensors`) with the
+    hyper-parameters of the transformers ``config`` and the vocabulary of ``tokenizer``
+    (:mod:`ktm.serve.gguf_meta`), weights as ``gguf_type`` (f32, f16 or q8_0; norms f32)."""
+    gguf = _gguf()
+    if GGUF_TYPES[gguf_type][0] is None:
+        raise ExportError(f"--gguf-type {gguf_type} keeps the types of the base's GGUF file, and a Hugging Face "
+                          f"base has none: choose f32, f16 or q8_0")
+    vocab = vocabulary(tokenizer, config.vocab_size)  # refusals before anything is written
+    check_convertible(config)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    if name:
+        writer.add_name(name)
+    add_llama_hparams(writer, config)
+    add_vocabulary(writer, vocab)
+    writer.add_file_type(GGUF_TYPES[gguf_type][1])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for key, array in tensors.items():
+        data, raw = encode_tensor(array, gguf_type)
+        writer.add_tensor(key, data, raw_dtype=raw)
+    _finish(writer)
+
+
+def _finish(writer) -> None:
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return copied
 
 
 def export_gguf(checkpoint: str | os.PathLike, out: str | os.PathLike, *, gguf_type: str = "f32",
                 overwrite: bool = False, base=None, trust_remote_code: bool | None = None) -> Path:
     """Write ``out`` (see the module docstring) from a ktm checkpoint (a folder or ``zoo:NAME``).
 
-    The LoRA is merged in float32, then the weights are written as ``gguf_type``
-    (``"f32"``, ``"f16"``, ``"q8_0"``, or ``"source"``: the base GGUF's own type per tensor). Atomic: the folder is written beside ``out`` and renamed
-    into place; an existing ``out`` is replaced only with ``overwrite``. Raises
-    :class:`ExportError` for a model llama.cpp cannot reproduce (a setting the client-side
-    merger lacks, a base that is not a llama GGUF).
+    The LoRA is merged in float32, then the weights are written as ``gguf_type`` (``"f32"``,
+    ``"f16"``, ``"q8_0"``, or ``"source"``: the base GGUF's own type per tensor). A base that is
+    a GGUF file lends the export its metadata and vocabulary; a Hugging Face base is converted
+    (:func:`write_converted`). Atomic: the folder is written beside ``out`` and renamed into
+    place; an existing ``out`` is replaced only with ``overwrite``. Raises :class:`ExportError`
+    for a model llama.cpp cannot reproduce (a setting the client-side merger lacks, a base that
+    is not a llama model, a tokenizer llama.cpp's would not reproduce).
     """
     from ..model import KTokenMerging
-    from ..loading import table_fingerprint
 
     if gguf_type not in GGUF_TYPES:
         raise ExportError(f"--gguf-type must be one of {', '.join(GGUF_TYPES)}, got {gguf_type!r}")
@@ -215,28 +247,45 @@ def export_gguf(checkpoint: str | os.PathLike, out: str | os.PathLike, *, gguf_t
     model = KTokenMerging.from_pretrained(checkpoint, base=base, device="cpu", dtype="float32",
                                           trust_remote_code=trust_remote_code).eval()
     check_servable(model.config)
-    source = source_gguf(base if base is not None else model.base_reference)
+    reference = base if base is not None else model.base_reference
+    source = source_gguf(reference)
     lm = model.lm.merge_and_unload()  # W <- W + scale * B @ A, in float32
     if getattr(lm.config, "model_type", None) not in ARCHITECTURES:
         raise ExportError(f"the base is a {lm.config.model_type!r} model; --format gguf supports "
                           f"{', '.join(ARCHITECTURES)}")
     tensors = gguf_tensors(lm.state_dict(), lm.config, lm.config.num_hidden_layers)
-    meta = serving_config(model, lm, "model.embed_tokens.weight", torch.float32)
+
+    def write_model(path: Path) -> dict:
+        if source is not None:
+            return {"source": str(source), "copied_tensors": write_gguf(path, source, tensors, gguf_type)}
+        write_converted(path, lm.config, model.tokenizer, tensors, gguf_type, name=f"ktm K={model.k}")
+        return {"source": f"converted from the Hugging Face model {reference}", "copied_tensors": []}
+
+    card = read_config(checkpoint)
+    if base is not None:  # the card names the base the weights come from
+        card["base"] = {**card.get("base", {}), "reference": str(base)}
+    return write_dir(out, lambda tmp: _write_folder(tmp, model, lm, card, gguf_type, write_model))
+
+
+def _write_folder(tmp: Path, model, lm, card: dict, gguf_type: str, write_model) -> None:
+    """Fill the export folder ``tmp``: ``model.gguf`` (``write_model(path)`` -> what it came
+    from), the tokenizer, the encoder, ``ktm_serving.json`` and the model card (of the
+    checkpoint's ``ktm_config.json``, ``card``)."""
+    from safetensors.torch import save_file
+
+    from ..loading import table_fingerprint
+
+    made = write_model(tmp / MODEL_FILE)
+    model.tokenizer.save_pretrained(str(tmp))
     encoder_state = {k: v.detach().cpu().contiguous() for k, v in model.encoder.state_dict().items()}
-
-    def write(tmp: Path) -> None:
-        from safetensors.torch import save_file
-
-        copied = write_gguf(tmp / MODEL_FILE, source, tensors, gguf_type)
-        model.tokenizer.save_pretrained(str(tmp))
-        save_file(encoder_state, str(tmp / ENCODER_FILE), metadata={"format": "pt"})
-        table = gguf_table(tmp / MODEL_FILE)  # what the client will merge from, read back
-        save_json(tmp / SERVING_CONFIG, {
-            **meta, "engine": ENGINE, "dtype": gguf_type, "eos_ids": list(model.eos_ids),
-            "embedding": {"key": TABLE_KEY, "fingerprint": table_fingerprint(table)},
-            "gguf": {"file": MODEL_FILE, "type": gguf_type, "source": str(source), "copied_tensors": copied,
-                     "lora": "merged into the weights", "ktm_version": __version__},
-            "files": {ENCODER_FILE: file_sha256(tmp / ENCODER_FILE), MODEL_FILE: file_sha256(tmp / MODEL_FILE)},
-        })
-
-    return write_dir(out, write)
+    save_file(encoder_state, str(tmp / ENCODER_FILE), metadata={"format": "pt"})
+    table = gguf_table(tmp / MODEL_FILE)  # what the client will merge from, read back
+    save_json(tmp / SERVING_CONFIG, {
+        **serving_config(model, lm, "model.embed_tokens.weight", torch.float32),
+        "engine": ENGINE, "dtype": gguf_type, "eos_ids": list(model.eos_ids),
+        "embedding": {"key": TABLE_KEY, "fingerprint": table_fingerprint(table)},
+        "gguf": {"file": MODEL_FILE, "type": gguf_type, **made, "lora": "merged into the weights",
+                 "ktm_version": __version__},
+        "files": {ENCODER_FILE: file_sha256(tmp / ENCODER_FILE), MODEL_FILE: file_sha256(tmp / MODEL_FILE)},
+    })
+    (tmp / CARD_NAME).write_text(model_card(card, export=True, gguf_type=gguf_type))

@@ -12,8 +12,11 @@
    host from the last logits (greedy argmax, or sampling with temperature / top-k / top-p),
    and generation stops at an end token of the model (not included in the answer).
 
-Prompts run one after another in one llama.cpp context (its KV cache is cleared between them);
-a lock makes an engine safe to share between threads (the HTTP server).
+Prompts run one after another in one llama.cpp context (its KV cache is cleared between them),
+or, with ``generate(..., batch_size=B)``, B at a time in a second context with one KV stream per
+sequence: prefilled together, then one ``llama_decode`` per step for all of them
+(:mod:`ktm.serve.llamacpp_batch`); greedy answers are the same either way. A lock makes an
+engine safe to share between threads (the HTTP server).
 
 Needs ``llama-cpp-python`` (``pip install 'k-token-merging[llamacpp]'``); see docs/SERVING.md for
 the build flags that make it fast on a given CPU.
@@ -26,7 +29,6 @@ Example::
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import os
 import threading
@@ -41,6 +43,7 @@ from ..model.generation import check_sampling
 from ..model.prompts import PromptError, PromptTooLong
 from .export import ExportError, read_export
 from .gguf import ENGINE, MODEL_FILE, gguf_table
+from .llamacpp_batch import LlamaBatch, SequenceContext
 
 INSTALL_HINT = "pip install 'k-token-merging[llamacpp]'"
 
@@ -145,8 +148,9 @@ class LlamaCppEngine:
         self._api = llama_cpp
         self._lock = threading.Lock()
         self.n_vocab = self.llm.n_vocab()
-        self._embd_batch = _Batch(llama_cpp, self.n_batch, self.prompts.hidden_size)
-        self._token_batch = _Batch(llama_cpp, self.n_batch, 0)
+        self._embd_batch = LlamaBatch(llama_cpp, self.n_batch, self.prompts.hidden_size)
+        self._token_batch = LlamaBatch(llama_cpp, self.n_batch, 0)
+        self._group: SequenceContext | None = None  # made by the first batched generate
 
     @property
     def name(self) -> str:
@@ -159,13 +163,15 @@ class LlamaCppEngine:
     def close(self) -> None:
         for b in (self._embd_batch, self._token_batch):
             b.free()
+        if self._group is not None:
+            self._group.close()
         self.llm.close()
 
     # ---------------------------------------------------------------- llama.cpp calls
     def _clear(self) -> None:
         self._api.llama_memory_clear(self._api.llama_get_memory(self.llm.ctx), True)
 
-    def _run(self, batch: "_Batch", rows: np.ndarray, start: int) -> np.ndarray:
+    def _run(self, batch: LlamaBatch, rows: np.ndarray, start: int) -> np.ndarray:
         """Feed ``rows`` (token ids (n,) or embeddings (n, d)) at positions ``start ..``, in
         chunks of n_batch; the logits (V,) after the last one."""
         for at in range(0, len(rows), self.n_batch):
@@ -250,42 +256,60 @@ class LlamaCppEngine:
                 return done
         raise AssertionError("stream ended without a completion")
 
-    def generate(self, prompts: list[str], max_new_tokens: int = 32, sampling: Sampling | None = None
-                 ) -> list[Completion]:
-        """Answer each prompt, one after another (each alone: batch mates never matter);
-        ``sampling.seed`` seeds the first prompt, ``seed + i`` the i-th."""
+    def generate(self, prompts: list[str], max_new_tokens: int = 32, sampling: Sampling | list[Sampling] | None = None,
+                 batch_size: int = 1) -> list[Completion]:
+        """Answer each prompt (each as if alone: batch mates never matter); ``sampling.seed``
+        seeds the first prompt, ``seed + i`` the i-th (a list: each prompt's own). ``batch_size``: prompts decoded together
+        (1: one after another); a group's :class:`Completion` timings are the group's (``merge``,
+        ``prefill`` and ``first_token`` of all its prompts at once). Raises
+        :class:`~ktm.model.PromptError` whose ``index`` is the prompt's in ``prompts``."""
         if isinstance(prompts, str):
             raise TypeError("expected a list of prompts, got a single string")
-        sampling = sampling or Sampling()
-        return [self.complete(p, max_new_tokens, dataclasses.replace(sampling, seed=sampling.seed + i))
-                for i, p in enumerate(prompts)]
+        if batch_size < 1 or max_new_tokens < 1:
+            raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size}, {max_new_tokens}")
+        if isinstance(sampling, list):
+            if len(sampling) != len(prompts):
+                raise ValueError(f"{len(sampling)} samplings for {len(prompts)} prompts")
+            seeded = sampling
+        else:
+            sampling = sampling or Sampling()
+            seeded = [dataclasses.replace(sampling, seed=sampling.seed + i) for i in range(len(prompts))]
+        if batch_size == 1:
+            return [self.complete(p, max_new_tokens, s) for p, s in zip(prompts, seeded)]
+        out = []
+        for at in range(0, len(prompts), batch_size):
+            out += self._generate_group(prompts[at:at + batch_size], max_new_tokens, seeded[at:at + batch_size], at)
+        return out
 
+    def _generate_group(self, prompts, max_new_tokens, samplings, first_index) -> list[Completion]:
+        t0 = time.perf_counter()
+        merged = []
+        for i, p in enumerate(prompts):
+            try:
+                merged.append(self.merge(p, max_new_tokens))
+            except PromptError as e:
+                raise PromptError(first_index + i, e.detail) from e
+        t_merged = time.perf_counter()
+        with self._lock:
+            group = self._group_context(len(prompts), max(len(m) for _, m in merged) + max_new_tokens)
+            t1 = time.perf_counter()
+            tokens, reasons, (prefilled, first) = group.decode([m for _, m in merged], max_new_tokens,
+                                                  [s.picker() for s in samplings], self.eos_ids)
+        t2 = time.perf_counter()
+        decode = self.prompts.tokenizer.decode
+        timings = {"merge": t_merged - t0, "prefill": prefilled - t1, "first_token": first - t0, "total": t2 - t0}
+        return [Completion(decode(t, skip_special_tokens=True), t, r, len(ids), len(m), dict(timings))
+                for (ids, m), t, r in zip(merged, tokens, reasons)]
 
-class _Batch:
-    """A ``llama_batch`` of up to ``size`` positions of one sequence (id 0), with numpy views
-    of its arrays; ``dim`` > 0: embeddings of that width, else token ids."""
-
-    def __init__(self, api, size: int, dim: int):
-        self.api, self.size, self.dim = api, size, dim
-        self.batch = api.llama_batch_init(size, dim, 1)
-        b = self.batch
-        self.pos = np.ctypeslib.as_array(b.pos, shape=(size,))
-        self.flags = np.ctypeslib.as_array(ctypes.cast(b.logits, ctypes.POINTER(ctypes.c_int8)), shape=(size,))
-        np.ctypeslib.as_array(b.n_seq_id, shape=(size,))[:] = 1
-        for i in range(size):
-            b.seq_id[i][0] = 0
-        self.data = (np.ctypeslib.as_array(b.embd, shape=(size * dim,)) if dim
-                     else np.ctypeslib.as_array(b.token, shape=(size,)))
-
-    def fill(self, rows: np.ndarray, start: int, last: bool) -> None:
-        n = len(rows)
-        self.batch.n_tokens = n
-        self.data[:rows.size] = rows.reshape(-1)
-        self.pos[:n] = np.arange(start, start + n, dtype=self.pos.dtype)
-        self.flags[:n] = 0
-        self.flags[n - 1] = 1 if last else 0
-
-    def free(self) -> None:
-        if self.batch is not None:
-            self.api.llama_batch_free(self.batch)
-            self.batch = None
+    def _group_context(self, n_seq: int, positions: int) -> SequenceContext:
+        """The batched context, made (again) when it has fewer sequences or positions than needed:
+        positions rounded up to a power of two (at least 256, at most ``n_ctx``)."""
+        g = self._group
+        if g is None or g.n_seq < n_seq or g.n_ctx_seq < positions:
+            if g is not None:
+                g.close()
+                self._group = None
+            size = min(max(256, 1 << (positions - 1).bit_length()), max(self.n_ctx, positions))
+            self._group = SequenceContext(self._api, self.llm, max(n_seq, g.n_seq if g else 1), size,
+                                          self.n_batch, self.prompts.hidden_size)
+        return self._group
