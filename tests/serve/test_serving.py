@@ -329,6 +329,26 @@ def test_ktm_encode_writes_one_tensor_per_prompt_in_order(tmp_path, exported, ca
     assert stat.S_IMODE(os.stat(tmp_path / "a.safetensors").st_mode) & 0o044  # not mkstemp's private mode
 
 
+def test_ktm_encode_records_the_source_by_name_and_hash_never_its_path(tmp_path, exported, monkeypatch):
+    from safetensors import safe_open
+
+    from ktm.checkpoint import file_sha256
+
+    _, out, ck = exported
+    for folder, config in [(out, "ktm_serving.json"), (ck, "ktm_config.json")]:
+        dest = tmp_path / f"{Path(folder).name}.safetensors"
+        assert main(["encode", "--checkpoint", str(Path(folder).resolve()), "--out", str(dest), "x"]) == 0
+        with safe_open(str(dest), framework="pt") as f:
+            meta = f.metadata()
+        assert meta["source"] == Path(folder).name
+        assert meta["source_sha256"] == file_sha256(Path(folder) / config)
+        assert not any(str(Path(folder).resolve().parent) in v or v.startswith("/") for v in meta.values()), meta
+    monkeypatch.chdir(Path(out).parent)  # a relative reference gives the same record
+    assert main(["encode", "--checkpoint", Path(out).name, "--out", str(tmp_path / "r.safetensors"), "x"]) == 0
+    with safe_open(str(tmp_path / "r.safetensors"), framework="pt") as f:
+        assert f.metadata()["source"] == Path(out).name
+
+
 def test_ktm_encode_errors_name_the_prompt(tmp_path, exported, capsys, monkeypatch):
     _, out, _ = exported
     dest = str(tmp_path / "e.safetensors")
