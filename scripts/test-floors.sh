@@ -28,11 +28,12 @@ PY
 if [ "$#" -gt 0 ]; then
   exec python -m pytest -q "$@"
 fi
-# the subset (about 2 min on 2 cores): building, saving and loading models (local folders and the hub
-# cache), generation, training, resuming, reporting and config files, export with the LoRA merged, the
-# CLI's train/eval/generate/resume; no test on the embedded model and not the longest training test
+# the subset (about 2 min on 2 idle cores): building, saving and loading models (local folders and the
+# hub cache), generation, training, resuming, reporting and config files, export with the LoRA merged,
+# the CLI's train/eval/generate/resume. Left out: the embedded model (-m 'not integration'), the
+# longest training test, and the curriculum / phase tests (ktm's own round logic on the same steps).
 exec python -m pytest -q -p no:cacheprovider -m "not slow and not integration" \
-  --deselect tests/train/test_trainer.py::test_training_learns_a_tiny_task \
+  -k "not learns_a_tiny_task and not curriculum_round and not curriculum_repeats and not phase_trains" \
   tests/test_packaging.py tests/test_hub.py tests/test_checkpoint.py tests/model/test_model.py \
   tests/train/test_trainer.py tests/train/test_run_hygiene.py tests/serve/test_export.py \
   tests/cli/test_cli.py::test_train_eval_generate_resume
