@@ -32,10 +32,15 @@ def char_tokenizer():
 
 def load_benchmark(name):
     """Import ``benchmarks/NAME.py`` (a script folder, not a package) as a module."""
+    return load_script(name, "benchmarks")
+
+
+def load_script(name, folder="scripts"):
+    """Import ``FOLDER/NAME.py`` of the repository (a script folder, not a package) as a module."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    path = Path(__file__).resolve().parents[1] / folder / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

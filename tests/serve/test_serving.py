@@ -329,6 +329,26 @@ def test_ktm_encode_writes_one_tensor_per_prompt_in_order(tmp_path, exported, ca
     assert stat.S_IMODE(os.stat(tmp_path / "a.safetensors").st_mode) & 0o044  # not mkstemp's private mode
 
 
+def test_ktm_encode_records_the_source_by_name_and_hash_never_its_path(tmp_path, exported, monkeypatch):
+    from safetensors import safe_open
+
+    from ktm.checkpoint import file_sha256
+
+    _, out, ck = exported
+    for folder, config in [(out, "ktm_serving.json"), (ck, "ktm_config.json")]:
+        dest = tmp_path / f"{Path(folder).name}.safetensors"
+        assert main(["encode", "--checkpoint", str(Path(folder).resolve()), "--out", str(dest), "x"]) == 0
+        with safe_open(str(dest), framework="pt") as f:
+            meta = f.metadata()
+        assert meta["source"] == Path(folder).name
+        assert meta["source_sha256"] == file_sha256(Path(folder) / config)
+        assert not any(str(Path(folder).resolve().parent) in v or v.startswith("/") for v in meta.values()), meta
+    monkeypatch.chdir(Path(out).parent)  # a relative reference gives the same record
+    assert main(["encode", "--checkpoint", Path(out).name, "--out", str(tmp_path / "r.safetensors"), "x"]) == 0
+    with safe_open(str(tmp_path / "r.safetensors"), framework="pt") as f:
+        assert f.metadata()["source"] == Path(out).name
+
+
 def test_ktm_encode_errors_name_the_prompt(tmp_path, exported, capsys, monkeypatch):
     _, out, _ = exported
     dest = str(tmp_path / "e.safetensors")
@@ -455,7 +475,12 @@ def test_ktm_serve_warns_when_it_listens_beyond_this_machine_without_an_api_key(
 def test_the_serving_extra_pins_vllm_past_the_prompt_embeds_advisory():
     text = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
     assert 'serve = ["vllm>=0.11.1"]' in text  # CVE-2025-62164
-    assert '"torch>=2.6"' in text  # CVE-2025-32434
+    import re
+
+    from packaging.version import Version
+
+    torch_floor = re.search(r'"torch>=([\d.]+)"', text).group(1)
+    assert Version(torch_floor) >= Version("2.6")  # CVE-2025-32434: weights_only loading is safe from 2.6
 
 
 def test_the_client_checks_one_answer_per_prompt_refuses_redirects_and_bounds_the_answer(exported, fake_server):

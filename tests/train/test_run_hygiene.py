@@ -137,3 +137,16 @@ def test_evaluation_split_across_processes_equals_one_process(tmp_path, make_mod
                        gather=lambda part: scored.append(len(part)) or part + second)
     assert sharded == pytest.approx(whole) if metric == "perplexity" else sharded == whole
     assert scored == ([6] if metric == "accuracy" else [1])  # its own share: 6 of 11 answers, or one sum
+
+
+def test_the_users_accelerate_mixed_precision_is_respected(monkeypatch, make_model):
+    """``--mixed-precision auto`` takes what ``accelerate launch`` / ``accelerate config`` chose
+    (ACCELERATE_MIXED_PRECISION); an explicit setting wins over it; with neither, a CPU run has no autocast."""
+    from ktm.train.trainer import mixed_precision
+
+    model = make_model(k=2)
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    assert mixed_precision("auto", model) == "no"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert mixed_precision("auto", model) == "bf16"
+    assert mixed_precision("no", model) == "no" and mixed_precision("fp16", model) == "fp16"

@@ -108,6 +108,9 @@ def test_build_pretrains_slims_measures_and_a_task_starts_from_it(base_dir, tmp_
     assert fid["amazon"]["reviews"] == 3 and card["tokens_seen"] == 4 * 4 * (24 + 8)
     assert card["text_sha256"] == {"train.jsonl": file_sha256(text / "train.jsonl")} and card["cpu_hours"] >= 0
     assert json.loads((folder / CARD_NAME).read_text()) == card
+    readme = (folder / "README.md").read_text()  # the hub's model card, with the numbers the build measured
+    assert readme.startswith("---\nlibrary_name: ktm\n") and "\nktm:\n  k: 2\n" in readme
+    assert f"| perplexity_ratio | {fid['perplexity_ratio']:.4g} |" in readme
     assert card["k"] == 2 and card["pretrain_steps"] == 4 and card["weights_dtype"] == "bfloat16"
     held = card["held_out"]
     assert 1 <= held["windows"] <= 4 and held["plain_perplexity"] > 1 and held["no_prompt_perplexity"] > 1

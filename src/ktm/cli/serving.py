@@ -40,11 +40,24 @@ def cmd_encode(args) -> int:
             raise ValueError(f"{where}: {e.detail}") from e
     if not tensors:
         raise ValueError("no prompts to encode: give them as arguments or one per line on stdin")
-    save_embeds(args.out, tensors, {"format": "ktm-prompt-embeds", "k": model.k, "source": folder.resolve()})
+    save_embeds(args.out, tensors, {"format": "ktm-prompt-embeds", "k": model.k, **source_record(args.checkpoint, folder)})
     lengths = [t.shape[0] for t in tensors]
     print(f"wrote {len(tensors)} prompt embeddings to {args.out} (tensors '0' to '{len(tensors) - 1}', "
           f"{min(lengths)}-{max(lengths)} positions x {tensors[0].shape[1]}, float32, K = {model.k})")
     return 0
+
+
+def source_record(reference: str, folder: Path) -> dict:
+    """What ``ktm encode`` records of the folder it encoded with, portable across machines:
+    ``source``, ``zoo:NAME`` or the folder's own name (never its absolute path), and
+    ``source_sha256``, the SHA-256 of its ``ktm_serving.json`` or ``ktm_config.json``, which
+    in turn records the SHA-256 of the encoder (and LoRA) weights."""
+    from ..checkpoint import CONFIG_NAME, ZOO_PREFIX, file_sha256
+    from ..serve.export import SERVING_CONFIG
+
+    name = reference if str(reference).startswith(ZOO_PREFIX) else folder.resolve().name
+    config = folder / SERVING_CONFIG if (folder / SERVING_CONFIG).is_file() else folder / CONFIG_NAME
+    return {"source": name, "source_sha256": file_sha256(config)}
 
 
 def cmd_serve(args) -> int:
