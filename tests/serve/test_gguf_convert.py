@@ -10,6 +10,7 @@ with byte fallback); the models are tiny random llamas with a random, non-zero L
 """
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -114,6 +115,7 @@ def test_converted_base_gives_transformers_logits_in_llama_cpp(tmp_path, checkpo
     out = export_gguf(folder, tmp_path / kind, gguf_type=kind)
     meta = json.loads((out / "ktm_serving.json").read_text())
     assert meta["gguf"]["source"].startswith("converted from") and meta["gguf"]["copied_tensors"] == []
+    assert "/" not in meta["gguf"]["source"]  # the base folder by name, not by a path of this machine
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(out / "model.gguf")).tensors}
     assert types["output.weight"] == types["blk.1.attn_k.weight"] == kind.upper() and types["output_norm.weight"] == "F32"
     ids = model.tokenizer.encode("Review: these shoes are great, very comfortable. Label:", add_special_tokens=False)

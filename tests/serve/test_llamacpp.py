@@ -43,6 +43,11 @@ def model():
     return KTokenMerging.from_pretrained("zoo:default-k2", device="cpu", dtype="float32").eval()
 
 
+def test_the_export_names_its_source_gguf_by_name_and_hash(export):
+    meta = json.loads((export / "ktm_serving.json").read_text())["gguf"]
+    assert meta["source"] == "SmolLM2-135M-Instruct.Q4_1.gguf" and len(meta["source_sha256"]) == 64
+
+
 def test_token_embeddings_read_as_embd_give_the_logits_of_the_tokens(engine):
     ids = engine.prompts.merger.tokenize([PROMPTS[0]])[0]
     plain = engine.prefill_tokens(ids)

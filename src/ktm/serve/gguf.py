@@ -256,10 +256,13 @@ def export_gguf(checkpoint: str | os.PathLike, out: str | os.PathLike, *, gguf_t
     tensors = gguf_tensors(lm.state_dict(), lm.config, lm.config.num_hidden_layers)
 
     def write_model(path: Path) -> dict:
+        # recorded by name and hash, never by a path of this machine
         if source is not None:
-            return {"source": str(source), "copied_tensors": write_gguf(path, source, tensors, gguf_type)}
+            return {"source": source.name, "source_sha256": file_sha256(source),
+                    "copied_tensors": write_gguf(path, source, tensors, gguf_type)}
         write_converted(path, lm.config, model.tokenizer, tensors, gguf_type, name=f"ktm K={model.k}")
-        return {"source": f"converted from the Hugging Face model {reference}", "copied_tensors": []}
+        named = Path(str(reference)).name if Path(str(reference)).exists() else reference
+        return {"source": f"converted from the Hugging Face model {named}", "copied_tensors": []}
 
     card = read_config(checkpoint)
     if base is not None:  # the card names the base the weights come from
