@@ -86,6 +86,16 @@ def save_tiny_base(folder, max_positions=512):
     return str(folder)
 
 
+def write_seq_task(folder, n=8):
+    """A tiny jsonl task folder (train and test splits of ``n`` rows): "seq ab..." -> "b"."""
+    import json
+
+    folder.mkdir(parents=True)
+    for split in ("train", "test"):
+        rows = [json.dumps({"prompt": f"seq {'ab' * (i % 3 + 1)}", "answer": "b"}) for i in range(n)]
+        (folder / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
+
+
 def trained_checkpoint(folder, base, k=3, seed=0, **options):
     """A saved ktm model whose LoRA is random, not zero, and (for method merge) whose encoder is
     random, not the mean: merging the LoRA then changes the weights, and the encoder is not plain

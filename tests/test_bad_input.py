@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import save_tiny_base
+from conftest import save_tiny_base, write_seq_task
 from ktm.checkpoint import CheckpointError
 from ktm.cli import main
 from ktm.config import ModelConfig, TrainConfig
@@ -24,10 +24,7 @@ def trained(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("run")
     base = save_tiny_base(root / "base", max_positions=128)
-    (root / "data").mkdir()
-    for split in ("train", "test"):
-        rows = [json.dumps({"prompt": f"seq {'ab' * (i % 3 + 1)}", "answer": "b"}) for i in range(8)]
-        (root / "data" / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
+    write_seq_task(root / "data")
     train_run(ModelConfig(k=2, lora_r=2), TrainConfig(steps=2, batch_size=2, eval_examples=4, eval_every=0),
               JsonlTask(root / "data"), root / "run", base=base, device="cpu", log=lambda line: None)
     return str(base), root / "data", root / "run"

@@ -3,7 +3,6 @@
 function: ``ktm train`` ends with the message docs/RELIABILITY.md quotes, and leaves no
 temporary folders (issue 28)."""
 
-import json
 import os
 import subprocess
 import sys
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import save_tiny_base
+from conftest import save_tiny_base, write_seq_task
 from ktm.cli import main
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -21,10 +20,7 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("disk")
     base = save_tiny_base(root / "base", max_positions=128)
-    (root / "data").mkdir()
-    for split in ("train", "test"):
-        rows = [json.dumps({"prompt": f"seq {'ab' * (i % 3 + 1)}", "answer": "b"}) for i in range(8)]
-        (root / "data" / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
+    write_seq_task(root / "data")
     return ["train", "--task", "jsonl", "--data", str(root / "data"), "--model", str(base), "--device", "cpu",
             "--dtype", "float32", "--steps", "1", "--batch-size", "2", "--eval-examples", "2", "--k", "2"]
 
