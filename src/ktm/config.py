@@ -169,6 +169,11 @@ class TrainConfig:
     encoder_lr: float | None = _help("learning rate for the encoder (default: lr)", default=None)
     weight_decay: float = _help("AdamW weight decay", default=0.0)
     warmup_steps: int = _help("linear warm-up steps", default=0)
+    merger_warmup: int = _help(
+        "steps at the start of the run in which only the encoder (the merger) learns, LoRA frozen "
+        "at learning rate 0; LoRA then warms up over warmup_steps (0: joint training from step 0)", default=0)
+    merger_warmup_lr: float | None = _help(
+        "the encoder's learning rate during merger_warmup (default: its own rate)", default=None)
     decay: Decay = _help("learning-rate schedule after warm-up: constant or cosine", default="constant")
     max_grad_norm: float | None = _help("gradient clipping norm (none: off)", default=1.0)
     eval_every: int = _help("evaluate every N steps (0: only at the end)", default=0)
@@ -240,13 +245,13 @@ class TrainConfig:
             raise ValueError(
                 f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})"
             )
-        if self.lr <= 0 or (self.encoder_lr is not None and self.encoder_lr <= 0):
+        if self.lr <= 0 or any(v is not None and v <= 0 for v in (self.encoder_lr, self.merger_warmup_lr)):
             raise ValueError("learning rates must be > 0")
         if self.decay not in ("constant", "cosine"):
             raise ValueError(f"decay must be 'constant' or 'cosine', got {self.decay!r}")
         for name in ("eval_every", "eval_examples", "save_every", "warmup_steps", "reconstruct", "distill",
                      "distill_answer", "task_loss", "reconstruct_rows", "align", "teacher_steps",
-                     "distill_hidden_weight"):
+                     "distill_hidden_weight", "merger_warmup"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         if 0 in self.distill_hidden:

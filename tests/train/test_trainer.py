@@ -10,7 +10,8 @@ from ktm.config import TrainConfig
 from ktm.train.evaluate import evaluate
 from ktm.model import CheckpointError
 from ktm.tasks.base import Example, Task
-from ktm.train.trainer import Trainer, batch_indices, lr_factor
+from ktm.train.batches import batch_indices, group_lr_factors, lr_factor
+from ktm.train.trainer import Trainer, compute_of
 
 
 class LastChar(Task):
@@ -112,6 +113,61 @@ def test_resume_equals_uninterrupted(make_model, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7, msg=k)
+
+
+def test_merger_warmup_schedule():
+    cfg = TrainConfig(steps=20, lr=1e-3, encoder_lr=2e-3, warmup_steps=4, merger_warmup=5, merger_warmup_lr=6e-3)
+    f = [group_lr_factors(s, cfg) for s in range(12)]
+    assert [x["lora"] for x in f[:5]] == [0.0] * 5  # LoRA frozen during the merger warm-up
+    assert [x["encoder"] for x in f[:5]] == pytest.approx([0.75, 1.5, 2.25, 3.0, 3.0])  # 3x its rate, warmed up
+    assert [x["lora"] for x in f[5:10]] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0])  # then LoRA warms up
+    assert all(x["encoder"] == 1.0 for x in f[5:])
+    plain = TrainConfig(steps=20, warmup_steps=4)
+    assert all(group_lr_factors(s, plain) == {"lora": lr_factor(s, plain)} | {"encoder": lr_factor(s, plain)}
+               for s in range(8))
+    with pytest.raises(ValueError, match="merger_warmup"):
+        TrainConfig(merger_warmup=-1)
+    with pytest.raises(ValueError, match="learning rates"):
+        TrainConfig(merger_warmup=2, merger_warmup_lr=0.0)
+
+
+def test_merger_warmup_trains_the_encoder_alone_first(make_model):
+    m = make_model(k=2, lora_r=4)
+    cfg = TrainConfig(steps=3, batch_size=4, lr=1e-2, merger_warmup=2, eval_examples=4)
+    t = Trainer(m, cfg, progress=False, log=lambda line: None)
+    start = _weights(m)
+    t.fit(LastChar(), steps=2)
+    mid = _weights(m)
+    lora = [k for k in start if "lora_" in k]
+    assert lora and all(torch.equal(start[k], mid[k]) for k in lora)
+    assert any(not torch.equal(start[k], mid[k]) for k in start if k.startswith("encoder."))
+    t.fit(LastChar())
+    assert any(not torch.equal(mid[k], v) for k, v in _weights(m).items() if "lora_" in k)
+
+
+def test_compute_counts_each_piece_at_its_own_threads(make_model, tmp_path, monkeypatch):
+    """The card's CPU hours: thread-seconds summed over resumed pieces, each at the threads it
+    ran with (not the whole run's wall time times the threads of whoever publishes it)."""
+    import ktm.train.trainer as trainer_mod
+
+    clock = iter(range(0, 10**6, 10))  # every perf_counter call advances 10 s
+    monkeypatch.setattr(trainer_mod.time, "perf_counter", lambda: float(next(clock)))
+    cfg = TrainConfig(steps=4, batch_size=2, eval_examples=4, eval_every=2, save_every=2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    first = Trainer(make_model(k=2), cfg, output_dir=tmp_path, progress=False, log=lambda line: None)
+    first.fit(LastChar(), steps=2)
+    one = first.compute_before()["cpu_thread_s"]
+    assert one > 0 and first.compute_before()["gpu_s"] == 0.0
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    second = Trainer(make_model(k=2), cfg, output_dir=tmp_path, progress=False, log=lambda line: None)
+    assert second.resume() and second.compute_before()["cpu_thread_s"] >= one
+    second.fit(LastChar())
+    wall = second.history[-1]["elapsed_s"] - first.history[-1]["elapsed_s"]
+    assert wall > 0 and second.history[-1]["cpu_thread_s"] == pytest.approx(one + 3 * wall, abs=31)
+    state = json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())
+    assert state["cpu_thread_s"] >= second.history[-1]["cpu_thread_s"]
+    # a checkpoint from before ktm counted compute: its wall time, at one thread
+    assert compute_of({"elapsed_s": 7.5}) == {"cpu_thread_s": 7.5, "gpu_s": 0.0}
 
 
 def test_resume_rejects_a_checkpoint_for_another_k(make_model, tmp_path):

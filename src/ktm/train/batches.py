@@ -35,6 +35,27 @@ def lr_factor(step: int, cfg: TrainConfig, start: int = 0, span: int | None = No
     return 1.0
 
 
+def group_lr_factors(step: int, cfg: TrainConfig, start: int = 0, span: int | None = None,
+                     restart: int | None = None) -> dict[str, float]:
+    """:func:`lr_factor` per parameter group (``lora``, ``encoder``). During ``cfg.merger_warmup``
+    only the encoder learns (LoRA's factor is 0, the encoder's scaled to ``cfg.merger_warmup_lr``);
+    LoRA then warms up over ``cfg.warmup_steps`` as a run continued at that step would.
+
+    >>> cfg = TrainConfig(steps=10, lr=1e-3, warmup_steps=2, merger_warmup=3, merger_warmup_lr=4e-3)
+    >>> [group_lr_factors(s, cfg) for s in (0, 2, 3, 4, 5)]  # doctest: +NORMALIZE_WHITESPACE
+    [{'lora': 0.0, 'encoder': 2.0}, {'lora': 0.0, 'encoder': 4.0}, {'lora': 0.5, 'encoder': 1.0},
+     {'lora': 1.0, 'encoder': 1.0}, {'lora': 1.0, 'encoder': 1.0}]
+    """
+    factor = lr_factor(step, cfg, start, span, restart)
+    if not cfg.merger_warmup:
+        return {"lora": factor, "encoder": factor}
+    if step < cfg.merger_warmup:
+        boost = (cfg.merger_warmup_lr or 0.0) / (cfg.encoder_lr or cfg.lr) or 1.0
+        return {"lora": 0.0, "encoder": factor * boost}
+    after = cfg.merger_warmup if restart is None else max(restart, cfg.merger_warmup)
+    return {"lora": lr_factor(step, cfg, start, span, restart=after), "encoder": factor}
+
+
 def batch_indices(examples: list[Example], step: int, cfg: TrainConfig, labels: list[str] | None,
                   normalise=Task.normalise, size: int | None = None) -> list[int]:
     """The example indices of global ``step``'s batch: a pure function of (seed, step).

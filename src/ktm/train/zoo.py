@@ -246,7 +246,7 @@ def make_card(entry: ZooEntry, run, text_opts, train_cfg, held: dict, measured: 
     steps = history[-1]["step"] if history else 0
     last = history[-1].get("elapsed_s") or 0.0 if history else 0.0
     hours = max(last, run.trainer.elapsed_saved) / 3600
-    threads, cuda = torch.get_num_threads(), run.model.device.type == "cuda"
+    compute = run.trainer.compute_before()  # what training used, each piece at its own threads
     card = {
         "name": entry.name, "summary": entry.summary, "command": command,
         "ktm_version": __version__, "built": time.strftime("%Y-%m-%d", time.gmtime()),
@@ -258,7 +258,7 @@ def make_card(entry: ZooEntry, run, text_opts, train_cfg, held: dict, measured: 
         "text_sha256": text_hashes(text_opts.text),
         "pretrain_steps": steps, "pretrain_minutes": round(hours * 60, 1),
         "tokens_seen": steps * train_cfg.batch_size * (text_opts.prompt_tokens + text_opts.continuation_tokens),
-        "threads": threads, "gpu_hours" if cuda else "cpu_hours": round(hours * (1 if cuda else threads), 2),
+        "cpu_hours": round(compute["cpu_thread_s"] / 3600, 2), "gpu_hours": round(compute["gpu_s"] / 3600, 2),
         "held_out": held, "fidelity": measured, "weights_dtype": entry.save_dtype, "bytes": size,
         "restarts": run.trainer.extra_state.get("restarts", []), "history": history,
     }
