@@ -9,7 +9,8 @@
 * ``merge_share``: the host merge of --share-batch prompts of --share-length tokens (one call)
   against llama.cpp prefilling them merged one after another (B x one prompt's prefill).
 * ``decode``: tokens/s of llama.cpp's own step loop after a plain prompt, and of the engine's
-  decoding (host-side pick and detokenisation included) after the merged prompt.
+  decoding (host-side pick and detokenisation included) after the merged prompt and after the
+  same prompt read plainly (its own overhead); interleaved, medians of --repeats.
 * ``pytorch``: ktm's PyTorch path on the same checkpoint: merged prefill at --pytorch-length
   and decoding tokens/s (--checkpoint).
 * ``server``: time to first token through ktm's HTTP server (streaming, 127.0.0.1) against the
@@ -101,22 +102,41 @@ def merge_share(engine, ids, ks, batch: int) -> list[dict]:
     return rows
 
 
-def decode(engine, ids, new: int) -> dict:
-    logits = engine.prefill_tokens(ids)
-    t = time.perf_counter()
-    token = int(np.argmax(logits))
-    for i in range(new):
-        token = int(np.argmax(engine.step(token, len(ids) + i)))
-    plain = new / (time.perf_counter() - t)
-    eos, engine.eos_ids = engine.eos_ids, set()  # run all `new` steps
-    try:
-        text = engine.prompts.tokenizer.decode(ids)
+def decode(engine, ids, new: int, repeats: int) -> dict:
+    """Decoding tokens/s after the prompt ``ids``: llama.cpp's own step loop after the plain prompt,
+    the engine after the merged prompt (the export's K; a shorter cache), and the engine after the
+    same prompt read plainly (K = 1 rows: the same cache length as the step loop, so their ratio is
+    the engine's own per-token cost). The three run interleaved ``repeats`` times, so that the
+    load of a shared machine falls on all of them alike; medians."""
+    def step_loop() -> float:
+        logits = engine.prefill_tokens(ids)
+        t = time.perf_counter()
+        token = int(np.argmax(logits))
+        for i in range(new):
+            token = int(np.argmax(engine.step(token, len(ids) + i)))
+        return new / (time.perf_counter() - t)
+
+    def through_engine(prompts) -> float:
+        engine.prompts = prompts
         done = engine.complete(text, new + 1)
+        return new / (done.timings["total"] - done.timings["first_token"])
+
+    own, eos = engine.prompts, engine.eos_ids
+    text, plain_rows = own.tokenizer.decode(ids), with_k(engine, 1)
+    runs = {"plain": [], "merged": [], "engine_plain": []}
+    engine.eos_ids = set()  # run all `new` steps
+    try:
+        for _ in range(repeats):
+            runs["plain"].append(step_loop())
+            runs["merged"].append(through_engine(own))
+            runs["engine_plain"].append(through_engine(plain_rows))
     finally:
-        engine.eos_ids = eos
-    ours = new / (done.timings["total"] - done.timings["first_token"])
-    return {"what": "decode", "prompt_tokens": len(ids), "new_tokens": new, "llama_plain_tok_s": plain,
-            "engine_merged_tok_s": ours, "ratio": ours / plain}
+        engine.prompts, engine.eos_ids = own, eos
+    med = {name: statistics.median(v) for name, v in runs.items()}
+    return {"what": "decode", "prompt_tokens": len(ids), "new_tokens": new, "repeats": repeats, "k": own.k,
+            "llama_plain_tok_s": med["plain"], "engine_merged_tok_s": med["merged"],
+            "engine_plain_tok_s": med["engine_plain"], "ratio": med["merged"] / med["plain"],
+            "engine_overhead_ratio": med["engine_plain"] / med["plain"], "runs": runs}
 
 
 def pytorch(checkpoint: str, engine, ids, new: int, repeats: int) -> dict:
@@ -276,7 +296,7 @@ def main() -> None:
         for row in merge_share(engine, long_ids(engine, args.text, args.share_length), args.ks, args.share_batch):
             emit(row)
     if "decode" in args.parts:
-        emit(decode(engine, ids[:512], args.new_tokens))
+        emit(decode(engine, ids[:512], args.new_tokens, args.repeats))
     if "server" in args.parts:
         for row in server(engine, ids[:512], ids[:args.load_length], args.repeats, args.load_requests, args.load_clients, 16,
                           args.load_budget_s):
