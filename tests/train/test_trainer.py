@@ -326,3 +326,11 @@ def test_evaluations_run_in_the_runs_precision(make_model, monkeypatch, setting,
         AcceleratorState._reset_state(True)
     assert seen == [autocast, autocast] and len(trainer.history) == 2
     assert 0.0 <= trainer.history[-1]["value"] <= 1.0
+
+
+def test_batches_doctests():
+    import doctest
+
+    import ktm.train.batches
+
+    assert doctest.testmod(ktm.train.batches).failed == 0
