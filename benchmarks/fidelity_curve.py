@@ -3,7 +3,8 @@
 ``snapshot`` watches a run folder and keeps a slim bf16 copy of its checkpoint every EVERY
 steps (a few MB each), while the run goes on; ``measure`` scores each copy with
 :func:`ktm.train.fidelity.fidelity` on held-out prose (and reviews) and writes a table, a JSON
-file and a plot of perplexity ratio and top-1 agreement against tokens seen::
+file and a plot of perplexity ratio and top-1 agreement against tokens seen; snapshots already in
+OUT's JSON file (same number of windows) are kept, so a growing run is measured incrementally::
 
     python benchmarks/fidelity_curve.py snapshot RUN --into SNAPS --every 100 &
     python benchmarks/fidelity_curve.py measure SNAPS --text ../shared/data/text/dev.jsonl \\
@@ -36,6 +37,16 @@ def snapshot(run: Path, into: Path, every: int, poll: float = 30.0, until: float
         time.sleep(poll)
 
 
+def previous_rows(out: Path, windows: int) -> list[dict]:
+    """The rows of an earlier ``measure`` into ``out`` (its JSON file) with the same number of
+    windows; none when there is no such file."""
+    try:
+        rows = json.loads(out.with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return []
+    return [r for r in rows if isinstance(r, dict) and r.get("windows") == windows and "snapshot" in r]
+
+
 def measure(snaps: Path, text: str, reviews: str | None, windows: int, prompt: int, cont: int,
             batch: int, out: Path) -> list[dict]:
     from ktm import KTokenMerging
@@ -43,7 +54,11 @@ def measure(snaps: Path, text: str, reviews: str | None, windows: int, prompt: i
     from ktm.train.fidelity import fidelity, fidelity_line, prose_windows
 
     rows, model, wins, revs = [], None, None, None
+    kept = {r["snapshot"]: r for r in previous_rows(out, windows)}
     for folder in sorted(p for p in snaps.iterdir() if p.name.startswith("step-")):
+        if folder.name in kept:  # measured before on the same windows: kept, not measured again
+            rows.append(kept[folder.name])
+            continue
         if model is None:
             model = KTokenMerging.from_pretrained(folder)
             wins = prose_windows(text, model.tokenizer, prompt, cont, windows)
