@@ -238,29 +238,37 @@ def references(group: str) -> list[str]:
 
 def paired(groups: dict[str, list[dict]]) -> list[dict]:
     """Per-seed differences of each group's final value against its references (seeds both have)."""
-    finals = {g: {c["seed"]: c["history"][-1]["value"] for c in cells} for g, cells in groups.items()}
+    finals = {g: {c["seed"]: c["history"][-1] for c in cells} for g, cells in groups.items()}
     rows = []
     for group in sorted(groups, key=order):
         for ref in references(group):
             seeds = sorted(set(finals[group]) & set(finals.get(ref, {})))
             if not seeds:
                 continue
-            diffs = [finals[group][s] - finals[ref][s] for s in seeds]
-            rows.append({"variant": group, "against": ref, "seeds": seeds, "diffs": diffs, **spread(diffs),
-                         "wins": sum(d > 0 for d in diffs)})
+            diffs = [finals[group][s]["value"] - finals[ref][s]["value"] for s in seeds]
+            row = {"variant": group, "against": ref, "seeds": seeds, "diffs": diffs, **spread(diffs),
+                   "wins": sum(d > 0 for d in diffs)}
+            if all("macro_f1" in finals[g][s] for g in (group, ref) for s in seeds):
+                f1 = [finals[group][s]["macro_f1"] - finals[ref][s]["macro_f1"] for s in seeds]
+                row["macro_f1"] = {"diffs": f1, **spread(f1), "wins": sum(d > 0 for d in f1)}
+            rows.append(row)
     return rows
 
 
 def paired_markdown(rows: list[dict]) -> str:
     if not rows:
         return ""
-    lines = ["| variant | against | per seed (points) | mean ± sd | ahead on |", "| --- | --- | --- | --- | --- |"]
+    lines = ["| variant | against | per seed (points) | mean ± sd | ahead on | macro-F1 per seed | macro-F1 mean ± sd |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         each = ", ".join(f"s{s}: {100 * d:+.1f}" for s, d in zip(r["seeds"], r["diffs"]))
+        f1 = r.get("macro_f1")
+        f1_each = ", ".join(f"s{s}: {d:+.3f}" for s, d in zip(r["seeds"], f1["diffs"])) if f1 else ""
+        f1_mean = f"{f1['mean']:+.3f} ± {f1['sd']:.3f}" if f1 else ""
         lines.append(f"| {r['variant']} | {r['against']} | {each} | {100 * r['mean']:+.1f} ± {100 * r['sd']:.1f} "
-                     f"| {r['wins']} of {len(r['seeds'])} seeds |")
-    return ("\n\nPaired differences in held-out accuracy (variant minus reference, same seed: same batches and "
-            "evaluation subset):\n\n" + "\n".join(lines))
+                     f"| {r['wins']} of {len(r['seeds'])} seeds | {f1_each} | {f1_mean} |")
+    return ("\n\nPaired differences in held-out accuracy and macro-F1 (variant minus reference, same seed: same "
+            "batches and evaluation subset):\n\n" + "\n".join(lines))
 
 
 def loco(args) -> None:

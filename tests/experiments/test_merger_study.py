@@ -134,6 +134,8 @@ def test_report_pairs_each_merged_variant_with_keep_first_and_k1_seed_by_seed(tm
     assert pairs[("pre-k4 (demo)", "k1")]["seeds"] == [1] and ("pre-k4 (demo)", "keep-first-k4") not in pairs
     md = (tmp_path / "doc" / "p.md").read_text()
     assert "| pre-k2 (demo) | keep-first-k2 | s0: +8.0, s1: -1.0, s2: +7.0 |" in md and "2 of 3 seeds" in md
+    assert vs_keep["macro_f1"]["diffs"] == pytest.approx([0.08, -0.01, 0.07])  # the cells' macro-F1 = value here
+    assert "| s0: +0.080, s1: -0.010, s2: +0.070 |" in md
 
 
 def test_loco_holds_out_every_review_of_one_category(tmp_path, capsys):
