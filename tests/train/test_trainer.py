@@ -11,7 +11,8 @@ from ktm.train.evaluate import evaluate
 from ktm.model import CheckpointError
 from ktm.tasks.base import Example, Task
 from ktm.train.batches import batch_indices, group_lr_factors, lr_factor
-from ktm.train.trainer import Trainer, compute_of
+from ktm.train.state import compute_of
+from ktm.train.trainer import Trainer
 
 
 class LastChar(Task):
@@ -148,19 +149,19 @@ def test_merger_warmup_trains_the_encoder_alone_first(make_model):
 def test_compute_counts_each_piece_at_its_own_threads(make_model, tmp_path, monkeypatch):
     """The card's CPU hours: thread-seconds summed over resumed pieces, each at the threads it
     ran with (not the whole run's wall time times the threads of whoever publishes it)."""
-    import ktm.train.trainer as trainer_mod
+    import time
 
     clock = iter(range(0, 10**6, 10))  # every perf_counter call advances 10 s
-    monkeypatch.setattr(trainer_mod.time, "perf_counter", lambda: float(next(clock)))
+    monkeypatch.setattr(time, "perf_counter", lambda: float(next(clock)))
     cfg = TrainConfig(steps=4, batch_size=2, eval_examples=4, eval_every=2, save_every=2)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     first = Trainer(make_model(k=2), cfg, output_dir=tmp_path, progress=False, log=lambda line: None)
     first.fit(LastChar(), steps=2)
-    one = first.compute_before()["cpu_thread_s"]
-    assert one > 0 and first.compute_before()["gpu_s"] == 0.0
+    one = first.compute.before(first.history)["cpu_thread_s"]
+    assert one > 0 and first.compute.before(first.history)["gpu_s"] == 0.0
     monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
     second = Trainer(make_model(k=2), cfg, output_dir=tmp_path, progress=False, log=lambda line: None)
-    assert second.resume() and second.compute_before()["cpu_thread_s"] >= one
+    assert second.resume() and second.compute.before(second.history)["cpu_thread_s"] >= one
     second.fit(LastChar())
     wall = second.history[-1]["elapsed_s"] - first.history[-1]["elapsed_s"]
     assert wall > 0 and second.history[-1]["cpu_thread_s"] == pytest.approx(one + 3 * wall, abs=31)

@@ -3,7 +3,9 @@ states, so that ``--resume`` continues as the uninterrupted run would."""
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 
 import torch
 
@@ -56,3 +58,44 @@ def load_optimizer(opt, tensors: dict[str, torch.Tensor], groups: list[dict]) ->
     if [len(g["params"]) for g in groups] != [len(g["params"]) for g in current]:
         raise CheckpointError("the checkpoint's optimiser state does not fit this model's parameters")
     opt.load_state_dict({"state": dict(state), "param_groups": groups})
+
+
+COMPUTE_KEYS = ("cpu_thread_s", "gpu_s")
+
+
+def compute_of(row: dict) -> dict:
+    """``cpu_thread_s`` and ``gpu_s`` of a history row or checkpoint state. Rows written before
+    ktm counted them have only the wall time ``elapsed_s``: it counts as CPU time on one thread
+    (how every long run before then ran: ``--threads 1``)."""
+    if any(k in row for k in COMPUTE_KEYS):
+        return {k: float(row.get(k) or 0.0) for k in COMPUTE_KEYS}
+    return {"cpu_thread_s": float(row.get("elapsed_s") or 0.0), "gpu_s": 0.0}
+
+
+@dataclass
+class ComputeClock:
+    """What a run has used across resumed pieces: ``cpu_thread_s``, wall seconds times PyTorch's
+    CPU threads of each piece, and ``gpu_s``, wall seconds on a CUDA device. (The wall time alone
+    times the threads of whatever process publishes a run is wrong for a run held to fewer
+    threads, so each piece counts its own.)"""
+
+    saved: dict = field(default_factory=dict)  # the resumed checkpoint's (compute_of its state)
+    piece: tuple | None = None  # (perf_counter, compute before, cuda) of the current fit call
+
+    def before(self, history: list[dict]) -> dict:
+        """The compute used before the current piece: the larger of ``history``'s last row and
+        the resumed checkpoint's."""
+        last = compute_of(history[-1]) if history else {}
+        return {k: max(last.get(k, 0.0), self.saved.get(k, 0.0)) for k in COMPUTE_KEYS}
+
+    def start(self, now: float, history: list[dict], cuda: bool) -> None:
+        self.piece = (now, self.before(history), cuda)
+
+    def seconds(self, history: list[dict], now: float | None = None) -> dict:
+        """The compute used up to ``now`` (default: this moment); before any piece, the resumed run's."""
+        if self.piece is None:
+            return self.before(history)
+        start, before, cuda = self.piece
+        wall = (time.perf_counter() if now is None else now) - start
+        spent = {"gpu_s": wall} if cuda else {"cpu_thread_s": wall * torch.get_num_threads()}
+        return {k: round(before[k] + spent.get(k, 0.0), 1) for k in COMPUTE_KEYS}

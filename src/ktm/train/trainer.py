@@ -31,7 +31,7 @@ from .batches import batch_indices, group_lr_factors, process_share
 from .objectives import add_auxiliary
 from .preflight import check_examples, check_splits  # noqa: F401 (check_examples: public here too)
 from .reporting import finish_trackers, numbers_of, tracker_options
-from .state import load_optimizer, optimizer_tensors, restore_rng, rng_states
+from .state import ComputeClock, compute_of, load_optimizer, optimizer_tensors, restore_rng, rng_states
 from ..model.blocks import num_blocks
 from ..tasks.base import Example, Task
 
@@ -39,18 +39,6 @@ CHECKPOINT_DIR = "checkpoint"
 FINAL_DIR = "model"
 STATE_NAME = "trainer_state.json"
 OPTIM_NAME = "optimizer.safetensors"
-COMPUTE_KEYS = ("cpu_thread_s", "gpu_s")
-
-
-def compute_of(row: dict) -> dict:
-    """``cpu_thread_s`` and ``gpu_s`` of a history row or checkpoint state. Rows written before
-    ktm counted them have only the wall time ``elapsed_s``: it counts as CPU time on one thread
-    (how every long run before then ran: ``--threads 1``)."""
-    if any(k in row for k in COMPUTE_KEYS):
-        return {k: float(row.get(k) or 0.0) for k in COMPUTE_KEYS}
-    return {"cpu_thread_s": float(row.get("elapsed_s") or 0.0), "gpu_s": 0.0}
-
-
 def mixed_precision(setting: str, model) -> str:
     """accelerate's ``mixed_precision`` for a run: ``setting`` unless it is ``"auto"``, which
     takes accelerate's own setting (``ACCELERATE_MIXED_PRECISION``, which ``accelerate launch``
@@ -102,8 +90,7 @@ class Trainer:
     checked: set = field(init=False, default_factory=set, repr=False)  # (task id, split) already checked
     fit_start: float | None = field(init=False, default=None)  # perf_counter at step 0 of this run's time
     elapsed_saved: float = field(init=False, default=0.0)  # training seconds the checkpoint resumed from had
-    compute_saved: dict = field(init=False, default_factory=dict)  # its compute (compute_seconds) up to then
-    piece: tuple | None = field(init=False, default=None)  # (perf_counter, compute before) of this fit call
+    compute: ComputeClock = field(init=False, default_factory=ComputeClock)  # CPU thread- and GPU seconds
     tracking: bool = field(init=False, default=False)  # trackers started (report_to)
 
     # ------------------------------------------------------------------ setup
@@ -167,7 +154,7 @@ class Trainer:
         # wall time counts on across fit calls (curricula) and resumes: carried from the history
         before = self.history[-1].get("elapsed_s") or 0.0 if self.history else 0.0
         self.fit_start = t0 - max(before, self.elapsed_saved)
-        self.piece = (t0, self.compute_before())
+        self.compute.start(t0, self.history, next(self.model.parameters()).device.type == "cuda")
         while self.step < end:
             factors = group_lr_factors(self.step, cfg, *self.schedule_cycle, restart=self.restart)
             for g in self.optimizer.param_groups:
@@ -249,7 +236,7 @@ class Trainer:
                **{f"train_{n}_loss": v for n, v in losses.items() if n != "task"},
                "time": time.time(),
                "elapsed_s": round(now - (now if self.fit_start is None else self.fit_start), 1),
-               **self.compute_seconds(now), **res}
+               **self.compute.seconds(self.history, now), **res}
         self.history.append(row)
         if self.tracking:
             self.accelerator.log(numbers_of({k: v for k, v in row.items() if k != "step"}, "eval/"), step=self.step)
@@ -296,7 +283,8 @@ class Trainer:
         elapsed = 0.0 if self.fit_start is None else round(time.perf_counter() - self.fit_start, 1)
         save_json(folder / STATE_NAME, {"step": self.step, "history": self.history, "param_groups": groups,
                                         "train_config": to_dict(self.cfg), "extra": self.extra_state,
-                                        "elapsed_s": max(elapsed, self.elapsed_saved), **self.compute_seconds()})
+                                        "elapsed_s": max(elapsed, self.elapsed_saved),
+                                        **self.compute.seconds(self.history)})
 
     def resume(self) -> bool:
         """Continue from ``OUTPUT/checkpoint`` if there is one; returns whether it did."""
@@ -322,32 +310,12 @@ class Trainer:
         restore_rng(tensors, self.accelerator.process_index)
         self.step, self.history = state["step"], state["history"]
         self.elapsed_saved = float(state.get("elapsed_s") or 0.0)  # wall time up to the checkpoint
-        self.compute_saved = compute_of(state)
+        self.compute.saved = compute_of(state)
         self.extra_state = state.get("extra", {})
         self._apply_changed_settings(state.get("train_config", {}))
         if self.is_main:
             self.log(f"resumed from {ckpt} at step {self.step}")
         return True
-
-    def compute_before(self) -> dict:
-        """The compute (:func:`compute_of`) the run had used before this fit call: the larger of
-        the history's last row and the resumed checkpoint's."""
-        last = compute_of(self.history[-1]) if self.history else {}
-        return {k: max(last.get(k, 0.0), self.compute_saved.get(k, 0.0)) for k in COMPUTE_KEYS}
-
-    def compute_seconds(self, now: float | None = None) -> dict:
-        """What the run has used up to ``now`` (default: this moment), across resumed pieces:
-        ``cpu_thread_s``, wall seconds times PyTorch's CPU threads of each piece, and ``gpu_s``,
-        wall seconds on a CUDA device (no fit call yet: what the resumed run had). The wall time
-        alone times the threads of whatever process publishes a run is wrong for a run held to
-        fewer threads, so each piece counts its own."""
-        if self.piece is None:
-            return self.compute_before()
-        start, before = self.piece
-        wall = (time.perf_counter() if now is None else now) - start
-        cuda = next(self.model.parameters()).device.type == "cuda"
-        spent = {"gpu_s": wall} if cuda else {"cpu_thread_s": wall * torch.get_num_threads()}
-        return {k: round(before[k] + spent.get(k, 0.0), 1) for k in COMPUTE_KEYS}
 
     def continue_from(self, step: int, history: list[dict]) -> None:
         """Continue a run at global ``step`` from weights alone (e.g. a shipped bf16 merger and its

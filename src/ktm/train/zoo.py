@@ -246,7 +246,7 @@ def make_card(entry: ZooEntry, run, text_opts, train_cfg, held: dict, measured: 
     steps = history[-1]["step"] if history else 0
     last = history[-1].get("elapsed_s") or 0.0 if history else 0.0
     hours = max(last, run.trainer.elapsed_saved) / 3600
-    compute = run.trainer.compute_before()  # what training used, each piece at its own threads
+    compute = run.trainer.compute.before(history)  # what training used, each piece at its own threads
     card = {
         "name": entry.name, "summary": entry.summary, "command": command,
         "ktm_version": __version__, "built": time.strftime("%Y-%m-%d", time.gmtime()),
