@@ -50,7 +50,7 @@ def group_lr_factors(step: int, cfg: TrainConfig, start: int = 0, span: int | No
     if not cfg.merger_warmup:
         return {"lora": factor, "encoder": factor}
     if step < cfg.merger_warmup:
-        boost = (cfg.merger_warmup_lr or 0.0) / (cfg.encoder_lr or cfg.lr) or 1.0
+        boost = cfg.merger_warmup_lr / (cfg.encoder_lr or cfg.lr) if cfg.merger_warmup_lr else 1.0
         return {"lora": 0.0, "encoder": factor * boost}
     after = cfg.merger_warmup if restart is None else max(restart, cfg.merger_warmup)
     return {"lora": lr_factor(step, cfg, start, span, restart=after), "encoder": factor}

@@ -39,6 +39,8 @@ CHECKPOINT_DIR = "checkpoint"
 FINAL_DIR = "model"
 STATE_NAME = "trainer_state.json"
 OPTIM_NAME = "optimizer.safetensors"
+
+
 def mixed_precision(setting: str, model) -> str:
     """accelerate's ``mixed_precision`` for a run: ``setting`` unless it is ``"auto"``, which
     takes accelerate's own setting (``ACCELERATE_MIXED_PRECISION``, which ``accelerate launch``
