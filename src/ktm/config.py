@@ -179,6 +179,9 @@ class TrainConfig:
     eval_every: int = _help("evaluate every N steps (0: only at the end)", default=0)
     eval_examples: int = _help("held-out examples per evaluation (0: all)", default=400)
     save_every: int = _help("checkpoint every N steps (0: only at the end)", default=0)
+    max_minutes: float | None = _help(
+        "stop this piece of the run after N minutes of training (checkpointed and evaluated as at the last "
+        "step; --resume continues it): for a machine lent for a fixed time (none: no limit)", default=None)
     seed: int = _help("random seed (data order, dropout, init)", default=0)
     balance: bool = _help("sample classes equally (classification tasks)", default=False)
     reconstruct: float = _help(
@@ -247,6 +250,8 @@ class TrainConfig:
             )
         if self.lr <= 0 or any(v is not None and v <= 0 for v in (self.encoder_lr, self.merger_warmup_lr)):
             raise ValueError("learning rates must be > 0")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ValueError(f"max_minutes must be > 0, got {self.max_minutes}")
         if self.decay not in ("constant", "cosine"):
             raise ValueError(f"decay must be 'constant' or 'cosine', got {self.decay!r}")
         for name in ("eval_every", "eval_examples", "save_every", "warmup_steps", "reconstruct", "distill",

@@ -146,6 +146,28 @@ def test_merger_warmup_trains_the_encoder_alone_first(make_model):
     assert any(not torch.equal(mid[k], v) for k, v in _weights(m).items() if "lora_" in k)
 
 
+def test_max_minutes_stops_a_piece_with_a_checkpoint_and_resume_finishes_it(make_model, tmp_path, monkeypatch):
+    """A machine lent for N minutes: the run stops at the first step past them, checkpointed and
+    evaluated, and a resumed run without the limit trains on to ``steps``."""
+    import time
+
+    clock = iter(range(0, 10**6, 10))  # every perf_counter call advances 10 s
+    monkeypatch.setattr(time, "perf_counter", lambda: float(next(clock)))
+    cfg = TrainConfig(steps=50, batch_size=2, eval_examples=4, save_every=100, max_minutes=1.0)
+    lines = []
+    t = Trainer(make_model(k=2), cfg, output_dir=tmp_path, progress=False, log=lines.append)
+    t.fit(LastChar())
+    assert 0 < t.step < 10 and t.history[-1]["step"] == t.step
+    assert any(f"stopping at step {t.step}" in line for line in lines)
+    again = Trainer(make_model(k=2), TrainConfig(**{**cfg.__dict__, "max_minutes": None}), output_dir=tmp_path,
+                    progress=False, log=lambda line: None)
+    assert again.resume() and again.step == t.step
+    again.fit(LastChar())
+    assert again.step == 50
+    with pytest.raises(ValueError, match="max_minutes"):
+        TrainConfig(max_minutes=0)
+
+
 def test_compute_counts_each_piece_at_its_own_threads(make_model, tmp_path, monkeypatch):
     """The card's CPU hours: thread-seconds summed over resumed pieces, each at the threads it
     ran with (not the whole run's wall time times the threads of whoever publishes it)."""

@@ -240,6 +240,23 @@ def test_a_build_without_its_checkpoint_continues_from_the_published_merger(base
     assert card["pretrain_steps"] == 2 and card["restarts"] == []
 
 
+def test_training_overrides_are_recorded_and_a_continuation_needs_the_same(base_dir, tmp_path):
+    """``zoo build --batch-size 2 --save-every 3``: the card's settings, tokens and command say
+    so; continuing from the published merger takes the same batch (the checkpoint interval may
+    differ), another batch starts from scratch."""
+    text = write_texts(tmp_path / "text")
+    entry = tiny_entry(text, base_dir, steps=3)
+    quiet = dict(into=tmp_path / "mergers", device="cpu", fidelity_text=None, log=lambda *a: None)
+    _, card = build(entry, tmp_path / "run1", train={"batch_size": 2, "save_every": 3}, **quiet)
+    assert card["settings"]["train"]["batch_size"] == 2 and card["settings"]["train"]["save_every"] == 3
+    assert card["tokens_seen"] == 3 * 2 * (24 + 8)
+    assert card["command"] == "ktm zoo build tiny-k2 --out RUN --batch-size 2 --save-every 3"
+    _, card = build(entry, tmp_path / "run2", resume=True, steps=4, train={"batch_size": 2}, **quiet)
+    assert card["pretrain_steps"] == 4 and card["restarts"] == [3]
+    _, card = build(entry, tmp_path / "run3", resume=True, steps=2, **quiet)  # the recorded batch of 4
+    assert card["pretrain_steps"] == 2 and card["restarts"] == []
+
+
 def test_no_shipped_file_names_a_folder_of_the_machine(base_dir, tmp_path):
     """The shipped mergers hold no absolute path (a home, a venv, a run folder); a slim copy names
     its base in peft's adapter config by ktm's base reference, not by where peft loaded it from."""

@@ -44,7 +44,9 @@ def cmd_zoo_build(args) -> int:
 
     folder, card = build(args.name, args.out, into=args.into, text=args.text, base=args.model, device=args.device,
                          dtype=args.dtype, resume=args.resume, overwrite=args.overwrite, log=tqdm.write,
-                         steps=args.steps, fidelity_windows=args.fidelity_windows)
+                         steps=args.steps, fidelity_windows=args.fidelity_windows,
+                         train={k: getattr(args, k) for k in ("batch_size", "save_every", "max_minutes")
+                                if getattr(args, k) is not None})
     print(f"wrote {folder} ({card['bytes'] / 2**20:.1f} MiB); use it as --init-from zoo:{args.name} "
           f"(or --init-from {folder})")
     return 0
@@ -75,6 +77,15 @@ def add_parser(sub) -> None:
     zb.add_argument("--steps", type=positive_int, default=None,
                     help="pretrain until this step and publish (default: the recorded total); a long run is "
                          "built in pieces, each continuing the last with --resume")
+    zb.add_argument("--batch-size", type=positive_int, default=None,
+                    help="windows per step instead of the recorded 8 (a GPU runs far more tokens per second "
+                         "at 64); the card records it, and a run continues only with the same value")
+    zb.add_argument("--save-every", type=positive_int, default=None,
+                    help="steps between checkpoints instead of the recorded 20 (fast steps on a GPU "
+                         "want fewer)")
+    zb.add_argument("--max-minutes", type=float, default=None,
+                    help="stop pretraining after this many minutes, then publish what it reached (a "
+                         "machine lent for a fixed time); --resume continues it later")
     zb.add_argument("--fidelity-windows", type=positive_int, default=200,
                     help="held-out prose windows and reviews on which the card's fidelity is measured")
     add_threads_arg(zb)

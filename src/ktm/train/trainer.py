@@ -58,6 +58,23 @@ def mixed_precision(setting: str, model) -> str:
     return "bf16" if cuda and model.dtype == torch.float32 else "no"
 
 
+class Deadline:
+    """``TrainConfig.max_minutes``: whether a run has trained that long since ``start`` (a
+    ``time.perf_counter()``). With several processes one late process stops them all at the same step."""
+
+    def __init__(self, minutes: float | None, accelerator, log=print, start: float | None = None):
+        self.minutes, self.acc, self.log = minutes, accelerator, log
+        self.at = None if minutes is None else (time.perf_counter() if start is None else start) + 60 * minutes
+
+    def passed(self, step: int) -> bool:
+        if self.at is None:
+            return False
+        late = time.perf_counter() > self.at
+        if self.acc.num_processes > 1:
+            late = bool(self.acc.gather(torch.tensor([int(late)], device=self.acc.device)).max())
+        if late:
+            self.log(f"stopping at step {step}: {self.minutes:g} minutes of training (max_minutes) are up")
+        return late
 
 
 @dataclass
@@ -157,7 +174,8 @@ class Trainer:
         before = self.history[-1].get("elapsed_s") or 0.0 if self.history else 0.0
         self.fit_start = t0 - max(before, self.elapsed_saved)
         self.compute.start(t0, self.history, next(self.model.parameters()).device.type == "cuda")
-        while self.step < end:
+        deadline = Deadline(cfg.max_minutes, acc, self.log, start=t0)
+        while self.step < end and not deadline.passed(self.step):
             factors = group_lr_factors(self.step, cfg, *self.schedule_cycle, restart=self.restart)
             for g in self.optimizer.param_groups:
                 g["lr"] = g["base_lr"] * factors[g["name"]]

@@ -159,7 +159,8 @@ def folder_bytes(folder) -> int:
 def build(entry: ZooEntry | str, out, *, into=None, text=None, base=None, tokenizer=None, device=None,
           dtype="float32", resume: bool = False, overwrite: bool = False, log=print,
           command: str | None = None, steps: int | None = None, fidelity_text=FIDELITY_TEXT,
-          fidelity_reviews=FIDELITY_REVIEWS, fidelity_windows: int = 200) -> tuple[Path, dict]:
+          fidelity_reviews=FIDELITY_REVIEWS, fidelity_windows: int = 200,
+          train: dict | None = None) -> tuple[Path, dict]:
     """Build shipped merger ``entry`` (a :class:`ZooEntry` or a name in :data:`ZOO`).
 
     Pretrains in run folder ``out`` (``resume`` / ``overwrite`` as for ``ktm pretrain``) until
@@ -171,10 +172,14 @@ def build(entry: ZooEntry | str, out, *, into=None, text=None, base=None, tokeni
     the slim copy (:func:`ktm.train.fidelity.fidelity`) on ``fidelity_windows`` windows of
     ``fidelity_text`` and as many reviews of ``fidelity_reviews`` (each skipped when missing
     or None). ``text`` replaces the entry's text sources (same settings otherwise); ``base`` /
-    ``tokenizer`` replace the entry's base model (tests use a tiny one)."""
+    ``tokenizer`` replace the entry's base model (tests use a tiny one). ``train`` replaces some
+    of the entry's training settings (a larger ``batch_size`` on a GPU, say): the card records the
+    settings used, and its command the options that set them."""
     from .pretrain import pretrain_configs, pretrain_run
 
     entry = get_entry(entry) if isinstance(entry, str) else entry
+    if train:
+        entry = dataclasses.replace(entry, train={**entry.train, **train})
     out = Path(out)
     text_opts = text_options(entry, text)
     model_cfg, train_cfg = pretrain_configs(entry.recipe, entry.model,
@@ -190,7 +195,8 @@ def build(entry: ZooEntry | str, out, *, into=None, text=None, base=None, tokeni
                 no_prompt_perplexity=references["no_context_perplexity"])
     measured = measure_fidelity(run.model, fidelity_text, fidelity_reviews, text_opts, fidelity_windows, log)
     card = make_card(entry, run, text_opts, train_cfg, held, measured, folder_bytes(slim),
-                     command or f"ktm zoo build {entry.name} --out {portable_path(out)}", read_config(slim)["base"])
+                     command or f"ktm zoo build {entry.name} --out {portable_path(out)}{option_text(train)}",
+                     read_config(slim)["base"])
 
     def publish(tmp: Path) -> None:  # the measured slim copy itself, with its card
         shutil.copytree(slim, tmp, dirs_exist_ok=True)
@@ -208,6 +214,11 @@ def build(entry: ZooEntry | str, out, *, into=None, text=None, base=None, tokeni
     return shipped, card
 
 
+def option_text(train: dict | None) -> str:
+    """The ``zoo build`` options that set training settings ``train``, e.g. `` --batch-size 64``."""
+    return "".join(f" --{k.replace('_', '-')} {v}" for k, v in (train or {}).items())
+
+
 def continue_shipped(entry: ZooEntry, into=None, log=print) -> dict:
     """Where a build with ``resume`` has no checkpoint (a new machine, a fresh clone): continue
     from the published merger ``entry.name`` when its card was built with the entry's recipe,
@@ -220,9 +231,13 @@ def continue_shipped(entry: ZooEntry, into=None, log=print) -> dict:
         return {}
     if not card:
         return {}
-    wanted = json.loads(json.dumps({"recipe": entry.recipe, "model": entry.model, "train": entry.train}))
-    settings = card.get("settings", {})
-    if any(settings.get(k) != v for k, v in wanted.items()) or not card.get("pretrain_steps") or \
+    def comparable(settings: dict) -> dict:  # how often a run checkpoints, or how long a piece ran, changes nothing
+        train = {k: v for k, v in (settings.get("train") or {}).items() if k not in ("save_every", "max_minutes")}
+        return json.loads(json.dumps({"recipe": settings.get("recipe"), "model": settings.get("model"),
+                                      "train": train}))
+
+    wanted = comparable({"recipe": entry.recipe, "model": entry.model, "train": entry.train})
+    if comparable(card.get("settings", {})) != wanted or not card.get("pretrain_steps") or \
             not card.get("history"):
         log(f"zoo: {folder} was built with other settings (or has no history): starting from scratch")
         return {}
