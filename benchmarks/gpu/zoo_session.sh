@@ -15,7 +15,11 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false TQDM_MIN
 call=${1:?which call: 1, 2 or 3}
 OUT=${OUT:-/tmp/ktm-zoo-out}
 WORK=/tmp/ktm-zoo
-MINUTES=${MINUTES:-7}      # training minutes of each merger in call 3
+BUDGET=${BUDGET:-570}      # seconds call 3 may take in all (a call is cut at 600)
+# training minutes of each merger in call 3: what the budget leaves after the start (loading the model,
+# cutting the text: about 90 s with both builds side by side) and the publishing (held-out numbers and
+# fidelity on 100 windows: allow 150 s; on 2026-12-03 7.5 minutes of training left too little for it)
+MINUTES=${MINUTES:-$(( (BUDGET - 240) / 60 ))}
 BATCH=${BATCH:-64}
 PY=${PY:-python3}        # the device's python (a local test of this script names its own)
 DEVICE=${DEVICE:-cuda}
