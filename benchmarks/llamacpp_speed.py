@@ -106,8 +106,9 @@ def decode(engine, ids, new: int, repeats: int) -> dict:
     """Decoding tokens/s after the prompt ``ids``: llama.cpp's own step loop after the plain prompt,
     the engine after the merged prompt (the export's K; a shorter cache), and the engine after the
     same prompt read plainly (K = 1 rows: the same cache length as the step loop, so their ratio is
-    the engine's own per-token cost). The three run interleaved ``repeats`` times, so that the
-    load of a shared machine falls on all of them alike; medians."""
+    the engine's own per-token cost). The three run interleaved ``repeats`` times, each repeat
+    starting with the next one of them (a fixed order favoured whichever ran second or third), so
+    that the load of a shared machine falls on all of them alike; medians."""
     def step_loop() -> float:
         logits = engine.prefill_tokens(ids)
         t = time.perf_counter()
@@ -126,10 +127,12 @@ def decode(engine, ids, new: int, repeats: int) -> dict:
     runs = {"plain": [], "merged": [], "engine_plain": []}
     engine.eos_ids = set()  # run all `new` steps
     try:
-        for _ in range(repeats):
-            runs["plain"].append(step_loop())
-            runs["merged"].append(through_engine(own))
-            runs["engine_plain"].append(through_engine(plain_rows))
+        measure = {"plain": step_loop, "merged": lambda: through_engine(own),
+                   "engine_plain": lambda: through_engine(plain_rows)}
+        names = list(measure)
+        for r in range(repeats):
+            for name in names[r % 3:] + names[:r % 3]:
+                runs[name].append(measure[name]())
     finally:
         engine.prompts, engine.eos_ids = own, eos
     med = {name: statistics.median(v) for name, v in runs.items()}
