@@ -190,7 +190,7 @@ def test_compute_counts_each_piece_at_its_own_threads(make_model, tmp_path, monk
     state = json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())
     assert state["cpu_thread_s"] >= second.history[-1]["cpu_thread_s"]
     # a checkpoint from before ktm counted compute: its wall time, at one thread
-    assert compute_of({"elapsed_s": 7.5}) == {"cpu_thread_s": 7.5, "gpu_s": 0.0}
+    assert compute_of({"elapsed_s": 7.5}) == {"elapsed_s": 7.5, "cpu_thread_s": 7.5, "gpu_s": 0.0}
 
 
 def test_resume_rejects_a_checkpoint_for_another_k(make_model, tmp_path):

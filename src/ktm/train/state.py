@@ -60,24 +60,25 @@ def load_optimizer(opt, tensors: dict[str, torch.Tensor], groups: list[dict]) ->
     opt.load_state_dict({"state": dict(state), "param_groups": groups})
 
 
-COMPUTE_KEYS = ("cpu_thread_s", "gpu_s")
+COMPUTE_KEYS = ("elapsed_s", "cpu_thread_s", "gpu_s")
 
 
 def compute_of(row: dict) -> dict:
-    """``cpu_thread_s`` and ``gpu_s`` of a history row or checkpoint state. Rows written before
-    ktm counted them have only the wall time ``elapsed_s``: it counts as CPU time on one thread
-    (how every long run before then ran: ``--threads 1``)."""
-    if any(k in row for k in COMPUTE_KEYS):
-        return {k: float(row.get(k) or 0.0) for k in COMPUTE_KEYS}
-    return {"cpu_thread_s": float(row.get("elapsed_s") or 0.0), "gpu_s": 0.0}
+    """``elapsed_s`` (wall seconds of training), ``cpu_thread_s`` and ``gpu_s`` of a history row or
+    checkpoint state. Rows written before ktm counted the last two have only the wall time: it
+    counts as CPU time on one thread (how every long run before then ran: ``--threads 1``)."""
+    wall = float(row.get("elapsed_s") or 0.0)
+    if any(k in row for k in COMPUTE_KEYS[1:]):
+        return {"elapsed_s": wall, **{k: float(row.get(k) or 0.0) for k in COMPUTE_KEYS[1:]}}
+    return {"elapsed_s": wall, "cpu_thread_s": wall, "gpu_s": 0.0}
 
 
 @dataclass
 class ComputeClock:
-    """What a run has used across resumed pieces: ``cpu_thread_s``, wall seconds times PyTorch's
-    CPU threads of each piece, and ``gpu_s``, wall seconds on a CUDA device. (The wall time alone
-    times the threads of whatever process publishes a run is wrong for a run held to fewer
-    threads, so each piece counts its own.)"""
+    """What a run has used across resumed pieces: ``elapsed_s``, wall seconds of training;
+    ``cpu_thread_s``, wall seconds times PyTorch's CPU threads of each piece; and ``gpu_s``, wall
+    seconds on a CUDA device. (The wall time alone times the threads of whatever process
+    publishes a run is wrong for a run held to fewer threads, so each piece counts its own.)"""
 
     saved: dict = field(default_factory=dict)  # the resumed checkpoint's (compute_of its state)
     piece: tuple | None = None  # (perf_counter, compute before, cuda) of the current fit call
@@ -97,5 +98,5 @@ class ComputeClock:
             return self.before(history)
         start, before, cuda = self.piece
         wall = (time.perf_counter() if now is None else now) - start
-        spent = {"gpu_s": wall} if cuda else {"cpu_thread_s": wall * torch.get_num_threads()}
+        spent = {"elapsed_s": wall, **({"gpu_s": wall} if cuda else {"cpu_thread_s": wall * torch.get_num_threads()})}
         return {k: round(before[k] + spent.get(k, 0.0), 1) for k in COMPUTE_KEYS}

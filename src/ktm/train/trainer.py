@@ -107,8 +107,6 @@ class Trainer:
     optimizer: object = field(init=False, default=None, repr=False)
     wrapped: object = field(init=False, default=None, repr=False)  # the model as accelerate prepared it
     checked: set = field(init=False, default_factory=set, repr=False)  # (task id, split) already checked
-    fit_start: float | None = field(init=False, default=None)  # perf_counter at step 0 of this run's time
-    elapsed_saved: float = field(init=False, default=0.0)  # training seconds the checkpoint resumed from had
     compute: ComputeClock = field(init=False, default_factory=ComputeClock)  # CPU thread- and GPU seconds
     tracking: bool = field(init=False, default=False)  # trackers started (report_to)
 
@@ -170,9 +168,7 @@ class Trainer:
         bar = tqdm(total=end - self.step, desc=f"train {task.name} K={self.model.k}",
                    disable=not (self.progress and self.is_main), dynamic_ncols=True)
         seen, t0, ema = 0, time.perf_counter(), {}
-        # wall time counts on across fit calls (curricula) and resumes: carried from the history
-        before = self.history[-1].get("elapsed_s") or 0.0 if self.history else 0.0
-        self.fit_start = t0 - max(before, self.elapsed_saved)
+        # wall time and compute count on across fit calls (curricula) and resumes, from the history
         self.compute.start(t0, self.history, next(self.model.parameters()).device.type == "cuda")
         deadline = Deadline(cfg.max_minutes, acc, self.log, start=t0)
         while self.step < end and not deadline.passed(self.step):
@@ -255,7 +251,6 @@ class Trainer:
         row = {"step": self.step, "task": task.name, "train_loss": train_loss,
                **{f"train_{n}_loss": v for n, v in losses.items() if n != "task"},
                "time": time.time(),
-               "elapsed_s": round(now - (now if self.fit_start is None else self.fit_start), 1),
                **self.compute.seconds(self.history, now), **res}
         self.history.append(row)
         if self.tracking:
@@ -300,10 +295,8 @@ class Trainer:
             return
         folder = folder or self.output_dir / CHECKPOINT_DIR
         _, groups = optimizer_tensors(self.optimizer, with_state=False)
-        elapsed = 0.0 if self.fit_start is None else round(time.perf_counter() - self.fit_start, 1)
         save_json(folder / STATE_NAME, {"step": self.step, "history": self.history, "param_groups": groups,
                                         "train_config": to_dict(self.cfg), "extra": self.extra_state,
-                                        "elapsed_s": max(elapsed, self.elapsed_saved),
                                         **self.compute.seconds(self.history)})
 
     def resume(self) -> bool:
@@ -329,8 +322,7 @@ class Trainer:
         load_optimizer(self.optimizer, tensors, state["param_groups"])
         restore_rng(tensors, self.accelerator.process_index)
         self.step, self.history = state["step"], state["history"]
-        self.elapsed_saved = float(state.get("elapsed_s") or 0.0)  # wall time up to the checkpoint
-        self.compute.saved = compute_of(state)
+        self.compute.saved = compute_of(state)  # wall time and compute up to the checkpoint
         self.extra_state = state.get("extra", {})
         self._apply_changed_settings(state.get("train_config", {}))
         if self.is_main:

@@ -259,9 +259,8 @@ def make_card(entry: ZooEntry, run, text_opts, train_cfg, held: dict, measured: 
     """The card (``zoo.json``) of a build: how it was made, on what, for how long, and what it measured."""
     history = run.trainer.history
     steps = history[-1]["step"] if history else 0
-    last = history[-1].get("elapsed_s") or 0.0 if history else 0.0
-    hours = max(last, run.trainer.elapsed_saved) / 3600
     compute = run.trainer.compute.before(history)  # what training used, each piece at its own threads
+    hours = compute["elapsed_s"] / 3600
     card = {
         "name": entry.name, "summary": entry.summary, "command": command,
         "ktm_version": __version__, "built": time.strftime("%Y-%m-%d", time.gmtime()),
