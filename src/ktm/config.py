@@ -175,6 +175,10 @@ class TrainConfig:
     merger_warmup_lr: float | None = _help(
         "the encoder's learning rate during merger_warmup (default: its own rate)", default=None)
     decay: Decay = _help("learning-rate schedule after warm-up: constant or cosine", default="constant")
+    cooldown: int = _help(
+        "the last N steps of the run (up to --steps) scale the rate down linearly to 0, on top of "
+        "--decay: a warm-up-stable-decay run, or a last piece that anneals a long constant-rate run "
+        "(0: none)", default=0)
     max_grad_norm: float | None = _help("gradient clipping norm (none: off)", default=1.0)
     eval_every: int = _help("evaluate every N steps (0: only at the end)", default=0)
     eval_examples: int = _help("held-out examples per evaluation (0: all)", default=400)
@@ -256,7 +260,7 @@ class TrainConfig:
             raise ValueError(f"decay must be 'constant' or 'cosine', got {self.decay!r}")
         for name in ("eval_every", "eval_examples", "save_every", "warmup_steps", "reconstruct", "distill",
                      "distill_answer", "task_loss", "reconstruct_rows", "align", "teacher_steps",
-                     "distill_hidden_weight", "merger_warmup"):
+                     "distill_hidden_weight", "merger_warmup", "cooldown"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         if 0 in self.distill_hidden:

@@ -5,6 +5,8 @@ import random
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ktm.config import TrainConfig
 from ktm.train.evaluate import evaluate
@@ -37,6 +39,25 @@ def test_lr_schedule():
     assert lr_factor(10, cfg) == pytest.approx(1.0)
     assert lr_factor(100, cfg) == pytest.approx(0.1)
     assert lr_factor(55, TrainConfig(steps=100)) == 1.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(steps=st.integers(2, 400), cooldown=st.integers(1, 400), warmup=st.integers(0, 30),
+       decay=st.sampled_from(["constant", "cosine"]), restart=st.one_of(st.none(), st.integers(0, 399)))
+def test_cooldown_anneals_the_last_steps_to_zero(steps, cooldown, warmup, decay, restart):
+    """``cooldown=N`` multiplies the schedule by a line that is 1 before the last N steps and falls
+    by the same amount each step towards 0 at ``steps`` (never negative, never above the schedule)."""
+    cooldown = min(cooldown, steps)
+    base = TrainConfig(steps=steps, warmup_steps=warmup, decay=decay)
+    cooled = TrainConfig(steps=steps, warmup_steps=warmup, decay=decay, cooldown=cooldown)
+    restart = None if restart is None else min(restart, steps - 1)
+    for s in range(steps):
+        plain, annealed = lr_factor(s, base, restart=restart), lr_factor(s, cooled, restart=restart)
+        left = steps - s
+        expected = 1.0 if left > cooldown else left / (cooldown + 1)
+        assert annealed == pytest.approx(plain * expected)
+    assert lr_factor(steps, cooled) == 0.0  # a step past the end (a longer continuation) does not train
+    assert lr_factor(steps - 1, cooled) == pytest.approx(lr_factor(steps - 1, base) / (cooldown + 1))
 
 
 def test_cosine_restarts_each_curriculum_round(make_model):

@@ -45,7 +45,7 @@ def cmd_zoo_build(args) -> int:
     folder, card = build(args.name, args.out, into=args.into, text=args.text, base=args.model, device=args.device,
                          dtype=args.dtype, resume=args.resume, overwrite=args.overwrite, log=tqdm.write,
                          steps=args.steps, fidelity_windows=args.fidelity_windows,
-                         train={k: getattr(args, k) for k in ("batch_size", "save_every", "max_minutes")
+                         train={k: getattr(args, k) for k in ("batch_size", "save_every", "eval_every", "max_minutes", "cooldown")
                                 if getattr(args, k) is not None})
     print(f"wrote {folder} ({card['bytes'] / 2**20:.1f} MiB); use it as --init-from zoo:{args.name} "
           f"(or --init-from {folder})")
@@ -86,6 +86,12 @@ def add_parser(sub) -> None:
     zb.add_argument("--max-minutes", type=float, default=None,
                     help="stop pretraining after this many minutes, then publish what it reached (a "
                          "machine lent for a fixed time); --resume continues it later")
+    zb.add_argument("--eval-every", type=positive_int, default=None,
+                    help="steps between held-out evaluations instead of the recorded 100 (a piece of few "
+                         "large steps on a CPU wants more often)")
+    zb.add_argument("--cooldown", type=positive_int, default=None,
+                    help="anneal: the last N steps before --steps scale the rate linearly down to 0 (a last "
+                         "piece of a long constant-rate run; continuing from its card stays allowed)")
     zb.add_argument("--fidelity-windows", type=positive_int, default=200,
                     help="held-out prose windows and reviews on which the card's fidelity is measured")
     add_threads_arg(zb)

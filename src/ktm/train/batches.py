@@ -16,15 +16,29 @@ def lr_factor(step: int, cfg: TrainConfig, start: int = 0, span: int | None = No
     """Multiplier of the base learning rate at 0-based global ``step``: linear warm-up over
     the first ``cfg.warmup_steps`` steps of the run, then constant, or a cosine decay to 10%
     over the cycle of ``span`` steps that begins at ``start`` (default: the whole run,
-    ``cfg.steps``; a curriculum makes each round a cycle of its own).
+    ``cfg.steps``; a curriculum makes each round a cycle of its own). With ``cfg.cooldown``, the
+    last that many steps before ``cfg.steps`` also scale it down linearly towards 0.
 
     >>> cfg = TrainConfig(steps=10, warmup_steps=0, decay="cosine")
     >>> [round(lr_factor(s, cfg, start=10, span=10), 2) for s in (10, 15, 20)]
     [1.0, 0.55, 0.1]
+    >>> [lr_factor(s, TrainConfig(steps=10, cooldown=4)) for s in (5, 6, 7, 9)]
+    [1.0, 0.8, 0.6, 0.2]
     """
+    return _schedule_factor(step, cfg, start, span, restart) * _cooldown_factor(step, cfg)
+
+
+def _cooldown_factor(step: int, cfg: TrainConfig) -> float:
+    """The linear cool-down's share of the rate at ``step``: 1 before the last ``cfg.cooldown`` steps."""
+    left = cfg.steps - step  # steps left, this one included
+    return 1.0 if not cfg.cooldown or left > cfg.cooldown else max(0.0, left / (cfg.cooldown + 1))
+
+
+def _schedule_factor(step: int, cfg: TrainConfig, start: int, span: int | None, restart: int | None) -> float:
+    """Warm-up (again after a restart), then constant or cosine: :func:`lr_factor` without the cool-down."""
     if restart is not None and cfg.warmup_steps and step - restart < cfg.warmup_steps:
         # a run continued from weights alone (fresh AdamW moments) warms up again from ``restart``
-        return min(1.0, (step - restart + 1) / cfg.warmup_steps) * lr_factor(step, cfg, start, span)
+        return min(1.0, (step - restart + 1) / cfg.warmup_steps) * _schedule_factor(step, cfg, start, span, None)
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     if cfg.decay == "cosine":

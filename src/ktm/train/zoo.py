@@ -219,6 +219,11 @@ def option_text(train: dict | None) -> str:
     return "".join(f" --{k.replace('_', '-')} {v}" for k, v in (train or {}).items())
 
 
+#: training settings that belong to one piece of a run, not to the merger it continues: how often it
+#: checkpoints and evaluates, how long it ran, and whether it anneals the rate at its end (``cooldown``)
+PIECE_SETTINGS = ("save_every", "eval_every", "max_minutes", "cooldown")
+
+
 def continue_shipped(entry: ZooEntry, into=None, log=print) -> dict:
     """Where a build with ``resume`` has no checkpoint (a new machine, a fresh clone): continue
     from the published merger ``entry.name`` when its card was built with the entry's recipe,
@@ -231,8 +236,8 @@ def continue_shipped(entry: ZooEntry, into=None, log=print) -> dict:
         return {}
     if not card:
         return {}
-    def comparable(settings: dict) -> dict:  # how often a run checkpoints, or how long a piece ran, changes nothing
-        train = {k: v for k, v in (settings.get("train") or {}).items() if k not in ("save_every", "max_minutes")}
+    def comparable(settings: dict) -> dict:  # settings of one piece, not of what it continues
+        train = {k: v for k, v in (settings.get("train") or {}).items() if k not in PIECE_SETTINGS}
         return json.loads(json.dumps({"recipe": settings.get("recipe"), "model": settings.get("model"),
                                       "train": train}))
 
