@@ -165,7 +165,7 @@ def test_the_recorded_entries_build_what_ships():
             recorded = json.loads(json.dumps(entry.train))
             changed = {k: v for k, v in card["settings"]["train"].items() if recorded.get(k) != v}
             # what a build changed (a GPU's batch) is an option of the command that rebuilds it
-            assert set(changed) <= {"batch_size", "save_every", "eval_every", "max_minutes", "cooldown"}
+            assert set(changed) <= {"batch_size", "grad_accum", "save_every", "eval_every", "max_minutes", "cooldown"}
             assert all(f" --{k.replace('_', '-')} {v}" in card["command"] for k, v in changed.items())
             assert 0 < card["pretrain_steps"] <= train_cfg.steps  # a long run ships in pieces
             assert set(card["text_sha256"]) == {Path(t).name for t in entry.text["text"]}
@@ -258,10 +258,10 @@ def test_training_overrides_are_recorded_and_a_continuation_needs_the_same(base_
     _, card = build(entry, tmp_path / "run2", resume=True, steps=4, train={"batch_size": 2}, **quiet)
     assert card["pretrain_steps"] == 4 and card["restarts"] == [3]
     # an annealing last piece (and its evaluation interval) still continues the published merger
-    _, card = build(entry, tmp_path / "run2b", resume=True, steps=6, train={"batch_size": 2, "cooldown": 2,
-                                                                           "eval_every": 1}, **quiet)
+    _, card = build(entry, tmp_path / "run2b", resume=True, steps=6, train={"batch_size": 2, "grad_accum": 2,
+                                                                           "cooldown": 2, "eval_every": 1}, **quiet)
     assert card["pretrain_steps"] == 6 and card["restarts"] == [4]
-    assert card["command"].endswith("--batch-size 2 --cooldown 2 --eval-every 1")
+    assert card["command"].endswith("--batch-size 2 --grad-accum 2 --cooldown 2 --eval-every 1")
     assert [row["step"] for row in card["history"] if row["step"] > 4] == [5, 6]
     _, card = build(entry, tmp_path / "run3", resume=True, steps=2, **quiet)  # the recorded batch of 4
     assert card["pretrain_steps"] == 2 and card["restarts"] == []

@@ -45,7 +45,8 @@ def cmd_zoo_build(args) -> int:
     folder, card = build(args.name, args.out, into=args.into, text=args.text, base=args.model, device=args.device,
                          dtype=args.dtype, resume=args.resume, overwrite=args.overwrite, log=tqdm.write,
                          steps=args.steps, fidelity_windows=args.fidelity_windows,
-                         train={k: getattr(args, k) for k in ("batch_size", "save_every", "eval_every", "max_minutes", "cooldown")
+                         train={k: getattr(args, k) for k in ("batch_size", "grad_accum", "save_every", "eval_every", "max_minutes",
+                                                                  "cooldown")
                                 if getattr(args, k) is not None})
     print(f"wrote {folder} ({card['bytes'] / 2**20:.1f} MiB); use it as --init-from zoo:{args.name} "
           f"(or --init-from {folder})")
@@ -80,6 +81,9 @@ def add_parser(sub) -> None:
     zb.add_argument("--batch-size", type=positive_int, default=None,
                     help="windows per step instead of the recorded 8 (a GPU runs far more tokens per second "
                          "at 64); the card records it, and a run continues only with the same value")
+    zb.add_argument("--grad-accum", type=positive_int, default=None,
+                    help="split each step's batch into this many micro-batches (the same step in less memory: "
+                         "a batch of 64 windows takes about 12 GB on a CPU, 8 micro-batches of 8 about 2 GB)")
     zb.add_argument("--save-every", type=positive_int, default=None,
                     help="steps between checkpoints instead of the recorded 20 (fast steps on a GPU "
                          "want fewer)")

@@ -220,8 +220,9 @@ def option_text(train: dict | None) -> str:
 
 
 #: training settings that belong to one piece of a run, not to the merger it continues: how often it
-#: checkpoints and evaluates, how long it ran, and whether it anneals the rate at its end (``cooldown``)
-PIECE_SETTINGS = ("save_every", "eval_every", "max_minutes", "cooldown")
+#: checkpoints and evaluates, how long it ran, in how many micro-batches a step's batch was split (memory,
+#: not arithmetic) and whether it anneals the rate at its end (``cooldown``)
+PIECE_SETTINGS = ("save_every", "eval_every", "max_minutes", "grad_accum", "cooldown")
 
 
 def continue_shipped(entry: ZooEntry, into=None, log=print) -> dict:
