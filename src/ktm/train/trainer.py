@@ -329,14 +329,15 @@ class Trainer:
             self.log(f"resumed from {ckpt} at step {self.step}")
         return True
 
-    def continue_from(self, step: int, history: list[dict]) -> None:
+    def continue_from(self, step: int, history: list[dict], restarts: list[int] = ()) -> None:
         """Continue a run at global ``step`` from weights alone (e.g. a shipped bf16 merger and its
         card's ``history``), without its optimiser state or random state: the batches are those
         the uninterrupted run would take from ``step`` on (they depend on the step only), the
         AdamW moments start from zero and the learning rate warms up again over
-        ``cfg.warmup_steps``. Less exact than :meth:`resume`; ``docs/RECIPES.md`` measures it."""
+        ``cfg.warmup_steps``. Less exact than :meth:`resume`; ``docs/RECIPES.md`` measures it.
+        ``restarts``: the steps at which the run being continued had already restarted so."""
         self.step, self.history, self.restart = step, list(history), step
-        self.extra_state.setdefault("restarts", []).append(step)
+        self.extra_state["restarts"] = [*restarts, step]
         if self.is_main:
             self.log(f"continuing at step {step} from weights alone: optimiser state restarts, "
                      f"learning rate warms up over {self.cfg.warmup_steps} steps")

@@ -248,7 +248,7 @@ def continue_shipped(entry: ZooEntry, into=None, log=print) -> dict:
         log(f"zoo: {folder} was built with other settings (or has no history): starting from scratch")
         return {}
     log(f"zoo: no checkpoint to resume; continuing from {folder} at step {card['pretrain_steps']}")
-    return {"init_from": str(folder), "start": (card["pretrain_steps"], card["history"])}
+    return {"init_from": str(folder), "start": (card["pretrain_steps"], card["history"], card.get("restarts", []))}
 
 
 def portable_path(path) -> str:
