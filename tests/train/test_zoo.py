@@ -261,7 +261,8 @@ def test_training_overrides_are_recorded_and_a_continuation_needs_the_same(base_
     _, card = build(entry, tmp_path / "run2b", resume=True, steps=6, train={"batch_size": 2, "grad_accum": 2,
                                                                            "cooldown": 2, "eval_every": 1}, **quiet)
     assert card["pretrain_steps"] == 6 and card["restarts"] == [3, 4]  # every restart of the run so far
-    assert card["command"].endswith("--batch-size 2 --grad-accum 2 --cooldown 2 --eval-every 1")
+    assert card["command"] == ("ktm zoo build tiny-k2 --out RUN --resume --steps 6 --batch-size 2 --grad-accum 2 "
+                               "--cooldown 2 --eval-every 1")
     assert [row["step"] for row in card["history"] if row["step"] > 4] == [5, 6]
     _, card = build(entry, tmp_path / "run3", resume=True, steps=2, **quiet)  # the recorded batch of 4
     assert card["pretrain_steps"] == 2 and card["restarts"] == []

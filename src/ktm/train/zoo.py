@@ -195,7 +195,7 @@ def build(entry: ZooEntry | str, out, *, into=None, text=None, base=None, tokeni
                 no_prompt_perplexity=references["no_context_perplexity"])
     measured = measure_fidelity(run.model, fidelity_text, fidelity_reviews, text_opts, fidelity_windows, log)
     card = make_card(entry, run, text_opts, train_cfg, held, measured, folder_bytes(slim),
-                     command or f"ktm zoo build {entry.name} --out {portable_path(out)}{option_text(train)}",
+                     command or build_command(entry.name, out, resume, steps, train),
                      read_config(slim)["base"])
 
     def publish(tmp: Path) -> None:  # the measured slim copy itself, with its card
@@ -214,8 +214,13 @@ def build(entry: ZooEntry | str, out, *, into=None, text=None, base=None, tokeni
     return shipped, card
 
 
-def option_text(train: dict | None) -> str:
-    """The ``zoo build`` options that set training settings ``train``, e.g. `` --batch-size 64``."""
+def build_command(name: str, out, resume: bool = False, steps: int | None = None, train: dict | None = None) -> str:
+    """The card's ``command``: the ``ktm zoo build`` line of the piece that made it (a ``zoo_publish`` run's its own)."""
+    resumed, until = " --resume" if resume else "", f" --steps {steps}" if steps else ""
+    return f"ktm zoo build {name} --out {portable_path(out)}{resumed}{until}{option_text(train)}"
+
+
+def option_text(train: dict | None) -> str:  # the zoo build options that set training settings, " --batch-size 64"
     return "".join(f" --{k.replace('_', '-')} {v}" for k, v in (train or {}).items())
 
 
@@ -237,6 +242,7 @@ def continue_shipped(entry: ZooEntry, into=None, log=print) -> dict:
         return {}
     if not card:
         return {}
+
     def comparable(settings: dict) -> dict:  # settings of one piece, not of what it continues
         train = {k: v for k, v in (settings.get("train") or {}).items() if k not in PIECE_SETTINGS}
         return json.loads(json.dumps({"recipe": settings.get("recipe"), "model": settings.get("model"),
@@ -254,8 +260,6 @@ def continue_shipped(entry: ZooEntry, into=None, log=print) -> dict:
 def portable_path(path) -> str:
     """``path`` as the card may record it: relative to the working directory when it lies below it,
     else ``RUN`` (a shipped file never names a folder of the machine that built it)."""
-    import os
-
     full = Path(path).resolve()
     return os.path.relpath(full) if full.is_relative_to(Path.cwd().resolve()) else "RUN"
 
