@@ -6,6 +6,7 @@ cd "$root"
 if [ ! -x .venv/bin/python ]; then
   echo "[ktm] creating .venv" >&2
   python3 -m venv .venv
+  rm -f .venv/.ktm-installed   # a stamp left without its venv (e.g. a partial copy) must not skip the install
 fi
 . .venv/bin/activate
 stamp=.venv/.ktm-installed
