@@ -13,6 +13,7 @@ from ktm.train.trainer import Trainer
 @pytest.mark.parametrize("field,options", [
     ("lora_alpha", {"lora_alpha": 32.0}),
     ("encoder_norm", {"encoder_norm": True}),
+    ("encoder_layernorm", {"encoder_layernorm": True}),
     ("encoder_init", {"init": "paper"}),
     ("lora_r", {"lora_r": 8}),
 ])

@@ -63,6 +63,9 @@ class ModelConfig:
     encoder_norm: bool = _help(
         "rescale each merged embedding to the mean norm of its block's token embeddings",
         default=False)
+    encoder_layernorm: bool = _help(
+        "a learned LayerNorm on each merged embedding (centred, scaled to its block's mean token norm, then "
+        "a gain and a bias); excludes encoder_norm", default=False)
     encoder_stages: tuple[int, ...] | None = _help(
         "hierarchical merging: block sizes of successive encoder stages, multiplying to K "
         "(e.g. 2 2 for K = 4; default: one stage of K)", default=None)
@@ -95,9 +98,12 @@ class ModelConfig:
                 raise ValueError(
                     f"encoder_stages {self.encoder_stages} multiply to {math.prod(self.encoder_stages)}, "
                     f"not K = {self.k}")
-        if self.method != "merge" and (self.encoder_stages or self.encoder_norm or self.encoder_init != "mean"):
+        if self.method != "merge" and (self.encoder_stages or self.encoder_norm or self.encoder_layernorm
+                                       or self.encoder_init != "mean"):
             raise ValueError(f"method {self.method!r} does not train an encoder: leave encoder_stages, "
-                             f"encoder_norm and encoder_init (must be 'mean') at their defaults")
+                             f"encoder_norm, encoder_layernorm and encoder_init (must be 'mean') at their defaults")
+        if self.encoder_norm and self.encoder_layernorm:
+            raise ValueError("encoder_norm and encoder_layernorm both normalise the merged embedding: choose one")
         if self.context_layers < 0:
             raise ValueError(f"context_layers must be >= 0, got {self.context_layers}")
         if self.context_layers and self.method not in ("merge", "mean"):

@@ -26,6 +26,38 @@ def test_paper_and_random_inits_differ_from_mean():
     assert not torch.allclose(rand(x), x.mean(-2))
 
 
+@settings(max_examples=20, deadline=None)
+@given(k=st.integers(1, 6), d=st.integers(2, 16), seed=st.integers(0, 99))
+def test_layernorm_starts_as_centred_norm_matching(k, d, seed):
+    torch.manual_seed(seed)
+    enc = MergeEncoder(k, d, layernorm=True)
+    x = torch.randn(5, k, d)
+    out, mean = enc(x), x.mean(-2)
+    centred = mean - mean.mean(-1, keepdim=True)
+    target = x.norm(dim=-1).mean(-1, keepdim=True)
+    std = (centred.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt()  # LayerNorm's biased variance and eps
+    torch.testing.assert_close(out, centred / std * target / d ** 0.5, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.mean(-1), torch.zeros(5), rtol=0, atol=1e-5)
+
+
+def test_layernorm_gain_and_bias_are_learned():
+    torch.manual_seed(0)
+    enc = MergeEncoder(2, 8, layernorm=True)
+    x = torch.randn(4, 2, 8)
+    with torch.no_grad():
+        enc.ln_gain.mul_(2.0)
+        enc.ln_bias.fill_(0.5)
+    plain = MergeEncoder(2, 8, layernorm=True)
+    torch.testing.assert_close(enc(x), 2.0 * plain(x) + 0.5)
+    enc(x).sum().backward()
+    assert enc.ln_gain.grad is not None and enc.ln_bias.grad is not None
+    assert {"ln_gain", "ln_bias"} <= set(enc.state_dict()) and "ln_gain" not in MergeEncoder(2, 8).state_dict()
+    stacked = StackedEncoder((2, 2), 8, layernorm=True)
+    assert all(st.layernorm for st in stacked.stages)
+    with pytest.raises(ValueError, match="choose one"):
+        MergeEncoder(2, 8, norm=True, layernorm=True)
+
+
 def test_default_hidden_width_follows_the_paper():
     assert default_hidden(2, 896) == 4 * 896
     assert default_hidden(3, 896) == 6 * 896

@@ -97,8 +97,9 @@ def test_loss_equals_hand_computed_cross_entropy(make_model):
     assert out.logits.shape[0] == count  # vocabulary logits only at target positions
 
 
-def test_save_load_round_trip(make_model, tmp_path, tokenizer):
-    m = perturb(make_model(k=4, init="paper"))
+@pytest.mark.parametrize("options", [{}, {"encoder_layernorm": True}], ids=["plain-encoder", "layernorm"])
+def test_save_load_round_trip(make_model, tmp_path, tokenizer, options):
+    m = perturb(make_model(k=4, init="paper", **options))
     m.save_pretrained(tmp_path / "ck")
     meta = json.loads((tmp_path / "ck" / "ktm_config.json").read_text())
     assert meta["model"]["k"] == 4 and meta["encoder"]["hidden"] == m.encoder.hidden

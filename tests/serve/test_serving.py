@@ -52,7 +52,8 @@ def vllm_decode(payload: str) -> torch.Tensor:
 @pytest.mark.parametrize("options", [
     dict(k=1), dict(k=3), dict(k=4, encoder_stages=(2, 2), encoder_norm=True), dict(k=5, encoder_init="random"),
     dict(k=2, method="mean"), dict(k=3, method="keep-last"), dict(k=4, method="random-drop"),
-], ids=["k1", "k3", "k4-stages-norm", "k5-random", "mean", "keep-last", "random-drop"])
+    dict(k=2, encoder_layernorm=True),
+], ids=["k1", "k3", "k4-stages-norm", "k5-random", "mean", "keep-last", "random-drop", "k2-layernorm"])
 def test_the_client_encoder_gives_exactly_what_merge_prompts_gives(tmp_path, base_dir, options):
     m = trained_checkpoint(tmp_path / "ck", base_dir, **options)
     enc = PromptEncoder.from_export(export_model(tmp_path / "ck", tmp_path / "exp"))

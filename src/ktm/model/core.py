@@ -155,7 +155,7 @@ class KTokenMerging(nn.Module):
         lm = get_peft_model(base, lora)
         dim = base.get_input_embeddings().weight.shape[1]
         encoder = build_encoder(config.k, dim, config.encoder_hidden, config.encoder_init,
-                                config.encoder_norm, config.encoder_stages)
+                                config.encoder_norm, config.encoder_stages, config.encoder_layernorm)
         encoder.to(base.get_input_embeddings().weight.device)
         if config.method != "merge":  # the block mean, or no encoder at all: nothing to train
             encoder.requires_grad_(False)
@@ -246,7 +246,7 @@ class KTokenMerging(nn.Module):
         config = dataclasses.replace(self.config, k=k, encoder_stages=None, **changes)
         enc_dtype = next(self.encoder.parameters()).dtype
         encoder = build_encoder(k, self.encoder.dim, config.encoder_hidden, config.encoder_init,
-                                config.encoder_norm)
+                                config.encoder_norm, layernorm=config.encoder_layernorm)
         encoder.to(device=self.device, dtype=enc_dtype)
         encoder.requires_grad_(config.method == "merge")
         m = KTokenMerging(self.lm, self.tokenizer, encoder, config, self.base_reference, self.base_fingerprint)

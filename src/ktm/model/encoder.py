@@ -16,6 +16,12 @@ embeddings. A block mean of K nearly orthogonal embeddings is about 1/sqrt(K) as
 token embedding (0.45x for SmolLM2 at K = 4); norm matching feeds the LLM inputs of the
 scale it was trained on.
 
+``layernorm=True`` puts a learned LayerNorm on each merged embedding: centred and scaled to
+unit variance over its d numbers, then to the mean norm of its block's token embeddings (as
+``norm``), then an elementwise gain (starting at 1) and bias (starting at 0). At
+initialisation it is norm matching of the centred output; unlike the block-mean start, the
+output then no longer equals the block mean. ``norm`` and ``layernorm`` exclude each other.
+
 Hidden width default (the paper's): ``h = int(a * K) * d`` with a = 2.0 for K <= 3 and
 a = 1.5 for K >= 4.
 
@@ -104,9 +110,11 @@ class MergeEncoder(nn.Module):
     """
 
     def __init__(self, k: int, dim: int, hidden: int | None = None, init: str = "mean",
-                 norm: bool = False):
+                 norm: bool = False, layernorm: bool = False):
         super().__init__()
         check_k(k)
+        if norm and layernorm:
+            raise ValueError("norm and layernorm both normalise the merged embedding: choose one")
         if dim < 1:
             raise ValueError(f"dim must be >= 1, got {dim}")
         if init not in INITS:
@@ -126,6 +134,10 @@ class MergeEncoder(nn.Module):
         if init == "mean":
             nn.init.zeros_(self.mlp[-1].weight)
             nn.init.zeros_(self.mlp[-1].bias)
+        self.layernorm = bool(layernorm)
+        if self.layernorm:
+            self.ln_gain = nn.Parameter(torch.ones(dim))
+            self.ln_bias = nn.Parameter(torch.zeros(dim))
 
     def forward(self, blocks: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         if blocks.shape[-2:] != (self.k, self.dim):
@@ -135,13 +147,18 @@ class MergeEncoder(nn.Module):
         out = self.mlp(blocks.flatten(-2))
         if self.residual:
             out = out + blocks.mean(-2)
-        if self.norm:
+        if self.norm or self.layernorm:
             target = blocks.norm(dim=-1).mean(-1, keepdim=True)
+        if self.norm:
             out = out * (target / out.norm(dim=-1, keepdim=True).clamp_min(1e-6))
+        if self.layernorm:
+            unit = nn.functional.layer_norm(out, (self.dim,))  # norm sqrt(d)
+            out = unit * (target / math.sqrt(self.dim)) * self.ln_gain + self.ln_bias
         return out
 
     def extra_repr(self) -> str:
-        return f"k={self.k}, dim={self.dim}, hidden={self.hidden}, init={self.init!r}, norm={self.norm}"
+        return (f"k={self.k}, dim={self.dim}, hidden={self.hidden}, init={self.init!r}, norm={self.norm}, "
+                f"layernorm={self.layernorm}")
 
 
 class StackedEncoder(nn.Module):
@@ -160,7 +177,7 @@ class StackedEncoder(nn.Module):
     """
 
     def __init__(self, stages, dim: int, hidden: int | None = None, init: str = "mean",
-                 norm: bool = False):
+                 norm: bool = False, layernorm: bool = False):
         super().__init__()
         stages = tuple(stages)
         if len(stages) < 1:
@@ -169,7 +186,8 @@ class StackedEncoder(nn.Module):
             check_k(s)
         self.stages_k = stages
         self.k, self.dim, self.init, self.norm = math.prod(stages), dim, init, bool(norm)
-        self.stages = nn.ModuleList(MergeEncoder(s, dim, hidden, init, norm) for s in stages)
+        self.layernorm = bool(layernorm)
+        self.stages = nn.ModuleList(MergeEncoder(s, dim, hidden, init, norm, layernorm) for s in stages)
         self.hidden = [st.hidden for st in self.stages]
 
     def forward(self, blocks: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -188,11 +206,12 @@ class StackedEncoder(nn.Module):
         return x.squeeze(-2)
 
     def extra_repr(self) -> str:
-        return f"stages={self.stages_k}, dim={self.dim}, init={self.init!r}, norm={self.norm}"
+        return (f"stages={self.stages_k}, dim={self.dim}, init={self.init!r}, norm={self.norm}, "
+                f"layernorm={self.layernorm}")
 
 
 def build_encoder(k: int, dim: int, hidden: int | None = None, init: str = "mean",
-                  norm: bool = False, stages=None) -> nn.Module:
+                  norm: bool = False, stages=None, layernorm: bool = False) -> nn.Module:
     """The encoder a :class:`ktm.config.ModelConfig` describes: one :class:`MergeEncoder`,
     or a :class:`StackedEncoder` when ``stages`` (whose product must be ``k``) has more
     than one entry. Raises ValueError, before allocating anything, when the encoder would
@@ -202,11 +221,11 @@ def build_encoder(k: int, dim: int, hidden: int | None = None, init: str = "mean
         if stages is not None and tuple(stages) != (k,):
             raise ValueError(f"encoder stages {tuple(stages)} do not multiply to K = {k}")
         check_encoder_size(k, dim, hidden)
-        return MergeEncoder(k, dim, hidden, init, norm)
+        return MergeEncoder(k, dim, hidden, init, norm, layernorm)
     if math.prod(stages) != k:
         raise ValueError(f"encoder stages {tuple(stages)} multiply to {math.prod(stages)}, not K = {k}")
     check_encoder_size(k, dim, hidden, stages)
-    return StackedEncoder(stages, dim, hidden, init, norm)
+    return StackedEncoder(stages, dim, hidden, init, norm, layernorm)
 
 
 def encoder_stages(encoder: nn.Module) -> tuple[int, ...]:

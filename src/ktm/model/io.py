@@ -205,11 +205,14 @@ def grow_from(model, path: str | os.PathLike) -> None:
             f"{path} has encoder stages {list(src)} (K = {saved.k}); to grow from it, this "
             f"model's encoder_stages must start with them and add at least one (it has {list(mine)})"
         )
-    if saved.encoder_norm != model.config.encoder_norm or \
-            (saved.encoder_init == "random") != (model.config.encoder_init == "random"):
+    def how(c):  # what each stage computes besides its weights
+        return c.encoder_norm, c.encoder_layernorm, c.encoder_init == "random"
+
+    if how(saved) != how(model.config):
         raise CheckpointError(
-            f"{path} has encoder_norm={saved.encoder_norm}, encoder_init={saved.encoder_init!r}; "
-            f"this model has encoder_norm={model.config.encoder_norm}, "
+            f"{path} has encoder_norm={saved.encoder_norm}, encoder_layernorm={saved.encoder_layernorm}, "
+            f"encoder_init={saved.encoder_init!r}; this model has encoder_norm={model.config.encoder_norm}, "
+            f"encoder_layernorm={model.config.encoder_layernorm}, "
             f"encoder_init={model.config.encoder_init!r}: the stages would compute differently"
         )
     model.load_trained(path, adapter_only=True)

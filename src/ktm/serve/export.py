@@ -47,7 +47,8 @@ FORMAT = "ktm-export"
 FORMAT_VERSION = 1
 
 #: ModelConfig fields that ktm.serve.serving reproduces on the client (how a prompt is merged)
-CLIENT_FIELDS = ("k", "method", "encoder_hidden", "encoder_init", "encoder_norm", "encoder_stages")
+CLIENT_FIELDS = ("k", "method", "encoder_hidden", "encoder_init", "encoder_norm", "encoder_layernorm",
+                 "encoder_stages")
 #: fields that only shape the LoRA, which the export merges into the weights
 MERGED_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "lora_lm_head")
 

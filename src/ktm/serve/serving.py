@@ -90,7 +90,7 @@ class PromptEncoder:
         encoder = None
         if config.method not in TOKEN_METHODS:
             encoder = build_encoder(config.k, table.shape[1], config.encoder_hidden, config.encoder_init,
-                                    config.encoder_norm, config.encoder_stages)
+                                    config.encoder_norm, config.encoder_stages, config.encoder_layernorm)
             state = load_export_encoder(meta, path)
             want = {k: tuple(v.shape) for k, v in encoder.state_dict().items()}
             if want != {k: tuple(v.shape) for k, v in state.items()}:
