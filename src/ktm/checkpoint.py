@@ -41,7 +41,8 @@ TOKENIZER_DIR = "tokenizer"
 #: ModelConfig fields that change what trained weights compute: a folder saved with other
 #: values must not be loaded into a model built with these
 FUNCTION_FIELDS = ("k", "method", "lora_r", "lora_alpha", "lora_targets", "lora_lm_head", "encoder_hidden",
-                   "encoder_init", "encoder_norm", "encoder_layernorm", "encoder_stages", "context_layers", "context_norm", "keep")
+                   "encoder_init", "encoder_norm", "encoder_layernorm", "encoder_stages", "context_layers",
+                   "context_norm", "keep")
 #: the fields that shape the LoRA adapter alone (loading an adapter into a model of any K)
 ADAPTER_FIELDS = ("lora_r", "lora_alpha", "lora_targets", "lora_lm_head")
 

@@ -109,6 +109,10 @@ def test_each_method_gets_its_model_settings():
     cfg = cell_model_config(Cell("stride", 4), {**recipe, "encoder_init": "paper"})
     assert (cfg.method, cfg.k, cfg.encoder_init) == ("stride", 4, "mean")
     assert cell_model_config(Cell("llmlingua2", 4), recipe).k == 1  # reads the compressed prompts plainly
+    ln = {**recipe, "encoder_layernorm": True}  # a recipe's LayerNorm is for merged blocks only
+    assert cell_model_config(Cell("merge", 4), ln).encoder_layernorm
+    assert not cell_model_config(Cell("plain", 1), ln).encoder_layernorm
+    assert not cell_model_config(Cell("keep-first", 4), ln).encoder_layernorm
 
 
 def _data(folder, n_train=24, n_test=8):

@@ -86,7 +86,8 @@ def cell_model_config(cell: Cell, recipe_model: dict) -> ModelConfig:
     settings = {**recipe_model, **_MODEL_SETTINGS[cell.method], "k": k}
     if settings.get("method", "merge") != "merge" or k == 1:
         # nothing is merged: no encoder settings (only the mean init is allowed there)
-        settings = {**settings, "encoder_init": "mean", "encoder_norm": False, "encoder_stages": None}
+        settings = {**settings, "encoder_init": "mean", "encoder_norm": False, "encoder_layernorm": False,
+                    "encoder_stages": None}
     return ModelConfig(**settings)
 
 
