@@ -7,15 +7,17 @@ English prose that every Python installation carries is ``pydoc_data.topics``: t
 Reference's sections as plain text (the Python Software Foundation's documentation, PSF licence),
 a technical register neither source of the pretraining text has. This script keeps its prose
 paragraphs (indented lines, i.e. code, grammar and notes, and headings are dropped; wrapped lines
-are joined), groups consecutive paragraphs (across sections) into texts of at least ``--min-chars`` characters and
-writes them as JSON lines (field ``text``) for ``ktm fidelity --text``::
+are joined), groups consecutive paragraphs (across sections) into texts of at least
+``--min-chars`` characters and writes them as JSON lines (field ``text``) for
+``ktm fidelity --text``::
 
     python benchmarks/outside_prose.py --out runs/outside/pydoc.jsonl
     ktm fidelity --checkpoint zoo:default-k2 --text runs/outside/pydoc.jsonl --windows 100 \\
-        --reviews ../shared/data/amazon/dev.jsonl --review-windows 0 --json docs/recipes/outside-k2.json
+        --review-windows 0 --json runs/outside/k2.json
 
-The first line of the output file's sidecar ``.json`` records the Python version the topics came
-from and the SHA-256 of the written file, since the text changes between Python releases.
+A sidecar JSON file beside the output (``runs/outside/pydoc.json``) records the Python version
+the topics came from and the SHA-256 of the written file, since the text changes between
+Python releases.
 """
 
 from __future__ import annotations
