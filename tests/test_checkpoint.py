@@ -68,7 +68,7 @@ def test_an_adapter_with_foreign_tensors_is_refused(make_model, tmp_path):
 
 
 def test_resume_refuses_flags_that_change_the_function(make_model, tmp_path):
-    from test_trainer import LastChar
+    from toy_tasks import LastChar
 
     cfg = TrainConfig(steps=2, batch_size=2, eval_examples=4)
     Trainer(make_model(k=2), cfg, output_dir=tmp_path, progress=False, log=lambda line: None).fit(LastChar())

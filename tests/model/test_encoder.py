@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ktm import MergeEncoder
-from ktm.model.encoder import StackedEncoder, build_encoder, default_hidden, encoder_stages
+from ktm.model.encoder import StackedEncoder, build_encoder, default_hidden, encoder_from_config, encoder_stages
 
 
 @settings(max_examples=30, deadline=None)
@@ -131,3 +131,14 @@ def test_build_encoder_and_stage_errors():
         build_encoder(4, 8, stages=(2,))
     with pytest.raises(ValueError, match="expected blocks"):
         StackedEncoder((2, 2), 8)(torch.zeros(3, 2, 8))
+
+
+def test_encoder_from_config_reads_every_encoder_field():
+    from ktm.config import ModelConfig
+
+    enc = encoder_from_config(ModelConfig(k=4, encoder_hidden=5, encoder_init="paper", encoder_stages=(2, 2),
+                                          encoder_layernorm=True), 8)
+    assert isinstance(enc, StackedEncoder) and enc.stages_k == (2, 2) and enc.hidden == [5, 5]
+    assert enc.init == "paper" and enc.layernorm and not enc.norm
+    single = encoder_from_config(ModelConfig(k=2, encoder_norm=True), 8)
+    assert isinstance(single, MergeEncoder) and single.norm and single.hidden == default_hidden(2, 8)

@@ -46,7 +46,7 @@ def test_mean_is_the_untrained_block_mean_and_stays_so(make_model):
 
     from ktm.config import TrainConfig
     from ktm.train.trainer import Trainer
-    from test_trainer import LastChar
+    from toy_tasks import LastChar
 
     m = make_model(k=2, method="mean")
     ids = m.tokenize(["abcd"])

@@ -1,7 +1,6 @@
 """The trainer: schedule and data order arithmetic, resume == uninterrupted, learning."""
 
 import json
-import random
 
 import pytest
 import torch
@@ -11,25 +10,11 @@ from hypothesis import strategies as st
 from ktm.config import TrainConfig
 from ktm.train.evaluate import evaluate
 from ktm.model import CheckpointError
-from ktm.tasks.base import Example, Task
+from ktm.tasks.base import Example
 from ktm.train.batches import batch_indices, group_lr_factors, lr_factor
 from ktm.train.state import compute_of
 from ktm.train.trainer import Trainer
-
-
-class LastChar(Task):
-    """Answer the last letter of a random string: learnable by a tiny model in seconds."""
-
-    name = "lastchar"
-    max_new_tokens = 1
-
-    def examples(self, split):
-        r = random.Random(0 if split == "train" else 1)
-        out = []
-        for _ in range(200):
-            s = "".join(r.choice("abcd") for _ in range(r.randint(3, 9)))
-            out.append(Example(f"seq {s} ends with", s[-1]))
-        return out
+from toy_tasks import LastChar
 
 
 def test_lr_schedule():

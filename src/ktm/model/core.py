@@ -27,7 +27,7 @@ from ..config import ModelConfig
 from ..loading import embedding_fingerprint, load_base, weights_fingerprint
 from . import compiled, generation, io
 from .blocks import answer_targets, concat_right_padded, pad_sequences, position_ids
-from .encoder import build_encoder
+from .encoder import encoder_from_config
 from .prompts import PromptMerger
 from .segments import TASK_CUE
 
@@ -154,8 +154,7 @@ class KTokenMerging(nn.Module):
                           bias="none", task_type="CAUSAL_LM")
         lm = get_peft_model(base, lora)
         dim = base.get_input_embeddings().weight.shape[1]
-        encoder = build_encoder(config.k, dim, config.encoder_hidden, config.encoder_init,
-                                config.encoder_norm, config.encoder_stages, config.encoder_layernorm)
+        encoder = encoder_from_config(config, dim)
         encoder.to(base.get_input_embeddings().weight.device)
         if config.method != "merge":  # the block mean, or no encoder at all: nothing to train
             encoder.requires_grad_(False)
@@ -245,8 +244,7 @@ class KTokenMerging(nn.Module):
             return self
         config = dataclasses.replace(self.config, k=k, encoder_stages=None, **changes)
         enc_dtype = next(self.encoder.parameters()).dtype
-        encoder = build_encoder(k, self.encoder.dim, config.encoder_hidden, config.encoder_init,
-                                config.encoder_norm, layernorm=config.encoder_layernorm)
+        encoder = encoder_from_config(config, self.encoder.dim)
         encoder.to(device=self.device, dtype=enc_dtype)
         encoder.requires_grad_(config.method == "merge")
         m = KTokenMerging(self.lm, self.tokenizer, encoder, config, self.base_reference, self.base_fingerprint)

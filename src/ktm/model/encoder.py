@@ -228,6 +228,15 @@ def build_encoder(k: int, dim: int, hidden: int | None = None, init: str = "mean
     return StackedEncoder(stages, dim, hidden, init, norm, layernorm)
 
 
+def encoder_from_config(config, dim: int) -> nn.Module:
+    """:func:`build_encoder` for the encoder fields of a :class:`ktm.config.ModelConfig`
+    (``k``, ``encoder_hidden``, ``encoder_init``, ``encoder_norm``, ``encoder_stages``,
+    ``encoder_layernorm``) on an embedding width ``dim``: the one place a model, a resized
+    model and a serving client turn a config into an encoder."""
+    return build_encoder(config.k, dim, config.encoder_hidden, config.encoder_init, config.encoder_norm,
+                         config.encoder_stages, config.encoder_layernorm)
+
+
 def encoder_stages(encoder: nn.Module) -> tuple[int, ...]:
     """The stage sizes of an encoder: ``(K,)`` for a single :class:`MergeEncoder`."""
     return tuple(encoder.stages_k) if isinstance(encoder, StackedEncoder) else (encoder.k,)

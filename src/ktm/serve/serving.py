@@ -77,7 +77,7 @@ class PromptEncoder:
         ``table``: the embedding table, read by the caller where the export keeps it in another
         format (a GGUF file, :mod:`ktm.serve.gguf`); it is checked all the same.
         """
-        from ..model.encoder import build_encoder
+        from ..model.encoder import encoder_from_config
         from ..loading import load_tokenizer, table_fingerprint
 
         path = Path(path)
@@ -89,8 +89,7 @@ class PromptEncoder:
             raise ExportError(f"{path}: the embedding table differs from the one exported (fingerprint)")
         encoder = None
         if config.method not in TOKEN_METHODS:
-            encoder = build_encoder(config.k, table.shape[1], config.encoder_hidden, config.encoder_init,
-                                    config.encoder_norm, config.encoder_stages, config.encoder_layernorm)
+            encoder = encoder_from_config(config, table.shape[1])
             state = load_export_encoder(meta, path)
             want = {k: tuple(v.shape) for k, v in encoder.state_dict().items()}
             if want != {k: tuple(v.shape) for k, v in state.items()}:
