@@ -27,6 +27,10 @@ Method = typing.Literal["merge", "mean", "keep-first", "keep-last", "stride", "r
 ALIGN_MODES = typing.get_args(AlignMode)
 INITS = typing.get_args(EncoderInit)  # the merge encoder's initialisations (ktm.model.encoder)
 
+#: Encoder settings that only a merging model may change, at the values a model that merges
+#: nothing keeps (another method; the K = 1 teacher and references): validated here, cleared by
+#: ``ktm.train.phases.train_teacher`` and by the Pareto grid's unmerged cells.
+MERGE_ONLY_DEFAULTS = {"encoder_stages": None, "encoder_norm": False, "encoder_layernorm": False}
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -98,10 +102,10 @@ class ModelConfig:
                 raise ValueError(
                     f"encoder_stages {self.encoder_stages} multiply to {math.prod(self.encoder_stages)}, "
                     f"not K = {self.k}")
-        if self.method != "merge" and (self.encoder_stages or self.encoder_norm or self.encoder_layernorm
-                                       or self.encoder_init != "mean"):
-            raise ValueError(f"method {self.method!r} does not train an encoder: leave encoder_stages, "
-                             f"encoder_norm, encoder_layernorm and encoder_init (must be 'mean') at their defaults")
+        changed = [name for name, value in MERGE_ONLY_DEFAULTS.items() if getattr(self, name) != value]
+        if self.method != "merge" and (changed or self.encoder_init != "mean"):
+            raise ValueError(f"method {self.method!r} does not train an encoder: leave "
+                             f"{', '.join(MERGE_ONLY_DEFAULTS)} and encoder_init (must be 'mean') at their defaults")
         if self.encoder_norm and self.encoder_layernorm:
             raise ValueError("encoder_norm and encoder_layernorm both normalise the merged embedding: choose one")
         if self.context_layers < 0:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..config import ModelConfig, save_json
+from ..config import MERGE_ONLY_DEFAULTS, ModelConfig, save_json
 from ..train.evaluate import subsample
 from .frontier import length_reduction
 from ..tasks.base import ExamplesTask, Task
@@ -86,8 +86,7 @@ def cell_model_config(cell: Cell, recipe_model: dict) -> ModelConfig:
     settings = {**recipe_model, **_MODEL_SETTINGS[cell.method], "k": k}
     if settings.get("method", "merge") != "merge" or k == 1:
         # nothing is merged: no encoder settings (only the mean init is allowed there)
-        settings = {**settings, "encoder_init": "mean", "encoder_norm": False, "encoder_layernorm": False,
-                    "encoder_stages": None}
+        settings = {**settings, **MERGE_ONLY_DEFAULTS, "encoder_init": "mean"}
     return ModelConfig(**settings)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..checkpoint import clean_stale, recover_dir
-from ..config import ModelConfig, Runtime, TrainConfig, save_json, to_dict
+from ..config import MERGE_ONLY_DEFAULTS, ModelConfig, Runtime, TrainConfig, save_json, to_dict
 from ..model import KTokenMerging, load_teacher
 from ..model.segments import task_keep_pattern
 from ..tasks.base import Task
@@ -236,7 +236,7 @@ def train_teacher(tasks: list[Task], output_dir: str | Path, model_cfg: ModelCon
     if (folder / FINAL_DIR / "ktm_config.json").is_file():
         log(f"teacher: reusing {folder / FINAL_DIR}")
         return folder / FINAL_DIR
-    t_model = dataclasses.replace(model_cfg, k=1, encoder_stages=None, encoder_norm=False, encoder_layernorm=False)
+    t_model = dataclasses.replace(model_cfg, k=1, **MERGE_ONLY_DEFAULTS)
     t_train = dataclasses.replace(train_cfg, steps=train_cfg.teacher_steps * len(tasks), teacher=None,
                                   align=0.0, distill=0.0, reconstruct=0.0, distill_answer=0.0, task_loss=1.0)
     model = KTokenMerging.from_config(t_model, runtime.base, seed=t_train.seed, **runtime.load_options())
