@@ -27,7 +27,13 @@ the mean curve; wall time) and ``NAME.png`` (mean curves with the range over see
 ``report --k 2`` keeps the cells of K = 2 and the K = 1 reference only, ``report --seeds 0 1 2``
 the cells of those seeds only. The report also pairs each merged variant with its references
 seed by seed (the same seed draws the same batches and evaluation subset): the difference
-against keep-first at the same K and against K = 1, per seed and as mean ± SD.
+against keep-first at the same K and against K = 1, per seed and as mean ± SD. A source may also be
+an earlier report's ``NAME.json`` (``NAME.json:LABEL`` for its cells of one label), and sources
+joined by ``+`` are reported as one setting, so cells trained on another machine, whose folders are
+gone, are paired with new ones::
+
+    python benchmarks/merger_study.py report "docs/recipes/power-amazon-400chars.json:400-chars+runs/long4=400-chars" \
+        --out docs/recipes/power-amazon-400chars
 
 ``loco`` writes a leave-one-category-out split of a reviews folder (reviews that carry a
 ``category``, like ``../shared/data/amazon``): training on the other categories' training
@@ -144,6 +150,53 @@ def run(args, common: list[str]) -> None:
 
 
 # --------------------------------------------------------------------------- report
+
+REPORT_SOURCE = re.compile(r"^(?P<path>.*\.json)(?::(?P<label>.+))?$")
+
+
+def cells_from_report(path: Path, label: str | None) -> dict[str, list[dict]]:
+    """The cells of an earlier report's ``NAME.json`` (those of one LABEL, or the unlabelled ones),
+    rebuilt from what :func:`summarise` kept: each seed's evaluations and its last row's numbers.
+    So cells whose folders are gone (another machine) can be reported beside new ones."""
+    cells = json.loads(path.read_text())["cells"]
+    suffix = f" ({label})" if label else ""
+    chosen = {name[:len(name) - len(suffix)]: g for name, g in cells.items()
+              if (name.endswith(suffix) if label else not name.endswith(")"))}
+    if not chosen:
+        labels = sorted({m.group(1) for name in cells if (m := re.search(r" \((.+)\)$", name))})
+        raise SystemExit(f"{path}: no cells {f'labelled {label!r}' if label else 'without a label'}; "
+                         f"its labels: {', '.join(labels) or 'none'}")
+    groups = {}
+    for group, g in chosen.items():
+        groups[group] = []
+        for i, seed in enumerate(g["seeds"]):
+            history = [{"step": step, "value": g["curve"][str(step)]["values"][i]} for step in g["steps"]]
+            last = history[-1]
+            last.update(value=g["final"]["values"][i], metric=g["metric"], train_loss=g["train_loss"]["values"][i],
+                        elapsed_s=60 * g["wall_min"]["values"][i])
+            if g.get("macro_f1"):
+                last["macro_f1"] = g["macro_f1"]["values"][i]
+            if g.get("majority"):
+                last["majority_rate"] = g["majority"]["values"][i]
+            groups[group].append({"seed": seed, "history": history,
+                                  "argv": g["commands"][i].removeprefix("ktm ").split()})
+    return groups
+
+
+def read_sources(spec: str) -> dict[str, list[dict]]:
+    """The cells of ``SOURCE[+SOURCE...]``, each a study folder or an earlier report ``NAME.json[:LABEL]``;
+    a (group, seed) found in two sources is taken from the first."""
+    groups: dict[str, list[dict]] = {}
+    for source in spec.split("+"):
+        m = REPORT_SOURCE.match(source)
+        part = cells_from_report(Path(m["path"]), m["label"]) if m else read_cells(Path(source))
+        for group, cells in part.items():
+            have = {c["seed"] for c in groups.get(group, [])}
+            groups.setdefault(group, []).extend(c for c in cells if c["seed"] not in have)
+    for cells in groups.values():
+        cells.sort(key=lambda c: c["seed"])
+    return groups
+
 
 def read_cells(folder: Path) -> dict[str, list[dict]]:
     """{group: [cell, ...]} of the finished cells, where a group is a cell name without its seed."""
@@ -354,7 +407,7 @@ def report(args) -> None:
     summary, pairs = {}, []
     for spec in args.folders:
         folder, _, label = spec.partition("=")
-        groups = read_cells(Path(folder))
+        groups = read_sources(folder)
         if args.k:  # K = 1 stays as the reference
             groups = {g: cells for g, cells in groups.items() if split_group(g)[1] in {1, *args.k}}
         if args.seeds is not None:  # the same seeds for every variant, when some have more
@@ -395,8 +448,9 @@ def main(argv=None) -> None:
     r.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     r.add_argument("--pretrained", nargs="*", default=[], metavar="K[:J]=PATH")
     p = sub.add_parser("report", help="tables and plot of a study folder")
-    p.add_argument("folders", nargs="+", metavar="FOLDER[=LABEL]",
-                   help="study folders; a LABEL is added to the names of its variants")
+    p.add_argument("folders", nargs="+", metavar="SOURCE[+SOURCE...][=LABEL]",
+                   help="study folders, or earlier reports NAME.json[:LABEL] (their cells of that label); "
+                        "sources joined by + are one setting; a LABEL is added to the names of its variants")
     p.add_argument("--out", required=True, help="output path without extension")
     p.add_argument("--title", default="held-out accuracy")
     p.add_argument("--pretrain-runs", nargs="*", default=[], metavar="RUN[=LABEL]")

@@ -138,6 +138,38 @@ def test_report_pairs_each_merged_variant_with_keep_first_and_k1_seed_by_seed(tm
     assert "| s0: +0.080, s1: -0.010, s2: +0.070 |" in md
 
 
+def test_an_earlier_report_is_a_source_that_reports_the_same_numbers(tmp_path):
+    mod = _module()
+    study, later = tmp_path / "study", tmp_path / "later"
+    for group, per_seed in {"k1": [0.80, 0.84, 0.82], "keep-first-k2": [0.70, 0.75, 0.73],
+                            "pre-k2": [0.78, 0.74, 0.80], "keep-first-k4": [0.6]}.items():
+        for seed, v in enumerate(per_seed):
+            _cell(study, f"{group}-s{seed}", v)
+    for seed, v in enumerate([0.66, 0.61, 0.70]):  # cells of a later session, on another machine
+        _cell(later, f"pre-k4-s{seed}", v)
+    _cell(later, "keep-first-k4-s0", 0.1)  # also in the first source: the first one's is kept
+    for seed, v in ((1, 0.64), (2, 0.62)):
+        _cell(later, f"keep-first-k4-s{seed}", v)
+    first = tmp_path / "doc" / "first"
+    mod.main(["report", f"{study}=long", "--out", str(first)])
+    # the report alone gives back its own numbers
+    mod.main(["report", f"{first}.json:long=long", "--out", str(tmp_path / "doc" / "again")])
+    read = lambda name: json.loads((tmp_path / "doc" / f"{name}.json").read_text())
+    assert read("again")["cells"] == read("first")["cells"] and read("again")["paired"] == read("first")["paired"]
+    # and combined with new cells it pairs them with the old references, seed by seed
+    mod.main(["report", f"{first}.json:long+{later}=long", "--out", str(tmp_path / "doc" / "both")])
+    both = read("both")
+    assert both["cells"]["keep-first-k4 (long)"]["final"]["values"] == [0.6, 0.64, 0.62]
+    pairs = {(r["variant"], r["against"]): r for r in both["paired"]}
+    assert pairs[("pre-k4 (long)", "k1")]["diffs"] == pytest.approx([-0.14, -0.23, -0.12])
+    assert pairs[("pre-k4 (long)", "keep-first-k4")]["diffs"] == pytest.approx([0.06, -0.03, 0.08])
+    assert pairs[("pre-k2 (long)", "keep-first-k2")]["diffs"] == pytest.approx([0.08, -0.01, 0.07])
+    with pytest.raises(SystemExit, match="no cells labelled 'demo'; its labels: long"):
+        mod.main(["report", f"{first}.json:demo", "--out", str(tmp_path / "doc" / "x")])
+    with pytest.raises(SystemExit, match="no cells without a label; its labels: long"):
+        mod.main(["report", f"{first}.json", "--out", str(tmp_path / "doc" / "x")])
+
+
 def test_loco_holds_out_every_review_of_one_category(tmp_path, capsys):
     mod = _module()
     src = tmp_path / "reviews"
