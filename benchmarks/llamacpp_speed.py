@@ -26,18 +26,15 @@ import json
 import statistics
 import threading
 import time
+import timeit
 from pathlib import Path
 
 import numpy as np
 
 
 def timed(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    """Median seconds of ``repeats`` calls of ``fn``."""
+    return statistics.median(timeit.repeat(fn, number=1, repeat=repeats))
 
 
 def long_ids(engine, path: str, length: int) -> list[int]:
@@ -57,14 +54,15 @@ HIDDEN = None  # encoder MLP width for K other than the export's (--hidden; None
 def with_k(engine, k: int):
     """The engine's PromptEncoder for K = k (its own when k is the export's)."""
     from ktm.config import ModelConfig
-    from ktm.model.encoder import build_encoder
+    from ktm.model.encoder import encoder_from_config
     from ktm.serve.serving import PromptEncoder
 
     p = engine.prompts
     if k == p.k:
         return p
-    encoder = build_encoder(k, p.hidden_size, HIDDEN).eval().requires_grad_(False)
-    return PromptEncoder(p.tokenizer, p.table, encoder, ModelConfig(k=k), p.max_positions, p.name)
+    config = ModelConfig(k=k, encoder_hidden=HIDDEN)
+    encoder = encoder_from_config(config, p.hidden_size).eval().requires_grad_(False)
+    return PromptEncoder(p.tokenizer, p.table, encoder, config, p.max_positions, p.name)
 
 
 def prefill(engine, ids, ks, repeats: int) -> list[dict]:

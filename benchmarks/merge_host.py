@@ -21,30 +21,27 @@ The encoder is the paper's default width for K, or ``--hidden``; the table is ra
 import argparse
 import json
 import statistics
-import time
+import timeit
 
 import torch
 
 from ktm.config import ModelConfig
 from ktm.model.blocks import block_slots, fill_blocks
-from ktm.model.encoder import build_encoder
+from ktm.model.encoder import encoder_from_config
 from ktm.model.prompts import PromptMerger, fill_partial
 
 
 def timed(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    """Median seconds of ``repeats`` calls of ``fn``."""
+    return statistics.median(timeit.repeat(fn, number=1, repeat=repeats))
 
 
 def measure(b: int, length: int, k: int, vocab: int, dim: int, hidden, repeats: int) -> dict:
     gen = torch.Generator().manual_seed(0)
     table = torch.nn.Embedding.from_pretrained(torch.randn(vocab, dim, generator=gen), freeze=True)
-    encoder = build_encoder(k, dim, hidden).eval().requires_grad_(False)
-    merger = PromptMerger(None, table, encoder, ModelConfig(k=k))
+    config = ModelConfig(k=k, encoder_hidden=hidden)
+    encoder = encoder_from_config(config, dim).eval().requires_grad_(False)
+    merger = PromptMerger(None, table, encoder, config)
     tensor = torch.randint(0, vocab, (b, length), generator=gen)
     ids = tensor.tolist()
     flat, lengths = merger.flat_ids(ids)
