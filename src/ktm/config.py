@@ -103,9 +103,10 @@ class ModelConfig:
                     f"encoder_stages {self.encoder_stages} multiply to {math.prod(self.encoder_stages)}, "
                     f"not K = {self.k}")
         changed = [name for name, value in MERGE_ONLY_DEFAULTS.items() if getattr(self, name) != value]
-        if self.method != "merge" and (changed or self.encoder_init != "mean"):
-            raise ValueError(f"method {self.method!r} does not train an encoder: leave "
-                             f"{', '.join(MERGE_ONLY_DEFAULTS)} and encoder_init (must be 'mean') at their defaults")
+        changed += ["encoder_init"] if self.encoder_init != "mean" else []
+        if self.method != "merge" and changed:
+            raise ValueError(f"method {self.method!r} does not train an encoder: leave {', '.join(changed)} at "
+                             f"the default ({', '.join(MERGE_ONLY_DEFAULTS)} off, encoder_init 'mean')")
         if self.encoder_norm and self.encoder_layernorm:
             raise ValueError("encoder_norm and encoder_layernorm both normalise the merged embedding: choose one")
         if self.context_layers < 0:

@@ -64,8 +64,10 @@ def test_methods_are_checked_and_saved(make_model, tmp_path):
     from ktm.checkpoint import CheckpointError
     from ktm.config import ModelConfig
 
-    with pytest.raises(ValueError, match="does not train an encoder"):
+    with pytest.raises(ValueError, match="does not train an encoder: leave encoder_norm at the default"):
         ModelConfig(k=4, method="stride", encoder_norm=True)
+    with pytest.raises(ValueError, match="leave encoder_stages, encoder_layernorm, encoder_init at"):
+        ModelConfig(k=4, method="mean", encoder_stages=(2, 2), encoder_layernorm=True, encoder_init="paper")
     with pytest.raises(ValueError, match="one of"):
         ModelConfig(k=4, method="drop-half")
     make_model(k=2, method="stride").save_pretrained(tmp_path / "ck")
