@@ -32,8 +32,8 @@ an earlier report's ``NAME.json`` (``NAME.json:LABEL`` for its cells of one labe
 joined by ``+`` are reported as one setting, so cells trained on another machine, whose folders are
 gone, are paired with new ones::
 
-    python benchmarks/merger_study.py report "docs/recipes/power-amazon-400chars.json:400-chars+runs/long4=400-chars" \
-        --out docs/recipes/power-amazon-400chars
+    python benchmarks/merger_study.py report "runs/long4+docs/recipes/power-amazon-400chars.json:400-chars=400-chars" \\
+        runs/loco400=leave-Kitchen-out --out docs/recipes/power-amazon-400chars
 
 ``loco`` writes a leave-one-category-out split of a reviews folder (reviews that carry a
 ``category``, like ``../shared/data/amazon``): training on the other categories' training

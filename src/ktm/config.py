@@ -102,11 +102,12 @@ class ModelConfig:
                 raise ValueError(
                     f"encoder_stages {self.encoder_stages} multiply to {math.prod(self.encoder_stages)}, "
                     f"not K = {self.k}")
-        changed = [name for name, value in MERGE_ONLY_DEFAULTS.items() if getattr(self, name) != value]
-        changed += ["encoder_init"] if self.encoder_init != "mean" else []
-        if self.method != "merge" and changed:
-            raise ValueError(f"method {self.method!r} does not train an encoder: leave {', '.join(changed)} at "
-                             f"the default ({', '.join(MERGE_ONLY_DEFAULTS)} off, encoder_init 'mean')")
+        if self.method != "merge":
+            changed = [name for name, value in MERGE_ONLY_DEFAULTS.items() if getattr(self, name) != value]
+            changed += ["encoder_init"] if self.encoder_init != "mean" else []
+            if changed:
+                raise ValueError(f"method {self.method!r} does not train an encoder: leave {', '.join(changed)} at "
+                                 f"the default ({', '.join(MERGE_ONLY_DEFAULTS)} off, encoder_init 'mean')")
         if self.encoder_norm and self.encoder_layernorm:
             raise ValueError("encoder_norm and encoder_layernorm both normalise the merged embedding: choose one")
         if self.context_layers < 0:

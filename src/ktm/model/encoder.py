@@ -44,7 +44,7 @@ import math
 import torch
 from torch import nn
 
-from ..config import INITS, check_k
+from ..config import INITS, ModelConfig, check_k
 from .blocks import fill_blocks
 
 
@@ -228,7 +228,7 @@ def build_encoder(k: int, dim: int, hidden: int | None = None, init: str = "mean
     return StackedEncoder(stages, dim, hidden, init, norm, layernorm)
 
 
-def encoder_from_config(config, dim: int) -> nn.Module:
+def encoder_from_config(config: ModelConfig, dim: int) -> nn.Module:
     """:func:`build_encoder` for the encoder fields of a :class:`ktm.config.ModelConfig`
     (``k``, ``encoder_hidden``, ``encoder_init``, ``encoder_norm``, ``encoder_stages``,
     ``encoder_layernorm``) on an embedding width ``dim``: the one place a model, a resized
